@@ -1,0 +1,229 @@
+"""Frozen model configs whose field names are the HF `config.json` keys of Qwen-VL.
+
+Values the published code hard-codes (256 resampler queries, resampler heads = output_dim // 128, decoder MLP
+width = intermediate_size // 2, the 16×16 learned ViT position table) are explicit fields here whose defaults
+reproduce the reference, so tiny test models are possible. Presets: `qwen-vl-7b` and `tiny`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+# Keys of the published config.json that only describe the PyTorch wrapper; kept verbatim on export.
+AUTO_MAP = {
+    "AutoConfig": "configuration_qwen.QWenConfig",
+    "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class VisualConfig:
+    """`config.visual` of Qwen-VL: the ViT-bigG encoder and the position-aware adapter (Resampler)."""
+
+    heads: int = 16
+    image_size: int = 448
+    image_start_id: int = 151857
+    layers: int = 48
+    mlp_ratio: float = 4.9231
+    output_dim: int = 4096
+    patch_size: int = 14
+    width: int = 1664
+    # Hard-coded in the reference; explicit here. None means "derive as the reference does".
+    n_queries: int = 256
+    resampler_heads: int | None = None  # output_dim // 128
+    mlp_width: int | None = None  # int(width * mlp_ratio)
+    pos_grid_size: int = 16  # the learned positional_embedding is a 16x16 table, resized per forward
+    layer_norm_epsilon: float = 1e-6
+
+    def __post_init__(self):
+        if self.resampler_heads is None:
+            object.__setattr__(self, "resampler_heads", self.output_dim // 128)
+        if self.mlp_width is None:
+            object.__setattr__(self, "mlp_width", int(self.width * self.mlp_ratio))
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"visual.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
+            )
+        if self.width % self.heads or self.output_dim % self.resampler_heads:
+            raise ValueError(f"visual widths do not divide into heads: {self}")
+        if int(self.n_queries**0.5) ** 2 != self.n_queries:
+            raise ValueError(f"visual.n_queries={self.n_queries} must be a square (sin-cos grid)")
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side: image_size // patch_size (32 at 448 px)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def image_end_id(self) -> int:
+        return self.image_start_id + 1
+
+    @property
+    def image_pad_id(self) -> int:
+        return self.image_start_id + 2
+
+
+@dataclasses.dataclass(frozen=True)
+class QWenConfig:
+    """The LLM part of Qwen-VL's `config.json` plus the nested `visual` config."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 4096
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    kv_channels: int = 128
+    intermediate_size: int = 22016
+    rotary_emb_base: float = 10000.0
+    rotary_pct: float = 1.0
+    layer_norm_epsilon: float = 1e-6
+    no_bias: bool = True
+    tie_word_embeddings: bool = False
+    seq_length: int = 2048
+    max_position_embeddings: int = 8192
+    use_dynamic_ntk: bool = True
+    use_logn_attn: bool = True
+    use_flash_attn: bool = False
+    scale_attn_weights: bool = True
+    emb_dropout_prob: float = 0.0
+    attn_dropout_prob: float = 0.0
+    initializer_range: float = 0.02
+    visual: VisualConfig = dataclasses.field(default_factory=VisualConfig)
+    # Hard-coded in the reference (QWenMLP uses intermediate_size // 2); None means derive it.
+    mlp_width: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.visual, dict):
+            object.__setattr__(self, "visual", visual_from_dict(self.visual))
+        if self.mlp_width is None:
+            object.__setattr__(self, "mlp_width", self.intermediate_size // 2)
+        if self.num_attention_heads * self.kv_channels != self.hidden_size:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) x kv_channels ({self.kv_channels})"
+                f" != hidden_size ({self.hidden_size})"
+            )
+        if self.visual.output_dim != self.hidden_size:
+            raise ValueError(
+                f"visual.output_dim ({self.visual.output_dim}) must equal hidden_size"
+                f" ({self.hidden_size}): image features enter the token stream directly"
+            )
+        if self.rotary_pct != 1.0:
+            raise ValueError("only rotary_pct=1.0 (Qwen-VL's value) is implemented")
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels
+
+    def replace(self, **changes: Any) -> "QWenConfig":
+        """A copy with fields changed; `visual={...}` updates fields of the nested visual config."""
+        visual = changes.pop("visual", None)
+        if isinstance(visual, dict):
+            changes["visual"] = dataclasses.replace(self.visual, **visual)
+        elif visual is not None:
+            changes["visual"] = visual
+        if "intermediate_size" in changes and "mlp_width" not in changes:
+            changes["mlp_width"] = None
+        return dataclasses.replace(self, **changes)
+
+    # ---------------------------------------------------------------- HF config.json
+    def to_hf_dict(self) -> dict:
+        """The `config.json` dict of the published release, with this config's values."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        visual = {f.name: getattr(self.visual, f.name) for f in dataclasses.fields(self.visual)}
+        d["visual"] = visual
+        d.update(
+            architectures=["QWenLMHeadModel"],
+            auto_map=dict(AUTO_MAP),
+            model_type="qwen",
+            tokenizer_type="QWenTokenizer",
+            bf16=False,
+            fp16=False,
+            fp32=False,
+            use_cache=True,
+            torch_dtype="bfloat16",
+            transformers_version="4.31.0",
+            onnx_safe=None,
+            softmax_in_fp32=False,
+        )
+        return d
+
+    def save_hf_json(self, path: str) -> None:
+        """Write `config.json` (path may be a directory)."""
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        with open(path, "w") as f:
+            json.dump(self.to_hf_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+def visual_from_dict(d: dict) -> VisualConfig:
+    names = {f.name for f in dataclasses.fields(VisualConfig)}
+    return VisualConfig(**{k: v for k, v in d.items() if k in names})
+
+
+def from_hf_dict(d: dict) -> QWenConfig:
+    """Build a config from a Qwen-VL `config.json` dict; keys of the PyTorch wrapper are ignored."""
+    if d.get("model_type", "qwen") != "qwen":
+        raise ValueError(f"config.json has model_type={d.get('model_type')!r}, expected 'qwen'")
+    if "visual" not in d:
+        raise ValueError("config.json has no 'visual' section: this is a text-only Qwen, not Qwen-VL")
+    names = {f.name for f in dataclasses.fields(QWenConfig)}
+    kwargs = {k: v for k, v in d.items() if k in names}
+    kwargs["visual"] = visual_from_dict(d["visual"])
+    return QWenConfig(**kwargs)
+
+
+def load_hf_json(path: str) -> QWenConfig:
+    """Read `config.json` (path may be the checkpoint directory)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no config.json at {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return from_hf_dict(d)
+
+
+PRESETS = {
+    # The published Qwen-VL / Qwen-VL-Chat values (9,656,935,168 parameters).
+    "qwen-vl-7b": QWenConfig(),
+    # Runs in seconds on a CPU; keeps every structural feature (2 resampler heads, an interpolated
+    # 16x16 -> 4x4 position table, several heads everywhere) and the real vocabulary size.
+    "tiny": QWenConfig(
+        hidden_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        kv_channels=64,
+        intermediate_size=1024,
+        visual=VisualConfig(
+            heads=4,
+            image_size=56,
+            layers=2,
+            mlp_ratio=2.0,
+            output_dim=256,
+            patch_size=14,
+            width=64,
+        ),
+    ),
+}
+
+
+def get_preset(name: str, **overrides: Any) -> QWenConfig:
+    """A preset by name (`qwen-vl-7b` or `tiny`), with optional field overrides."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
+    cfg = PRESETS[name]
+    return cfg.replace(**overrides) if overrides else cfg
