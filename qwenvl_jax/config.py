@@ -140,6 +140,13 @@ class QWenConfig:
         """The `config.json` dict of the published release, with this config's values."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         visual = {f.name: getattr(self.visual, f.name) for f in dataclasses.fields(self.visual)}
+        # Fields the reference hard-codes are written only where they differ from its values, so the
+        # published config round-trips to the published config.json key set.
+        for name, value in _reference_derived(self).items():
+            target = visual if name.startswith("visual.") else d
+            key = name.removeprefix("visual.")
+            if target[key] == value:
+                del target[key]
         d["visual"] = visual
         d.update(
             architectures=["QWenLMHeadModel"],
@@ -164,6 +171,19 @@ class QWenConfig:
         with open(path, "w") as f:
             json.dump(self.to_hf_dict(), f, indent=2, sort_keys=True)
             f.write("\n")
+
+
+def _reference_derived(cfg: QWenConfig) -> dict:
+    """The values the published code hard-codes or derives for the explicit extra fields."""
+    v = cfg.visual
+    return {
+        "mlp_width": cfg.intermediate_size // 2,
+        "visual.n_queries": 256,
+        "visual.resampler_heads": v.output_dim // 128,
+        "visual.mlp_width": int(v.width * v.mlp_ratio),
+        "visual.pos_grid_size": 16,
+        "visual.layer_norm_epsilon": 1e-6,
+    }
 
 
 def visual_from_dict(d: dict) -> VisualConfig:
