@@ -5,7 +5,7 @@ from setuptools import find_packages, setup
 setup(
     name="qwenvl_jax",
     version="0.1.0",
-    description="Qwen-VL in JAX/Flax: exact parity with the published model, TPU-pod training, HF interop.",
+    description="Qwen-VL in JAX/Flax: parity with the published model, TPU-pod training.",
     python_requires=">=3.10",
     packages=find_packages(include=["qwenvl_jax", "qwenvl_jax.*"]),
     package_data={"qwenvl_jax": ["assets/*"]},

@@ -1,8 +1,9 @@
 """Frozen model configs whose field names are the HF `config.json` keys of Qwen-VL.
 
-Values the published code hard-codes (256 resampler queries, resampler heads = output_dim // 128, decoder MLP
-width = intermediate_size // 2, the 16×16 learned ViT position table) are explicit fields here whose defaults
-reproduce the reference, so tiny test models are possible. Presets: `qwen-vl-7b` and `tiny`.
+Values the published code hard-codes (256 resampler queries, resampler heads = output_dim // 128,
+decoder MLP width = intermediate_size // 2, the 16x16 learned ViT position table) are explicit
+fields here whose defaults reproduce the reference, so tiny test models are possible.
+Presets: `qwen-vl-7b` and `tiny`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ AUTO_MAP = {
 
 @dataclasses.dataclass(frozen=True)
 class VisualConfig:
-    """`config.visual` of Qwen-VL: the ViT-bigG encoder and the position-aware adapter (Resampler)."""
+    """`config.visual`: the ViT-bigG encoder and the position-aware adapter (Resampler)."""
 
     heads: int = 16
     image_size: int = 448
@@ -35,7 +36,7 @@ class VisualConfig:
     n_queries: int = 256
     resampler_heads: int | None = None  # output_dim // 128
     mlp_width: int | None = None  # int(width * mlp_ratio)
-    pos_grid_size: int = 16  # the learned positional_embedding is a 16x16 table, resized per forward
+    pos_grid_size: int = 16  # the learned 16x16 positional_embedding, resized per forward
     layer_norm_epsilon: float = 1e-6
 
     def __post_init__(self):
@@ -45,7 +46,8 @@ class VisualConfig:
             object.__setattr__(self, "mlp_width", int(self.width * self.mlp_ratio))
         if self.image_size % self.patch_size:
             raise ValueError(
-                f"visual.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
+                f"visual.image_size={self.image_size} is not a multiple of"
+                f" patch_size={self.patch_size}"
             )
         if self.width % self.heads or self.output_dim % self.resampler_heads:
             raise ValueError(f"visual widths do not divide into heads: {self}")
@@ -109,7 +111,8 @@ class QWenConfig:
             object.__setattr__(self, "mlp_width", self.intermediate_size // 2)
         if self.num_attention_heads * self.kv_channels != self.hidden_size:
             raise ValueError(
-                f"num_attention_heads ({self.num_attention_heads}) x kv_channels ({self.kv_channels})"
+                f"num_attention_heads ({self.num_attention_heads})"
+                f" x kv_channels ({self.kv_channels})"
                 f" != hidden_size ({self.hidden_size})"
             )
         if self.visual.output_dim != self.hidden_size:
@@ -196,7 +199,7 @@ def from_hf_dict(d: dict) -> QWenConfig:
     if d.get("model_type", "qwen") != "qwen":
         raise ValueError(f"config.json has model_type={d.get('model_type')!r}, expected 'qwen'")
     if "visual" not in d:
-        raise ValueError("config.json has no 'visual' section: this is a text-only Qwen, not Qwen-VL")
+        raise ValueError("config.json has no 'visual' section: a text-only Qwen, not Qwen-VL")
     names = {f.name for f in dataclasses.fields(QWenConfig)}
     kwargs = {k: v for k, v in d.items() if k in names}
     kwargs["visual"] = visual_from_dict(d["visual"])

@@ -6,7 +6,7 @@ import pytest
 
 from qwenvl_jax import config as cfg_lib
 
-# The published Qwen-VL-Chat config.json, written out by hand from the reference facts (spec 1.1, 1.2).
+# The published Qwen-VL-Chat config.json, written out by hand from the reference facts (spec 1.1).
 PUBLISHED = {
     "architectures": ["QWenLMHeadModel"],
     "attn_dropout_prob": 0.0,
