@@ -1,0 +1,122 @@
+"""Shared pieces of the stage configs (plain ml_collections; the stage files cite the paper's
+numbers).
+
+`base()` holds every field the trainer reads, with neutral defaults; each stage file sets the values
+of Qwen-VL Table 8 / section 3, and `tiny()` shrinks a stage to the tiny model for a CPU run."""
+
+import ml_collections as mlc
+
+
+def base() -> mlc.ConfigDict:
+    c = mlc.ConfigDict()
+    c.stage = ""
+    c.seed = 0
+    c.steps = 1000  # optimizer steps (Table 8 "Training steps")
+
+    c.model = mlc.ConfigDict()
+    c.model.preset = "qwen-vl-7b"  # qwenvl_jax.config.PRESETS
+    c.model.overrides = (
+        mlc.ConfigDict()
+    )  # QWenConfig field overrides, e.g. {"num_hidden_layers": 8}
+    c.model.dtype = "bfloat16"  # compute (Table 8: bfloat16)
+    c.model.param_dtype = "float32"  # master weights
+    c.model.scan_layers = True
+    # Remat policy per tower: "none" | "full" | "dots" (save matmul outputs). Table 8 lists no
+    # activation
+    # checkpointing; at 2048 tokens and micro-batch 512 on 32 chips the 7B stages need it on TPU.
+    c.model.remat_llm = "full"
+    c.model.remat_vit = "full"
+
+    # Where the weights come from (Table 8 "ViT/LLM/VL Adapter init."). At most one of `workdir`,
+    # `checkpoint` or (`vit_checkpoint`, `llm_checkpoint`); none means random init (`allow_random`).
+    c.init = mlc.ConfigDict()
+    c.init.workdir = ""  # a previous stage's training workdir: its latest complete step's params
+    c.init.checkpoint = ""  # our converted checkpoint dir (config.json + params/), e.g. Qwen-VL
+    c.init.vit_checkpoint = ""  # our-format checkpoint whose transformer.visual trunk is taken
+    c.init.llm_checkpoint = ""  # our-format checkpoint whose LLM (wte, h, ln_f, lm_head) is taken
+    c.init.allow_random = False
+
+    c.data = mlc.ConfigDict()
+    c.data.kind = (
+        "random"  # "random": synthetic token batches; otherwise the data pipeline's config
+    )
+    c.data.seq_len = 2048  # Table 8 "LLM sequence length"
+    c.data.image_size = 448  # Table 8 "Image resolution"
+    c.data.max_images = 1  # static image slots per packed sequence
+    c.data.worker_count = 0
+    c.data.spec = mlc.ConfigDict()  # passed through to the data pipeline factory
+
+    c.batch_size = 128  # global sequences per optimizer step (Table 8 "Global batch size")
+    c.grad_accum = 1  # micro-batches per step (Table 8 "Gradient Acc.")
+
+    c.optim = mlc.ConfigDict()
+    c.optim.lr = 1e-4  # peak
+    c.optim.min_lr = 1e-6
+    c.optim.warmup_steps = 100
+    c.optim.total_steps = mlc.FieldReference(None, field_type=int)  # default: c.steps
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.98
+    c.optim.eps = 1e-6
+    c.optim.weight_decay = 0.05
+    c.optim.grad_clip = 1.0
+    c.optim.vit_lr_decay = 0.95
+    c.optim.freeze = ()  # qwenvl_jax.optim.GROUPS names or path regexes
+
+    c.mesh = mlc.ConfigDict(dict(data=1, fsdp=-1, model=1))
+    c.sharding = mlc.ConfigDict()
+    c.sharding.rules = ()  # () = qwenvl_jax.sharding.DEFAULT_RULES
+    c.sharding.max_replicated_mb = 16.0  # fail if a bigger param is replicated on a sharded mesh
+    c.sharding.allow_replicated = ()
+
+    c.checkpoint = mlc.ConfigDict()
+    c.checkpoint.every_steps = 1000
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.log_every = 10
+    c.chip = ""  # name for MFU ("v5p", "h100", ...); "" = guess from the device kind
+    # Dry run / AOT: a TPU topology to compile for on a CPU host, e.g. "v5p:4x4x2".
+    c.aot = mlc.ConfigDict(dict(topology="", chip_config="megacore", chips_per_host="2,2,1"))
+    return c
+
+
+def tiny(c: mlc.ConfigDict) -> mlc.ConfigDict:
+    """The tiny model at 56 px on CPU: a few steps, random synthetic data unless overridden."""
+    c.model.preset = "tiny"
+    c.model.dtype = "float32"
+    c.model.remat_llm = "none"
+    c.model.remat_vit = "none"
+    c.init.workdir = ""
+    c.init.checkpoint = ""
+    c.init.vit_checkpoint = ""
+    c.init.llm_checkpoint = ""
+    c.init.allow_random = True
+    c.data.image_size = 56
+    c.data.seq_len = 64
+    c.batch_size = 8
+    c.grad_accum = 2
+    c.steps = 20
+    c.optim.warmup_steps = 4
+    c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, model=1))
+    c.sharding.max_replicated_mb = 1.0
+    c.checkpoint.every_steps = 10
+    c.checkpoint.keep = 2
+    c.log_every = 1
+    c.aot.topology = ""
+    return c
+
+
+def finalize(c: mlc.ConfigDict) -> mlc.ConfigDict:
+    if c.optim.total_steps is None:
+        c.optim.total_steps = c.get_ref("steps")
+    return c
+
+
+def parse_arg(arg: str | None) -> dict:
+    """`tiny,res=224` -> {"tiny": True, "res": "224"}."""
+    out = {}
+    for part in (arg or "").split(","):
+        if part:
+            k, _, v = part.partition("=")
+            out[k.strip()] = v.strip() if v else True
+    return out

@@ -1,0 +1,49 @@
+"""Stage 2, multi-task pre-training (Qwen-VL section 3.2, Table 8 "Multi-task Pre-training").
+
+All parameters trained at 448 px on 7 tasks packed into 2048-token sequences, initialised from
+stage 1's workdir (`--config.init.workdir=...`). `--config=configs/multitask.py:tiny` is the CPU
+variant.
+"""
+
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location(
+    "qwenvl_configs_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
+)
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
+
+def get_config(arg=None):
+    args = common.parse_arg(arg)
+    c = common.base()
+    c.stage = "multitask"
+    c.data.image_size = 448  # Table 8: 448^2 (ViT sequence length 1024)
+    c.data.seq_len = 2048  # Table 8: LLM sequence length 2048; section 3.2: packed to 2048
+    # Packed sequences hold several samples; each image takes 258 positions. Static slots per
+    # sequence:
+    c.data.max_images = 4
+    c.model.overrides.visual = {"n_queries": 256}  # Table 8: 256 learnable queries
+    c.optim.lr = 5e-5  # Table 8: peak LR 5e-5
+    c.optim.min_lr = 1e-5  # Table 8: minimum LR 1e-5
+    c.optim.warmup_steps = 400  # Table 8: warm-up 400
+    c.steps = 19_000  # Table 8: 19k steps
+    c.batch_size = 4096  # Table 8: global batch 4096
+    c.grad_accum = 8  # Table 8: gradient accumulation 8
+    c.optim.vit_lr_decay = 0.95  # Table 8: ViT LR decay 0.95
+    # Section 3.2: "We unlocked the large language model and trained the whole model."
+    c.optim.freeze = ("adapter_pos_embed",)
+    c.mesh.model = 2  # Table 8: model parallelism 2
+    # Table 8: ViT and adapter from stage 1, LLM Qwen-7B (unchanged by stage 1, which froze it).
+    c.init.workdir = ""
+    if args.get("tiny"):
+        common.tiny(c)
+        c.data.image_size = 56
+        c.data.seq_len = 128
+        c.data.max_images = 2
+        c.optim.lr = 1e-3
+        c.optim.min_lr = 1e-4
+    if "res" in args:
+        c.data.image_size = int(args["res"])
+    return common.finalize(c)
