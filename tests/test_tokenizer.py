@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import unicodedata
 
 import pytest
 
@@ -117,3 +118,149 @@ def test_save_vocabulary_round_trip(tmp_path, tok):
             "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]},
         }
     assert isinstance(tk.load_tokenizer(str(tmp_path)), tk.QWenTokenizer)
+
+
+# ---------------------------------------------------------------------- published-code fixtures
+def _fixture(name):
+    with open(os.path.join(FIXTURES, name), encoding="utf8") as f:
+        return json.load(f)
+
+
+def test_encode_matches_published_tokenizer(tok):
+    data = _fixture("encode.json")
+    assert len(data["cases"]) > 250
+    for case in data["cases"]:
+        got = tok.encode(case["text"], allowed_special=case["allowed_special"])
+        assert got == case["ids"], (case["text"], case["allowed_special"])
+
+
+def test_published_errors_are_errors_here(tok):
+    for case in _fixture("encode.json")["errors"]:
+        with pytest.raises(ValueError):
+            tok.encode(case["text"])
+
+
+def test_decode_matches_published_tokenizer(tok):
+    for case in _fixture("decode.json"):
+        got = tok.decode(
+            case["ids"],
+            skip_special_tokens=case["skip_special_tokens"],
+            keep_image_special=case["keep_image_special"],
+        )
+        assert got == case["text"], case
+
+
+def test_make_context_matches_published(tok):
+    cases = _fixture("make_context.json")
+    assert any(c["max_window_size"] < 6144 for c in cases)
+    for c in cases:
+        history = [tuple(h) for h in c["history"]] if c["history"] is not None else None
+        raw, ids = tk.make_context(
+            tok,
+            c["query"],
+            history=history,
+            system=c["system"],
+            max_window_size=c["max_window_size"],
+        )
+        assert raw == c["raw_text"], c["query"]
+        assert ids == c["context_tokens"], (c["query"], c["max_window_size"])
+
+
+def test_decode_chatml_matches_published(tok):
+    for c in _fixture("decode_chatml.json"):
+        got = tk.decode_chatml(tok, c["tokens"], c["raw_text_len"], c["context_length"])
+        assert got == c["response"]
+
+
+def test_from_list_format_matches_published():
+    for c in _fixture("from_list_format.json"):
+        assert tk.from_list_format(c["items"]) == c["text"]
+
+
+def test_from_list_format_rejects_unknown_items():
+    with pytest.raises(ValueError, match="item 1"):
+        tk.from_list_format([{"text": "a"}, {"video": "b.mp4"}])
+
+
+def test_decode_inverts_encode(tok):
+    for case in _fixture("encode.json")["cases"]:
+        if case["allowed_special"] == "all":
+            text = case["text"]
+            assert tok.decode(tok.encode(text)) == unicodedata.normalize("NFC", text)
+
+
+# ---------------------------------------------------------------------- SentencePiece backend
+@pytest.fixture(scope="module")
+def sp_tok(tmp_path_factory):
+    texts = [
+        "What is in the picture? A dog on the grass.",
+        "图中有一只猫。 The cat sleeps on a sofa 123.",
+        "Describe <ref>the dog</ref> please.\nAnswer: a brown dog",
+    ] * 10
+    prefix = str(tmp_path_factory.mktemp("sp") / "sp")
+    return tk.train_sentencepiece(texts, prefix, vocab_size=320)
+
+
+def test_sentencepiece_special_tokens(sp_tok):
+    n = sp_tok.sp.get_piece_size()
+    assert sp_tok.n_vocab == len(sp_tok) == n + 217
+    assert sp_tok.eod_id == n and sp_tok.im_start_id == n + 1 and sp_tok.im_end_id == n + 2
+    assert sp_tok.special_tokens["<|extra_204|>"] == n + 207
+    assert (sp_tok.img_start_id, sp_tok.img_end_id, sp_tok.img_pad_id) == (
+        n + 214,
+        n + 215,
+        n + 216,
+    )
+    assert sp_tok.ref_start_id == n + 208 and sp_tok.quad_end_id == n + 213
+    assert sp_tok.encode("<|im_start|><box></box>") == [n + 1, n + 210, n + 211]
+
+
+def test_sentencepiece_round_trip_and_image_span(sp_tok):
+    texts = [
+        "Hello  world\n\n x\ty",
+        "ünïcödé ✓ 日本語 😀",
+        " leading space",
+        "Picture 1: <img>/tmp/图 a.jpg</img>\nWhat?<|im_end|>",
+        "<ref>dog</ref><box>(1,2),(3,4)</box>",
+    ]
+    for text in texts:
+        assert sp_tok.decode(sp_tok.encode(text)) == text
+    path = "/tmp/图 a.jpg"
+    ids = sp_tok.encode(f"x<img>{path}</img>y")
+    ((a, b),) = sp_tok.image_spans(ids)
+    assert b - a == 257
+    inner = ids[a + 1 : b]
+    byte_ids = [sp_tok.sp.piece_to_id(f"<0x{c:02X}>") for c in path.encode()]
+    assert inner[: len(byte_ids)] == byte_ids
+    assert len(set(byte_ids)) == len(set(path.encode()))
+    assert inner[len(byte_ids) :] == [sp_tok.img_pad_id] * (256 - len(byte_ids))
+    assert sp_tok.image_paths(ids) == [path]
+    assert sp_tok.decode(ids, skip_special_tokens=True) == f"x{path}y"
+    with pytest.raises(ValueError, match="Unclosed image token"):
+        sp_tok.encode("<img>abc")
+    with pytest.raises(ValueError, match="300 UTF-8 bytes"):
+        sp_tok.encode("<img>" + "a" * 300 + "</img>")
+
+
+def test_sentencepiece_allowed_special(sp_tok):
+    ids = sp_tok.encode("<|im_start|>x<img>a</img>", allowed_special=set(tk.IMAGE_ST))
+    assert sp_tok.im_start_id not in ids and sp_tok.img_start_id in ids
+    with pytest.raises(ValueError, match="disallowed special token"):
+        sp_tok.encode("<|endoftext|>", allowed_special=(), disallowed_special="all")
+
+
+def test_sentencepiece_make_context_and_save(sp_tok, tmp_path):
+    raw, ids = tk.make_context(sp_tok, "hi", history=[("a", "b")])
+    assert sp_tok.decode(ids) == raw
+    assert ids[0] == sp_tok.im_start_id and ids[-1] == sp_tok.encode("\n")[0]
+    sp_tok.save_vocabulary(str(tmp_path))
+    again = tk.load_tokenizer(str(tmp_path))
+    assert isinstance(again, tk.SentencePieceQWenTokenizer)
+    assert again.encode(raw) == sp_tok.encode(raw)
+
+
+def test_load_tokenizer_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no tokenizer"):
+        tk.load_tokenizer(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="nope"):
+        tk.load_tokenizer(str(tmp_path / "nope"))
