@@ -1,0 +1,356 @@
+"""Packing tokenized samples into fixed-length rows with segment ids and static image slots.
+
+A packed row of length T with M image slots holds (see docs/architecture.md, "Batches"):
+`input_ids`, `targets` (the next token of the same sample, 0 elsewhere), `loss_mask` (the target
+is a supervised label), `segment_ids` (1.. per sample, 0 = padding), `positions` (restart at 0 per
+sample), `image_token_index` (m * 256 + q on the 256 positions inside the m-th image's
+`<img>...</img>`, -1 elsewhere), plus the image sources of the M slots (loaded later, after
+packing, so the packer's buffer and checkpoint state hold only indices).
+
+`PackIterDataset` packs first-fit into a bounded number of open rows. Its state is the next record
+index and the record indices held by the open rows, so it restores exactly by re-reading those
+records from its `MapDataset` parent (tokenization is deterministic).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+
+from qwenvl_jax.data.tasks import Example, Skip
+
+IMG_SPAN = 258  # <img> + 256 + </img>
+N_QUERIES = 256
+
+# Metrics counters, per source. The first ones count samples; the rest count skipped or converted
+# records by reason (tasks.BadSample reasons, image loading problems).
+REASONS = (
+    "samples",  # samples packed
+    "tokens",  # real tokens packed
+    "truncated",
+    "dropped_too_long",
+    "dropped_no_loss",
+    "box_clipped",
+    "bad_record",
+    "missing_field",
+    "bad_field",
+    "bad_box",
+    "box_outside_image",
+    "malformed_conversation",
+    "unclosed_img",
+    "image_path_too_long",
+    "bad_image_tag",
+    "image_missing",
+    "image_corrupt",
+    "image_too_small",
+    "image_converted",
+    "other",
+)
+REASON_INDEX = {r: i for i, r in enumerate(REASONS)}
+
+
+def reason_index(reason: str) -> int:
+    return REASON_INDEX.get(reason, REASON_INDEX["other"])
+
+
+def image_spans(ids: np.ndarray, img_start_id: int, img_end_id: int) -> list[int]:
+    """Start positions of the `<img>` tokens of well-formed 258-token image spans.
+
+    Raises:
+      ValueError: an `<img>` not followed by `</img>` 257 tokens later.
+    """
+    starts = np.flatnonzero(ids == img_start_id)
+    for a in starts:
+        if a + IMG_SPAN - 1 >= len(ids) or ids[a + IMG_SPAN - 1] != img_end_id:
+            raise ValueError(f"<img> at token {a} does not open a {IMG_SPAN}-token image span")
+    n_end = int(np.sum(ids == img_end_id))
+    if n_end != len(starts):
+        raise ValueError(f"{len(starts)} <img> but {n_end} </img> tokens")
+    return [int(a) for a in starts]
+
+
+def fit_example(
+    ex: Example,
+    seq_len: int,
+    max_images: int,
+    img_start_id: int,
+    img_end_id: int,
+    too_long: str = "truncate",
+) -> tuple[Example | None, str | None]:
+    """Make `ex` fit one row: at most `seq_len` tokens and `max_images` images.
+
+    A too-long sample is cut at `seq_len` or, when that falls inside an image span, just before the
+    span's `<img>`; images beyond `max_images` are cut the same way. With `too_long="drop"` such a
+    sample is dropped instead. A sample left without a supervised label (position >= 1) is dropped.
+
+    Returns:
+      (example or None, event): event is "truncated", "dropped_too_long" or "dropped_no_loss" (None
+      when the sample fit as it was).
+    """
+    starts = image_spans(ex.ids, img_start_id, img_end_id)
+    cut = len(ex.ids)
+    if cut > seq_len:
+        cut = seq_len
+    if len(starts) > max_images:
+        cut = min(cut, starts[max_images])
+    for a in starts:
+        if a < cut < a + IMG_SPAN:
+            cut = a
+    event = None
+    if cut < len(ex.ids):
+        if too_long == "drop":
+            return None, "dropped_too_long"
+        if too_long != "truncate":
+            raise ValueError(f"too_long must be 'truncate' or 'drop', got {too_long!r}")
+        n_img = sum(1 for a in starts if a + IMG_SPAN <= cut)
+        ex = Example(
+            ids=ex.ids[:cut],
+            labels=ex.labels[:cut],
+            images=ex.images[:n_img],
+            source=ex.source,
+            index=ex.index,
+            events=ex.events,
+        )
+        event = "truncated"
+    if len(ex.ids) < 2 or not ex.labels[1:].any():
+        return None, "dropped_no_loss"
+    return ex, event
+
+
+def pack_row(
+    examples: Sequence[Example],
+    seq_len: int,
+    max_images: int,
+    *,
+    pad_id: int,
+    img_start_id: int,
+    img_end_id: int,
+) -> dict:
+    """Pack examples (each already fitting, together at most seq_len tokens / max_images images).
+
+    Returns:
+      dict of numpy arrays: input_ids, targets, segment_ids, positions, image_token_index int32 [T],
+      loss_mask float32 [T], image_valid bool [M], image_segment int32 [M] (the slot's segment id,
+      0 if empty), and "image_srcs": a list of M image sources (None for empty slots).
+    """
+    T, M = seq_len, max_images
+    input_ids = np.full(T, pad_id, np.int32)
+    targets = np.zeros(T, np.int32)
+    loss_mask = np.zeros(T, np.float32)
+    segment_ids = np.zeros(T, np.int32)
+    positions = np.zeros(T, np.int32)
+    image_token_index = np.full(T, -1, np.int32)
+    image_valid = np.zeros(M, bool)
+    image_segment = np.zeros(M, np.int32)
+    srcs: list = [None] * M
+    pos, m = 0, 0
+    for seg, ex in enumerate(examples, start=1):
+        n = len(ex.ids)
+        if pos + n > T:
+            raise ValueError(f"examples hold more than seq_len={T} tokens")
+        sl = slice(pos, pos + n)
+        input_ids[sl] = ex.ids
+        targets[pos : pos + n - 1] = ex.ids[1:]
+        loss_mask[pos : pos + n - 1] = ex.labels[1:]
+        segment_ids[sl] = seg
+        positions[sl] = np.arange(n, dtype=np.int32)
+        starts = image_spans(ex.ids, img_start_id, img_end_id)
+        if len(starts) != len(ex.images):
+            raise ValueError(
+                f"{ex.source}[{ex.index}]: {len(starts)} image spans but {len(ex.images)} images"
+            )
+        for a, src in zip(starts, ex.images, strict=True):
+            if m >= M:
+                raise ValueError(f"examples hold more than max_images={M} images")
+            inner = slice(pos + a + 1, pos + a + 1 + N_QUERIES)
+            image_token_index[inner] = m * N_QUERIES + np.arange(N_QUERIES, dtype=np.int32)
+            image_valid[m] = True
+            image_segment[m] = seg
+            srcs[m] = src
+            m += 1
+        pos += n
+    return dict(
+        input_ids=input_ids,
+        targets=targets,
+        loss_mask=loss_mask,
+        segment_ids=segment_ids,
+        positions=positions,
+        image_token_index=image_token_index,
+        image_valid=image_valid,
+        image_segment=image_segment,
+        image_srcs=srcs,
+    )
+
+
+def blank_segment(row: dict, seg: int, pad_id: int) -> None:
+    """Turn segment `seg` of a packed row into padding in place (its sample is dropped late)."""
+    sel = row["segment_ids"] == seg
+    row["input_ids"][sel] = pad_id
+    row["targets"][sel] = 0
+    row["loss_mask"][sel] = 0
+    row["positions"][sel] = 0
+    row["image_token_index"][sel] = -1
+    row["segment_ids"][sel] = 0
+    row["image_valid"][row["image_segment"] == seg] = False
+
+
+class PackIterDataset(grain.IterDataset):
+    """First-fit packing of a `MapDataset` of `Example | Skip` into rows (see module docstring).
+
+    Args:
+      parent: a MapDataset whose elements are `Example` or `Skip` (one per record index).
+      seq_len: T, tokens per row.
+      max_images: M, image slots per row.
+      pad_id, img_start_id, img_end_id: token ids from the tokenizer.
+      source_names: the names of the sources; counters are kept per source in this order.
+      num_open_rows: how many rows are filled at once (the bounded buffer); when a sample fits none,
+        the oldest row is emitted.
+      too_long: "truncate" or "drop".
+    """
+
+    def __init__(
+        self,
+        parent: grain.MapDataset,
+        *,
+        seq_len: int,
+        max_images: int,
+        pad_id: int,
+        img_start_id: int,
+        img_end_id: int,
+        source_names: Sequence[str],
+        num_open_rows: int = 8,
+        too_long: str = "truncate",
+    ):
+        super().__init__()
+        if too_long not in ("truncate", "drop"):
+            raise ValueError(f"too_long must be 'truncate' or 'drop', got {too_long!r}")
+        if seq_len < IMG_SPAN + 2 and max_images > 0:
+            raise ValueError(f"seq_len={seq_len} cannot hold an image span of {IMG_SPAN} tokens")
+        self._ds = parent
+        self.seq_len = seq_len
+        self.max_images = max_images
+        self.ids = dict(pad_id=pad_id, img_start_id=img_start_id, img_end_id=img_end_id)
+        self.source_names = list(source_names)
+        self.num_open_rows = max(1, num_open_rows)
+        self.too_long = too_long
+
+    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        """Grain's worker slicing (mp_prefetch): each worker packs its share of the records."""
+        self._ds = self._ds[sl]
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _PackIterator(self)
+
+    def __str__(self) -> str:
+        return f"PackIterDataset(seq_len={self.seq_len}, max_images={self.max_images})"
+
+
+class _PackIterator(grain.DatasetIterator):
+    def __init__(self, ds: PackIterDataset):
+        super().__init__()
+        self._d = ds
+        self._src_index = {n: i for i, n in enumerate(ds.source_names)}
+        self._reset(0, [], None)
+
+    def _reset(self, next_index: int, rows: list, counts) -> None:
+        self._next = next_index
+        self._rows_idx: list[list[int]] = [list(r) for r in rows]
+        self._rows_ex: list[list[Example]] = [[self._fit(i)[0] for i in r] for r in rows]
+        shape = (len(self._d.source_names), len(REASONS))
+        self._counts = np.zeros(shape, np.int64) if counts is None else np.array(counts, np.int64)
+
+    def _count(self, source: str, reason: str, n: int = 1) -> None:
+        s = self._src_index.get(source)
+        if s is None:
+            raise KeyError(f"source {source!r} not among {self._d.source_names}")
+        self._counts[s, reason_index(reason)] += n
+
+    def _fit(self, index: int):
+        el = self._d._ds[index]
+        if isinstance(el, Skip):
+            return el, None
+        ex, event = fit_example(
+            el,
+            self._d.seq_len,
+            self._d.max_images,
+            self._d.ids["img_start_id"],
+            self._d.ids["img_end_id"],
+            self._d.too_long,
+        )
+        return (el, event) if ex is None else (ex, event)
+
+    def _emit(self, k: int) -> dict:
+        self._rows_idx.pop(k)
+        exs = self._rows_ex.pop(k)
+        row = pack_row(
+            exs,
+            self._d.seq_len,
+            self._d.max_images,
+            pad_id=self._d.ids["pad_id"],
+            img_start_id=self._d.ids["img_start_id"],
+            img_end_id=self._d.ids["img_end_id"],
+        )
+        for ex in exs:
+            self._count(ex.source, "samples")
+            self._count(ex.source, "tokens", len(ex.ids))
+        row["image_sources"] = [(e.source, e.index) for e in exs for _ in e.images]
+        row["_counts"] = self._counts
+        self._counts = np.zeros_like(self._counts)
+        return row
+
+    def __next__(self) -> dict:
+        T, M = self._d.seq_len, self._d.max_images
+        n_records = len(self._d._ds)
+        while self._next < n_records:
+            i = self._next
+            self._next += 1
+            el, event = self._fit(i)
+            if isinstance(el, Skip):
+                logging.warning(
+                    "data: skipped %s[%d] (%s): %s", el.source, el.index, el.reason, el.message
+                )
+                self._count(el.source, el.reason)
+                continue
+            for e in el.events:
+                self._count(el.source, e)
+            if event in ("dropped_too_long", "dropped_no_loss"):
+                logging.warning("data: %s %s[%d]", event, el.source, el.index)
+                self._count(el.source, event)
+                continue
+            if event == "truncated":
+                self._count(el.source, "truncated")
+            n, k = len(el.ids), len(el.images)
+            target = None
+            for r, exs in enumerate(self._rows_ex):
+                if sum(len(e) for e in exs) + n <= T and sum(len(e.images) for e in exs) + k <= M:
+                    target = r
+                    break
+            out = None
+            if target is None:
+                if len(self._rows_ex) >= self._d.num_open_rows:
+                    out = self._emit(0)
+                self._rows_idx.append([i])
+                self._rows_ex.append([el])
+            else:
+                self._rows_idx[target].append(i)
+                self._rows_ex[target].append(el)
+                if sum(len(e) for e in self._rows_ex[target]) == T:
+                    out = self._emit(target)
+            if out is not None:
+                return out
+        if self._rows_ex:
+            return self._emit(0)
+        raise StopIteration
+
+    def get_state(self) -> dict:
+        return {
+            "next_index": int(self._next),
+            "open_rows": [list(map(int, r)) for r in self._rows_idx],
+            "pending_counts": self._counts.tolist(),
+        }
+
+    def set_state(self, state: dict) -> None:
+        self._reset(int(state["next_index"]), state["open_rows"], state["pending_counts"])

@@ -1,0 +1,363 @@
+"""The training input pipeline: sources -> mixture -> host shard -> packing -> images -> batches.
+
+The trainer calls `make_train_iterator` once per host and gets a `DataIterator` that yields exactly
+the batch dict of docs/architecture.md ("Batches"), with `get_state` / `set_state` for the training
+checkpoint and `metrics()` for the logs (skip counters per source and reason, packing efficiency).
+
+The data config (`default_data_config()`, an ml_collections ConfigDict):
+
+    data.sources.<name>:        one entry per named source
+        kind:        "json" (official fine-tuning JSON list / JSON lines) or "tfds"
+        path:        json: the file (local or gs://)
+        name, split, data_dir:  tfds: dataset name (with version), split, data directory
+        task:        caption | vqa | grounding | ref_grounding | grounded_caption | ocr | text |
+                     chatml
+        weight:      mixture weight (relative; normalised over sources)
+        fields:      {canonical field: record key}, e.g. {"boxes": "objects.bbox"} (dotted, [i])
+        box_format:  xyxy_pixel | xywh_pixel | xyxy_norm | yxyx_norm | xyxy_1000
+        image_root:  directory for relative image paths (json default: the file's directory)
+        options:     tasks.TaskOptions overrides (prompts, system_message)
+    data.mixing:        "sample" (mix records, then pack) or "sequence" (pack each source
+                        separately, then mix packed rows: the paper packs same-task data together)
+    data.strict:        False: skip, log and count bad records/images; True: stop with DataError
+    data.too_long:      "truncate" (cut at a safe place) or "drop"
+    data.num_open_rows: rows filled at once by the first-fit packer
+    data.shuffle:       shuffle each source per epoch
+    data.num_epochs:    None = repeat forever
+    data.min_image_side: images with a shorter side (pixels) are skipped as too small
+    data.prefetch:      batches prefetched per worker (or by a thread when worker_count=0)
+
+Determinism: everything is a function of (config, seed, shard_index, shard_count, worker_count);
+restoring the state requires the same values.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from qwenvl_jax import image as image_lib
+from qwenvl_jax.data import images as images_lib
+from qwenvl_jax.data import packing, sources, tasks
+
+BATCH_KEYS = (
+    "input_ids",
+    "targets",
+    "loss_mask",
+    "segment_ids",
+    "positions",
+    "images",
+    "image_valid",
+    "image_token_index",
+)
+# Table 3 of the paper: the multi-task pre-training tasks and their sample counts (millions).
+TABLE3_SAMPLES_M = {
+    "caption": 19.7,
+    "vqa": 3.6,
+    "grounding": 3.5,
+    "ref_grounding": 8.7,
+    "grounded_caption": 8.7,
+    "ocr": 24.8,
+    "text": 7.8,
+}
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """The data config with no sources (add entries under `sources`; see the module docstring)."""
+    c = ml_collections.ConfigDict()
+    c.sources = ml_collections.ConfigDict()
+    c.mixing = "sample"
+    c.strict = False
+    c.too_long = "truncate"
+    c.num_open_rows = 8
+    c.shuffle = True
+    c.num_epochs = ml_collections.FieldReference(None, field_type=int)
+    c.min_image_side = 8
+    c.prefetch = 2
+    return c
+
+
+def source_config(**kw: Any) -> ml_collections.ConfigDict:
+    """One `sources` entry with the defaults filled in."""
+    c = ml_collections.ConfigDict(
+        dict(
+            kind="json",
+            path="",
+            name="",
+            split="train",
+            data_dir="",
+            task="chatml",
+            weight=1.0,
+            fields={},
+            box_format="xyxy_pixel",
+            image_root="",
+            options={},
+        )
+    )
+    c.update(kw)
+    return c
+
+
+def _plain(c: Any) -> Any:
+    return c.to_dict() if isinstance(c, ml_collections.ConfigDict) else c
+
+
+def _seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
+
+
+class LoadImages(grain.transforms.Map):
+    """Loads a packed row's images into `images` [M, S, S, 3]; a sample whose image fails is
+    turned into padding in place (counted under its source; raises in strict mode)."""
+
+    def __init__(self, *, image_size: int, min_side: int, pad_id: int, source_names, strict: bool):
+        self.image_size = image_size
+        self.min_side = min_side
+        self.pad_id = pad_id
+        self.src_index = {n: i for i, n in enumerate(source_names)}
+        self.strict = strict
+
+    def map(self, row: dict) -> dict:
+        S = self.image_size
+        srcs = row.pop("image_srcs")
+        names = row.pop("image_sources")
+        seg_of = row.pop("image_segment")
+        counts = row["_counts"] = row["_counts"].copy()
+        imgs = np.zeros((len(srcs), S, S, 3), np.float32)
+        failed: set[int] = set()
+        for m, src in enumerate(srcs):
+            if src is None or seg_of[m] in failed:
+                continue
+            sname, index = names[m]
+            s = self.src_index[sname]
+            try:
+                im, converted = images_lib.decode_image(src, self.min_side)
+                imgs[m] = image_lib.preprocess(im, S)
+                if converted:
+                    counts[s, packing.reason_index("image_converted")] += 1
+            except tasks.BadSample as e:
+                if self.strict:
+                    raise sources.DataError(f"source {sname!r} record {index}: {e}") from None
+                logging.warning("data: skipped %s[%d] (%s): %s", sname, index, e.reason, e.message)
+                seg = int(seg_of[m])
+                failed.add(seg)
+                counts[s, packing.reason_index(e.reason)] += 1
+                counts[s, packing.reason_index("samples")] -= 1
+                counts[s, packing.reason_index("tokens")] -= int(np.sum(row["segment_ids"] == seg))
+                packing.blank_segment(row, seg, self.pad_id)
+                imgs[seg_of == seg] = 0.0
+        row["images"] = imgs
+        return row
+
+
+def build_sources(data_config, tokenizer) -> list[sources.Source]:
+    """The configured sources, in config order."""
+    srcs = _plain(data_config.sources)
+    if not srcs:
+        raise ValueError("data_config.sources is empty: add at least one source")
+    out = []
+    for name, cfg in srcs.items():
+        cfg = dict(source_config().to_dict(), **cfg)
+        for k in ("data_dir", "image_root", "path", "name"):
+            cfg[k] = cfg[k] or None
+        out.append(sources.Source(name, cfg, tokenizer, strict=bool(data_config.strict)))
+    return out
+
+
+def make_train_dataset(
+    data_config,
+    tokenizer,
+    *,
+    seq_len: int,
+    batch_size_per_host: int,
+    image_size: int,
+    max_images: int,
+    seed: int = 0,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    worker_count: int = 0,
+) -> grain.IterDataset:
+    """The grain IterDataset behind `make_train_iterator` (same arguments); elements are batches
+    with the contract's keys plus `_counts` [B, n_sources, n_reasons]."""
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index={shard_index} not in [0, shard_count={shard_count})")
+    srcs = build_sources(data_config, tokenizer)
+    names = [s.name for s in srcs]
+    weights = [float(_plain(data_config.sources)[n].get("weight", 1.0)) for n in names]
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {weights}")
+    num_epochs = data_config.num_epochs
+    per_source = [
+        sources.source_dataset(
+            s, seed=_seed(seed, s.name), shuffle=bool(data_config.shuffle), num_epochs=num_epochs
+        )
+        for s in srcs
+    ]
+    pack_kw = dict(
+        seq_len=seq_len,
+        max_images=max_images,
+        pad_id=tokenizer.eod_id,
+        img_start_id=tokenizer.img_start_id,
+        img_end_id=tokenizer.img_end_id,
+        source_names=names,
+        num_open_rows=int(data_config.num_open_rows),
+        too_long=str(data_config.too_long),
+    )
+    load = LoadImages(
+        image_size=image_size,
+        min_side=int(data_config.min_image_side),
+        pad_id=tokenizer.eod_id,
+        source_names=names,
+        strict=bool(data_config.strict),
+    )
+    if data_config.mixing == "sample":
+        mixed = per_source[0] if len(per_source) == 1 else grain.MapDataset.mix(per_source, weights)
+        ds = packing.PackIterDataset(mixed[shard_index::shard_count], **pack_kw).map(load)
+    elif data_config.mixing == "sequence":
+        packed = [
+            packing.PackIterDataset(d[shard_index::shard_count], **pack_kw).map(load)
+            for d in per_source
+        ]
+        ds = packed[0] if len(packed) == 1 else grain.IterDataset.mix(packed, weights)
+    else:
+        raise ValueError(f"data.mixing must be 'sample' or 'sequence', got {data_config.mixing!r}")
+    ds = ds.batch(batch_size_per_host, drop_remainder=True)
+    prefetch = max(1, int(data_config.prefetch))
+    if worker_count > 0:
+        ds = ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=prefetch)
+        )
+    else:
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+    return ds
+
+
+class DataIterator:
+    """Yields the trainer's batch dicts; checkpointable; accumulates data metrics.
+
+    `get_state()` returns a JSON-serialisable dict (grain's iterator state plus the counters) to
+    store in the training checkpoint; `set_state()` restores it (same config, seed, shards and
+    workers).
+    """
+
+    def __init__(self, ds: grain.IterDataset, source_names: Sequence[str]):
+        self._ds = ds
+        self._it = iter(ds)
+        self.source_names = list(source_names)
+        self._counts = np.zeros((len(self.source_names), len(packing.REASONS)), np.int64)
+        self._tokens = np.zeros(2, np.int64)  # real (segment > 0) tokens, all tokens
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        b = next(self._it)
+        self._counts += np.asarray(b.pop("_counts")).sum(0)
+        seg = b["segment_ids"]
+        self._tokens += (int(np.count_nonzero(seg)), seg.size)
+        return {k: b[k] for k in BATCH_KEYS}
+
+    def close(self) -> None:
+        """Stop prefetch threads / worker processes."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def get_state(self) -> dict:
+        return {
+            "grain": self._it.get_state(),
+            "counts": self._counts.tolist(),
+            "tokens": self._tokens.tolist(),
+        }
+
+    def set_state(self, state: Mapping) -> None:
+        self._it.set_state(state["grain"])
+        self._counts = np.array(state["counts"], np.int64)
+        self._tokens = np.array(state["tokens"], np.int64)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """{source: {reason: count}} of everything consumed so far (non-zero entries)."""
+        return {
+            n: {r: int(c) for r, c in zip(packing.REASONS, row, strict=True) if c}
+            for n, row in zip(self.source_names, self._counts, strict=True)
+        }
+
+    def metrics(self) -> dict[str, float]:
+        """Flat scalars for the trainer's logs: `data/packing_efficiency` (real tokens / all
+        tokens), `data/samples`, `data/skipped` and `data/<reason>` totals,
+        `data/<source>/<reason>`."""
+        out: dict[str, float] = {}
+        real, total = self._tokens
+        out["data/packing_efficiency"] = float(real / total) if total else 0.0
+        tot = self._counts.sum(0)
+        for r, c in zip(packing.REASONS, tot, strict=True):
+            out[f"data/{r}"] = float(c)
+        skip_reasons = [i for i, r in enumerate(packing.REASONS) if r not in _NOT_SKIPS]
+        out["data/skipped"] = float(tot[skip_reasons].sum())
+        for n, row in zip(self.source_names, self._counts, strict=True):
+            for r, c in zip(packing.REASONS, row, strict=True):
+                if c:
+                    out[f"data/{n}/{r}"] = float(c)
+        return out
+
+
+_NOT_SKIPS = ("samples", "tokens", "truncated", "box_clipped", "image_converted")
+
+
+def make_train_iterator(
+    data_config,
+    tokenizer,
+    *,
+    seq_len: int,
+    batch_size_per_host: int,
+    image_size: int,
+    max_images: int,
+    seed: int = 0,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    worker_count: int = 0,
+) -> DataIterator:
+    """The training batches of this host.
+
+    Args:
+      data_config: see the module docstring (`default_data_config()` plus sources).
+      tokenizer: `QWenTokenizer` or `SentencePieceQWenTokenizer`.
+      seq_len: T, tokens per packed row (2048 for the paper's stages 2-3, 512 for stage 1).
+      batch_size_per_host: rows per batch on this host.
+      image_size: S, the stage resolution (224, 448; 56 for the tiny model).
+      max_images: M, image slots per row.
+      seed: the data seed (shuffling).
+      shard_index, shard_count: this host's shard (`jax.process_index()`, `jax.process_count()`).
+      worker_count: grain worker processes for tokenizing, packing and image decoding (0: in-process
+        with a prefetch thread).
+
+    Returns:
+      a `DataIterator` yielding dicts of numpy arrays: input_ids, targets, segment_ids, positions,
+      image_token_index int32 [B, T]; loss_mask float32 [B, T]; images float32 [B, M, S, S, 3];
+      image_valid bool [B, M].
+    """
+    ds = make_train_dataset(
+        data_config,
+        tokenizer,
+        seq_len=seq_len,
+        batch_size_per_host=batch_size_per_host,
+        image_size=image_size,
+        max_images=max_images,
+        seed=seed,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        worker_count=worker_count,
+    )
+    return DataIterator(ds, list(_plain(data_config.sources)))
