@@ -2,6 +2,7 @@
 
 import io
 import math
+import os
 
 import numpy as np
 import pytest
@@ -163,3 +164,16 @@ def test_bad_inputs_have_clear_errors(tmp_path):
         qimage.load_image(np.full((4, 4, 3), 2.0), 28)
     with pytest.raises(TypeError, match="int"):
         qimage.load_image(5, 28)
+
+
+REF = os.path.join(os.path.dirname(__file__), "fixtures", "reference")
+
+
+@pytest.mark.parametrize("case", ["tiny_image2", "wide224_image2"])
+def test_bit_identical_to_published_preprocessing(case):
+    # pixel_values: what the published visual tower received (torchvision transform), [M, 3, S, S].
+    ref = np.load(os.path.join(REF, f"{case}.npz"))["pixel_values"]
+    size = ref.shape[-1]
+    for name, want in zip(["img_a.png", "img_b.jpg"], ref, strict=True):
+        got = qimage.load_image(os.path.join(REF, name), size)
+        np.testing.assert_array_equal(got.transpose(2, 0, 1), want)
