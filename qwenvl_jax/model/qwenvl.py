@@ -1,0 +1,308 @@
+"""Qwen-VL: the visual tower's features spliced into the Qwen decoder's token stream.
+
+Public:
+  QWenLMHeadModel(config, *, rngs, dtype, param_dtype, scan_layers, remat, visual_remat, attn_impl)
+  model(input_ids, *, images, image_token_index, segment_ids, positions, cache, cache_index,
+        ntk_alpha, use_logn) -> logits [B, T, V]  (or (logits, cache) when a cache is passed)
+  image_token_index(input_ids, image_start_id, n_queries) -> (index [B, T], images per row [B])
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwenvl_jax.config import QWenConfig
+from qwenvl_jax.model import layers
+from qwenvl_jax.model.qwen import QWenBlock, rotary_inv_freq
+from qwenvl_jax.model.visual import VisionTransformer
+
+
+def image_token_index(
+    input_ids: np.ndarray, image_start_id: int, n_queries: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Locate the `<img> ... </img>` spans and number their interior positions (host-side numpy).
+
+    Images are numbered per row in order of appearance. The n_queries positions strictly between
+    `<img>` (image_start_id) and `</img>` (image_start_id + 1) of the m-th image of a row get
+    `m * n_queries + q` (q = 0 .. n_queries-1); every other position gets -1.
+
+    Args:
+      input_ids: int [B, T] (or [T], treated as one row).
+      image_start_id: the `<img>` id (config.visual.image_start_id).
+      n_queries: feature vectors per image (config.visual.n_queries).
+
+    Returns:
+      (index int32 [B, T], counts int32 [B] = images per row).
+
+    Raises:
+      ValueError: on an unclosed `<img>`, a `</img>` without `<img>`, nested `<img>`, or a span
+        whose interior is not exactly n_queries tokens long; the message names row and position.
+    """
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {ids.shape}")
+    end_id = image_start_id + 1
+    index = np.full(ids.shape, -1, np.int32)
+    counts = np.zeros(ids.shape[0], np.int32)
+    for b, row in enumerate(ids):
+        starts = np.flatnonzero(row == image_start_id)
+        ends = np.flatnonzero(row == end_id)
+        open_at = None
+        events = sorted([(int(p), 0) for p in starts] + [(int(p), 1) for p in ends])
+        for pos, is_end in events:
+            if not is_end:
+                if open_at is not None:
+                    raise ValueError(
+                        f"row {b}: <img> at position {pos} inside the span opened at {open_at}"
+                    )
+                open_at = pos
+                continue
+            if open_at is None:
+                raise ValueError(f"row {b}: </img> at position {pos} has no matching <img>")
+            length = pos - open_at - 1
+            if length != n_queries:
+                raise ValueError(
+                    f"row {b}: image span <img>@{open_at} .. </img>@{pos} holds {length} tokens; "
+                    f"expected exactly {n_queries}"
+                )
+            m = counts[b]
+            index[b, open_at + 1 : pos] = m * n_queries + np.arange(n_queries, dtype=np.int32)
+            counts[b] += 1
+            open_at = None
+        if open_at is not None:
+            raise ValueError(f"row {b}: <img> at position {open_at} is never closed by </img>")
+    return index, counts
+
+
+def splice_features(embeds: jax.Array, features: jax.Array, token_index: jax.Array) -> jax.Array:
+    """Replace embeddings where token_index >= 0 with the indexed feature row (gather + where).
+
+    Args:
+      embeds: [B, T, D] token embeddings.
+      features: [B, K, D] per-row image features (K = M * n_queries).
+      token_index: int [B, T], index into K, -1 for text.
+    """
+    gathered = jnp.take_along_axis(
+        features, jnp.clip(token_index, 0, features.shape[1] - 1)[..., None], axis=1
+    )
+    return jnp.where(token_index[..., None] >= 0, gathered.astype(embeds.dtype), embeds)
+
+
+class QWenModel(nnx.Module):
+    """`transformer`: wte, the decoder blocks `h`, ln_f and the visual tower `visual`."""
+
+    def __init__(
+        self,
+        cfg: QWenConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        scan_layers: bool = False,
+        remat: str = "none",
+        visual_remat: str | None = None,
+        attn_impl: str = "xla",
+    ):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.scan_layers = scan_layers
+        self.remat = layers.check_remat(remat)
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.wte = layers.Embed(cfg.vocab_size, cfg.hidden_size, **kw)
+
+        def make(r):
+            return QWenBlock(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype, attn_impl=attn_impl)
+
+        if scan_layers:
+            self.h = layers.make_stacked(make, cfg.num_hidden_layers, rngs)
+        else:
+            self.h = nnx.List([make(rngs) for _ in range(cfg.num_hidden_layers)])
+        self.ln_f = layers.RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon, **kw)
+        self.visual = VisionTransformer(
+            cfg.visual,
+            scan_layers=scan_layers,
+            remat=remat if visual_remat is None else visual_remat,
+            attn_impl=attn_impl,
+            **kw,
+        )
+
+    def encode_images(self, images: jax.Array) -> jax.Array:
+        """images [B, M, S, S, 3] -> features [B, M * n_queries, D] (one visual call over B*M)."""
+        if images.ndim != 5:
+            raise ValueError(f"images must be [B, M, S, S, 3], got shape {images.shape}")
+        b, m = images.shape[:2]
+        feats = self.visual(images.reshape((b * m,) + images.shape[2:]))
+        return feats.reshape(b, m * feats.shape[1], feats.shape[2])
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        images: jax.Array | None = None,
+        image_token_index: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        cache: dict | None = None,
+        cache_index: jax.Array | int | None = None,
+        ntk_alpha: float | jax.Array = 1.0,
+        use_logn: bool = False,
+    ):
+        """Final hidden states [B, T, D] after ln_f (and the new cache when one is given)."""
+        cfg = self.cfg
+        bsz, t = input_ids.shape
+        x = self.wte(input_ids)
+        if images is not None:
+            if image_token_index is None:
+                raise ValueError("images given without image_token_index")
+            if image_token_index.shape != input_ids.shape:
+                raise ValueError(
+                    f"image_token_index shape {image_token_index.shape} != input_ids shape "
+                    f"{input_ids.shape}"
+                )
+            if images.shape[0] != bsz:
+                raise ValueError(f"images batch {images.shape[0]} != input_ids batch {bsz}")
+            x = splice_features(x, self.encode_images(images), image_token_index)
+        x = layers.shard_activation(x, ("act_batch", "act_seq", "act_embed"))
+
+        if cache is not None:
+            if cache_index is None:
+                raise ValueError("a cache needs cache_index (where the new tokens are written)")
+            cache_index = jnp.asarray(cache_index, jnp.int32)
+            if segment_ids is None:
+                segment_ids = jnp.ones((bsz, t), jnp.int32)
+            if positions is None:
+                positions = cache_index + jnp.arange(t, dtype=jnp.int32)[None]
+            kv_seg = jax.lax.dynamic_update_slice(
+                cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index)
+            )
+            xs = (cache["k"], cache["v"])
+        else:
+            kv_seg = None
+            xs = None
+        if positions is None:
+            positions = jnp.arange(t, dtype=jnp.int32)[None]
+        positions = jnp.broadcast_to(positions, (bsz, t))
+        inv_freq = rotary_inv_freq(cfg.head_dim, cfg.rotary_emb_base, ntk_alpha)
+
+        def call(block, h, layer_kv):
+            layer_cache = None if layer_kv is None else (*layer_kv, kv_seg)
+            return block(
+                h,
+                positions=positions,
+                segment_ids=segment_ids,
+                inv_freq=inv_freq,
+                use_logn=use_logn,
+                layer_cache=layer_cache,
+                cache_index=cache_index,
+            )
+
+        x, new_kv = layers.run_stack(
+            self.h, x, xs, scan=self.scan_layers, remat=self.remat, call=call
+        )
+        x = self.ln_f(x)
+        if cache is None:
+            return x
+        return x, {"k": new_kv[0], "v": new_kv[1], "segment_ids": kv_seg}
+
+
+class QWenLMHeadModel(nnx.Module):
+    """Qwen-VL: `transformer` (QWenModel with its visual tower) and the untied `lm_head`.
+
+    Args (constructor):
+      config: a QWenConfig (e.g. `get_preset("tiny")`).
+      rngs: nnx.Rngs for initialisation.
+      dtype: compute dtype (bfloat16 on accelerators); norms, softmax and rotary run in float32.
+      param_dtype: parameter storage dtype.
+      scan_layers: stacked decoder and ViT blocks (leading `layers` axis) run with lax.scan.
+      remat: decoder remat policy name (`layers.REMAT_POLICIES`); visual_remat: the ViT's (default:
+        same as remat).
+      attn_impl: `dot_product_attention` implementation ("xla", "cudnn", "jax").
+    """
+
+    def __init__(
+        self,
+        config: QWenConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        scan_layers: bool = False,
+        remat: str = "none",
+        visual_remat: str | None = None,
+        attn_impl: str = "xla",
+    ):
+        self.config = config
+        self.dtype = dtype
+        self.scan_layers = scan_layers
+        self.transformer = QWenModel(
+            config,
+            rngs=rngs,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            scan_layers=scan_layers,
+            remat=remat,
+            visual_remat=visual_remat,
+            attn_impl=attn_impl,
+        )
+        self.lm_head = layers.Linear(
+            config.hidden_size,
+            config.vocab_size,
+            ("embed", "vocab"),
+            use_bias=False,
+            rngs=rngs,
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        images: jax.Array | None = None,
+        image_token_index: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        cache: dict | None = None,
+        cache_index: jax.Array | int | None = None,
+        ntk_alpha: float | jax.Array = 1.0,
+        use_logn: bool = False,
+    ):
+        """Logits of the next token at every position.
+
+        Args:
+          input_ids: int32 [B, T].
+          images: float32 [B, M, S, S, 3] CLIP-normalised NHWC, or None (text only).
+          image_token_index: int32 [B, T], `m * n_queries + q` inside image spans, -1 elsewhere
+            (see `image_token_index`); required with images.
+          segment_ids: int32 [B, T], 0 = padding, 1.. = packed samples (attention stays inside).
+          positions: int32 [B, T] rotary positions; default arange(T) (cache_index + arange(T)
+            with a cache).
+          cache: a KV cache from `qwen.init_cache`; the T tokens are written at cache_index.
+          cache_index: int32 scalar, the first cache slot of these tokens.
+          ntk_alpha: dynamic-NTK alpha (inference: `qwen.dynamic_ntk_alpha(prompt_len, 2048)`,
+            computed at prefill and reused while decoding); 1.0 = off (training).
+          use_logn: logn query scaling by absolute position (inference only; identity <= 2048).
+
+        Returns:
+          logits [B, T, V] in the compute dtype, or (logits, new_cache) when cache is given.
+        """
+        out = self.transformer(
+            input_ids,
+            images=images,
+            image_token_index=image_token_index,
+            segment_ids=segment_ids,
+            positions=positions,
+            cache=cache,
+            cache_index=cache_index,
+            ntk_alpha=ntk_alpha,
+            use_logn=use_logn,
+        )
+        if cache is None:
+            return layers.shard_activation(self.lm_head(out), ("act_batch", "act_seq", "act_vocab"))
+        h, new_cache = out
+        return self.lm_head(h), new_cache

@@ -1,0 +1,272 @@
+"""Model tests on the tiny preset; goldens are hand formulas or spec numbers, never the model."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType
+
+from qwenvl_jax.config import get_preset
+from qwenvl_jax.model import layers
+from qwenvl_jax.model.qwen import dynamic_ntk_alpha, logn_table, rotary_inv_freq
+from qwenvl_jax.model.qwenvl import QWenLMHeadModel, image_token_index
+from qwenvl_jax.model.resampler import sincos_2d
+from qwenvl_jax.model.visual import bicubic_matrix, pos_resize_matrix
+
+TINY = get_preset("tiny")
+IMG = TINY.visual.image_start_id
+
+
+def _aten_cubic_weight(x: float, a: float = -0.75) -> float:
+    """Keys cubic convolution kernel W(x) written from the textbook piecewise form."""
+    x = abs(x)
+    if x <= 1:
+        return (a + 2) * x**3 - (a + 3) * x**2 + 1
+    if x < 2:
+        return a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a
+    return 0.0
+
+
+def _direct_bicubic(in_size: int, out_size: int) -> np.ndarray:
+    """Independent float64 evaluation: weight of source pixel j for output i, clamped taps."""
+    m = np.zeros((out_size, in_size))
+    for i in range(out_size):
+        src = (i + 0.5) * in_size / out_size - 0.5
+        base = math.floor(src)
+        for tap in range(base - 1, base + 3):
+            m[i, min(max(tap, 0), in_size - 1)] += _aten_cubic_weight(src - tap)
+    return m
+
+
+def test_bicubic_first_rows_match_spec():
+    m = bicubic_matrix(16, 32)
+    assert m.shape == (32, 16) and m.dtype == np.float32
+    spec_rows = [
+        [1.105469, -0.105469, 0.0],
+        [0.773438, 0.261719, -0.035156],
+        [0.226562, 0.878906, -0.105469],
+        [-0.105469, 0.878906, 0.261719, -0.035156],
+    ]
+    for r, row in enumerate(spec_rows):
+        np.testing.assert_allclose(m[r, : len(row)], row, atol=1e-6)
+        assert np.all(m[r, len(row) :] == 0)
+    np.testing.assert_allclose(m.sum(1), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("in_size,out_size", [(16, 32), (16, 8), (16, 4), (16, 16), (7, 13)])
+def test_bicubic_matches_direct_formula(in_size, out_size):
+    np.testing.assert_allclose(
+        bicubic_matrix(in_size, out_size), _direct_bicubic(in_size, out_size), atol=2e-6
+    )
+
+
+def test_pos_resize_matrix_is_row_major_separable():
+    k = pos_resize_matrix(256, 16)  # 16x16 -> 4x4
+    m = _direct_bicubic(16, 4)
+    table = np.random.default_rng(0).normal(size=(256, 3))
+    grid = table.reshape(16, 16, 3)
+    expect = np.einsum("ri,cj,ijd->rcd", m, m, grid).reshape(16, 3)
+    np.testing.assert_allclose(k @ table, expect, atol=1e-5)
+
+
+def test_sincos_table_entries():
+    dim, g = 16, 4
+    t = sincos_2d(dim, g)
+    assert t.shape == (16, 16) and t.dtype == np.float32
+    quarter = dim // 4
+    for i, j in [(0, 0), (1, 2), (3, 1), (2, 3)]:
+        row = t[i * g + j]
+        for k in range(quarter):
+            omega = 1.0 / 10000 ** (k / quarter)
+            # First half: column j; second half: row i; each [sin..., cos...].
+            assert row[k] == pytest.approx(math.sin(j * omega), abs=1e-6)
+            assert row[quarter + k] == pytest.approx(math.cos(j * omega), abs=1e-6)
+            assert row[2 * quarter + k] == pytest.approx(math.sin(i * omega), abs=1e-6)
+            assert row[3 * quarter + k] == pytest.approx(math.cos(i * omega), abs=1e-6)
+
+
+def test_ntk_alpha_and_logn_values():
+    assert [dynamic_ntk_alpha(n, 2048) for n in (1, 2048, 2049, 4096, 4097, 8192, 8193)] == [
+        1.0, 1.0, 3.0, 3.0, 7.0, 7.0, 15.0,
+    ]  # fmt: skip
+    table = logn_table(2048)
+    assert table[2047] == 1.0  # position 2047 is the 2048th token
+    assert table[2048] == pytest.approx(math.log(2049) / math.log(2048), rel=1e-7)
+    inv = np.asarray(rotary_inv_freq(128, 10000.0, 3.0))
+    base = 10000.0 * 3.0 ** (128 / 126)
+    np.testing.assert_allclose(inv, 1.0 / base ** (np.arange(0, 128, 2) / 128), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- image spans
+def _span(n=256):
+    return [IMG] + [IMG + 2] * n + [IMG + 1]
+
+
+def test_image_token_index_numbering():
+    row0 = [1, 2] + _span() + [3] + _span() + [4]
+    row1 = [5] * 3 + _span() + [6] * (len(row0) - 261)
+    idx, counts = image_token_index(np.array([row0, row1]), IMG, 256)
+    assert counts.tolist() == [2, 1]
+    assert idx[0, :3].tolist() == [-1, -1, -1]
+    assert idx[0, 3:259].tolist() == list(range(256))
+    assert idx[0, 259:262].tolist() == [-1, -1, -1]
+    assert idx[0, 262:518].tolist() == list(range(256, 512))
+    assert idx[1, 4:260].tolist() == list(range(256))
+    assert (idx[1, 260:] == -1).all() and (idx[1, :4] == -1).all()
+
+
+@pytest.mark.parametrize(
+    "row,msg",
+    [
+        ([1, IMG] + [7] * 256, "never closed"),
+        ([1, IMG + 1, 2], "no matching <img>"),
+        ([IMG] + [7] * 10 + [IMG + 1], "holds 10 tokens"),
+        ([IMG, IMG] + [7] * 255 + [IMG + 1], "inside the span"),
+    ],
+)
+def test_image_token_index_errors(row, msg):
+    with pytest.raises(ValueError, match=msg):
+        image_token_index(np.array([row]), IMG, 256)
+
+
+# ----------------------------------------------------------------------------- model structure
+@pytest.fixture(scope="module")
+def tiny_model():
+    return QWenLMHeadModel(TINY, rngs=nnx.Rngs(0))
+
+
+def _flat_params(model):
+    return {".".join(map(str, k)): v for k, v in nnx.state(model, nnx.Param).flat_state()}
+
+
+def _hf_key_shapes(cfg):
+    """The HF state-dict keys and torch shapes (spec 4.2) written out for a config."""
+    d, v, n, h, f = (
+        cfg.hidden_size,
+        cfg.vocab_size,
+        cfg.num_attention_heads,
+        cfg.head_dim,
+        cfg.mlp_width,
+    )
+    vc = cfg.visual
+    w, p, fv = vc.width, vc.patch_size, vc.mlp_width
+    out = {
+        "transformer.wte.weight": (v, d),
+        "transformer.ln_f.weight": (d,),
+        "lm_head.weight": (v, d),
+    }
+    for i in range(cfg.num_hidden_layers):
+        pre = f"transformer.h.{i}."
+        out |= {
+            pre + "ln_1.weight": (d,),
+            pre + "attn.c_attn.weight": (3 * n * h, d),
+            pre + "attn.c_attn.bias": (3 * n * h,),
+            pre + "attn.c_proj.weight": (d, n * h),
+            pre + "ln_2.weight": (d,),
+            pre + "mlp.w1.weight": (f, d),
+            pre + "mlp.w2.weight": (f, d),
+            pre + "mlp.c_proj.weight": (d, f),
+        }
+    vis = "transformer.visual."
+    out |= {
+        vis + "conv1.weight": (w, 3, p, p),
+        vis + "positional_embedding": (vc.pos_grid_size**2, w),
+        vis + "ln_pre.weight": (w,),
+        vis + "ln_pre.bias": (w,),
+        vis + "attn_pool.pos_embed": (vc.n_queries, d),
+        vis + "attn_pool.query": (vc.n_queries, d),
+        vis + "attn_pool.kv_proj.weight": (d, w),
+        vis + "attn_pool.attn.in_proj_weight": (3 * d, d),
+        vis + "attn_pool.attn.in_proj_bias": (3 * d,),
+        vis + "attn_pool.attn.out_proj.weight": (d, d),
+        vis + "attn_pool.attn.out_proj.bias": (d,),
+        vis + "ln_post.weight": (d,),
+        vis + "ln_post.bias": (d,),
+        vis + "proj": (d, d),
+    }
+    for ln in ("ln_q", "ln_kv"):
+        out |= {vis + f"attn_pool.{ln}.weight": (d,), vis + f"attn_pool.{ln}.bias": (d,)}
+    for i in range(vc.layers):
+        pre = f"{vis}transformer.resblocks.{i}."
+        out |= {
+            pre + "ln_1.weight": (w,),
+            pre + "ln_1.bias": (w,),
+            pre + "ln_2.weight": (w,),
+            pre + "ln_2.bias": (w,),
+            pre + "attn.in_proj.weight": (3 * w, w),
+            pre + "attn.in_proj.bias": (3 * w,),
+            pre + "attn.out_proj.weight": (w, w),
+            pre + "attn.out_proj.bias": (w,),
+            pre + "mlp.c_fc.weight": (fv, w),
+            pre + "mlp.c_fc.bias": (fv,),
+            pre + "mlp.c_proj.weight": (w, fv),
+            pre + "mlp.c_proj.bias": (w,),
+        }
+    return out
+
+
+def _hf_to_nnx(key: str) -> str:
+    """docs/architecture.md's renaming table: weight -> kernel/scale/embedding, in_proj_* split."""
+    key = key.replace("attn_pool.attn.in_proj_weight", "attn_pool.attn.in_proj.kernel")
+    key = key.replace("attn_pool.attn.in_proj_bias", "attn_pool.attn.in_proj.bias")
+    if key.endswith("wte.weight"):
+        return key[: -len("weight")] + "embedding"
+    if key.endswith(".weight") and (".ln_" in key or key.endswith("ln_f.weight")):
+        return key[: -len("weight")] + "scale"
+    if key.endswith(".weight"):
+        return key[: -len("weight")] + "kernel"
+    return key
+
+
+def test_param_paths_and_sizes_match_hf_table(tiny_model):
+    params = _flat_params(tiny_model)
+    hf = _hf_key_shapes(TINY)
+    expected = {_hf_to_nnx(k): s for k, s in hf.items()}
+    assert set(params) == set(expected)
+    for path, shape in expected.items():
+        got = params[path].get_value().shape
+        # Same element count; the documented transposes/reshapes only regroup axes.
+        assert math.prod(got) == math.prod(shape), (path, got, shape)
+    cfg, vc = TINY, TINY.visual
+    n, h, d = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
+    assert params["transformer.h.0.attn.c_attn.kernel"].get_value().shape == (d, 3, n, h)
+    assert params["transformer.h.0.attn.c_proj.kernel"].get_value().shape == (n, h, d)
+    rb = "transformer.visual.transformer.resblocks.0.attn."
+    hv = vc.width // vc.heads
+    assert params[rb + "in_proj.kernel"].get_value().shape == (vc.width, vc.heads, 3, hv)
+    assert params[rb + "in_proj.bias"].get_value().shape == (vc.heads, 3, hv)
+    assert params["transformer.visual.conv1.kernel"].get_value().shape == (14, 14, 3, vc.width)
+    assert params["lm_head.kernel"].get_value().shape == (d, cfg.vocab_size)
+    nr = vc.resampler_heads
+    ap = "transformer.visual.attn_pool.attn."
+    assert params[ap + "in_proj.kernel"].get_value().shape == (d, 3, nr, d // nr)
+
+
+def test_every_param_has_logical_names(tiny_model):
+    for path, p in _flat_params(tiny_model).items():
+        names = p.get_metadata()["out_sharding"]
+        assert len(names) == p.get_value().ndim, path
+        assert all(nm is None or nm in layers.PARAM_AXES for nm in names), (path, names)
+    rules = (("embed", "fsdp"), ("vocab", "model"), ("mlp", "model"), ("heads", "model"))
+    mesh = jax.make_mesh((2, 4), ("fsdp", "model"), axis_types=(AxisType.Auto,) * 2)
+    with layers.logical_rules(mesh, rules):
+        specs = nnx.get_partition_spec(nnx.state(tiny_model, nnx.Param))
+    assert specs["lm_head"]["kernel"].get_value() == jax.sharding.PartitionSpec("fsdp", "model")
+    c_attn = specs["transformer"]["h"][0]["attn"]["c_attn"]["kernel"].get_value()
+    assert c_attn == jax.sharding.PartitionSpec("fsdp", None, "model", None)
+
+
+def test_7b_parameter_count():
+    abstract = nnx.eval_shape(lambda: QWenLMHeadModel(get_preset("qwen-vl-7b"), rngs=nnx.Rngs(0)))
+    params = _flat_params(abstract)
+    total = sum(math.prod(p.get_value().shape) for p in params.values())
+    visual = sum(
+        math.prod(p.get_value().shape)
+        for k, p in params.items()
+        if k.startswith("transformer.visual.")
+    )
+    assert total == 9_656_935_168
+    assert visual == 1_935_610_624
+    assert total - visual == 7_721_324_544
