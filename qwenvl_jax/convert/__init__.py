@@ -1,0 +1,81 @@
+"""Checkpoint interop: HF Qwen-VL (safetensors / PyTorch .bin) <-> our NNX parameters and format.
+
+import_hf(path, scan_layers=...) -> (config, params)    HF directory -> pure parameter dict
+export_hf(params, config, out_dir)                      -> safetensors shards + index + json
+save_params(dir, params, config) / load_params(dir)     our Orbax format (config.json + params/)
+assign_params(model, params)                            put a parameter dict into an NNX model
+python -m qwenvl_jax.convert {import,export} --help     the command line
+"""
+
+from qwenvl_jax.convert.hf import (
+    CheckpointMismatchError,
+    checkpoint_files,
+    export_hf,
+    hf_tensors,
+    import_hf,
+    import_tensors,
+)
+from qwenvl_jax.convert.mapping import hf_shapes, rules
+from qwenvl_jax.convert.ours import load_params, save_params, stack_layers, unstack_layers
+from qwenvl_jax.convert.tensor_io import TensorFileError, UnsupportedDtypeError
+
+
+def assign_params(model, params) -> None:
+    """Write a pure parameter dict (numpy or jax arrays) into an NNX model's Params, in place.
+
+    The dict must have exactly the model's parameter paths and shapes (same layer layout); each
+    array is cast to the model's parameter dtype.
+
+    Raises:
+      CheckpointMismatchError: a path is missing or extra, or a shape differs (named).
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    state = nnx.state(model, nnx.Param)
+    want = {
+        jax.tree_util.keystr(p, simple=True, separator="."): v
+        for p, v in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]
+    }
+    got = {
+        jax.tree_util.keystr(p, simple=True, separator="."): v
+        for p, v in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
+    problems = [f"missing parameter {k}" for k in want if k not in got]
+    problems += [f"unexpected parameter {k}" for k in got if k not in want]
+    problems += [
+        f"parameter {k} has shape {tuple(got[k].shape)}; the model has {tuple(want[k].shape)}"
+        for k in want
+        if k in got and tuple(got[k].shape) != tuple(want[k].shape)
+    ]
+    if problems:
+        raise CheckpointMismatchError(
+            "parameters do not fit the model:\n  " + "\n  ".join(problems[:30])
+        )
+    pure = jax.tree.map(
+        lambda v, x: jax.device_put(jnp.asarray(x, dtype=v.dtype), v.sharding),
+        nnx.to_pure_dict(state),
+        params,
+    )
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+
+
+__all__ = [
+    "CheckpointMismatchError",
+    "TensorFileError",
+    "UnsupportedDtypeError",
+    "assign_params",
+    "checkpoint_files",
+    "export_hf",
+    "hf_shapes",
+    "hf_tensors",
+    "import_hf",
+    "import_tensors",
+    "load_params",
+    "rules",
+    "save_params",
+    "stack_layers",
+    "unstack_layers",
+]

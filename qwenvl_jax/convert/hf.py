@@ -1,0 +1,399 @@
+"""Import an HF Qwen-VL checkpoint into our NNX parameter tree, and export ours to HF format.
+
+The parameter tree is a pure nested dict (what `nnx.to_pure_dict(nnx.state(model, nnx.Param))`
+gives): string keys, integer keys for the layer lists `transformer.h` and
+`transformer.visual.transformer.resblocks` when `scan_layers=False`, or one stacked dict with a
+leading layer axis when `scan_layers=True`. Neither direction needs torch.
+
+Import streams the files shard by shard and tensor by tensor (memory maps; one tensor is converted
+at a time), so the host holds about one copy of the weights. Every key of the checkpoint must be
+consumed exactly once: a missing, unexpected, duplicated or mis-shaped key, or an unsupported dtype,
+raises `CheckpointMismatchError` / `UnsupportedDtypeError` naming it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from qwenvl_jax import config as config_lib
+from qwenvl_jax.config import QWenConfig
+from qwenvl_jax.convert import mapping, tensor_io
+
+Progress = Callable[[str], None] | None
+
+# generation_config.json of the published Qwen-VL-Chat (spec 7.2).
+GENERATION_CONFIG = {
+    "chat_format": "chatml",
+    "do_sample": True,
+    "eos_token_id": 151643,
+    "max_new_tokens": 512,
+    "max_window_size": 6144,
+    "pad_token_id": 151643,
+    "top_k": 0,
+    "top_p": 0.3,
+    "transformers_version": "4.31.0",
+}
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's keys or shapes do not match the config."""
+
+
+# ----------------------------------------------------------------------------- files
+def checkpoint_files(path: str) -> list[str]:
+    """The weight files of an HF checkpoint directory (or a single file), in load order.
+
+    Prefers safetensors over `.bin` when both are present. With an index json, its shards are used
+    (and must exist); without one, `model*.safetensors` or `pytorch_model*.bin` are globbed.
+    """
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    for index_name, pattern in (
+        (SAFETENSORS_INDEX, "model*.safetensors"),
+        (BIN_INDEX, "pytorch_model*.bin"),
+    ):
+        index = os.path.join(path, index_name)
+        if os.path.exists(index):
+            with open(index) as f:
+                try:
+                    weight_map = json.load(f)["weight_map"]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise ValueError(f"{index}: not a valid index ({e!r})") from None
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
+            if missing:
+                raise FileNotFoundError(f"{index} names shards that do not exist: {missing}")
+            return [os.path.join(path, f) for f in files]
+        found = sorted(glob.glob(os.path.join(path, pattern)))
+        if found:
+            return found
+    raise FileNotFoundError(
+        f"{path} holds no Qwen-VL weights: expected {SAFETENSORS_INDEX}, {BIN_INDEX},"
+        " model*.safetensors or pytorch_model*.bin"
+    )
+
+
+def iter_file(path: str) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, array) of one weight file, one tensor at a time."""
+    if path.endswith(".safetensors"):
+        return tensor_io.iter_safetensors(path)
+    if path.endswith(".bin") or path.endswith(".pt") or path.endswith(".pth"):
+        return tensor_io.iter_torch_bin(path)
+    raise ValueError(f"{path}: unknown weight file type (expected .safetensors or .bin)")
+
+
+# ----------------------------------------------------------------------------- import
+def _set(tree: dict, path: tuple, value) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def import_tensors(
+    tensors: Iterable[tuple[str, np.ndarray, str]],
+    cfg: QWenConfig,
+    *,
+    scan_layers: bool = False,
+    dtype: Any = None,
+) -> dict:
+    """Map (hf_key, array, source) triples onto our parameter tree.
+
+    Args:
+      tensors: HF-layout arrays with the name of the file each came from (for messages).
+      cfg: the model config the checkpoint must match.
+      scan_layers: build the stacked-layer layout instead of per-layer dicts.
+      dtype: cast every tensor to this dtype (e.g. jnp.float32); None keeps the file's dtype.
+
+    Returns:
+      the pure nested dict of numpy arrays.
+
+    Raises:
+      CheckpointMismatchError: unexpected, duplicated, missing or mis-shaped keys (all listed).
+    """
+    by_key = {r.hf_key: r for r in mapping.rules(cfg)}
+    counts = mapping.layer_counts(cfg)
+    seen: dict[str, str] = {}
+    problems: list[str] = []
+    tree: dict = {}
+    stacks: dict[tuple, np.ndarray] = {}
+    for key, arr, source in tensors:
+        if key.endswith(mapping.IGNORED_HF_SUFFIXES):
+            continue  # non-parameter buffers the reference also ignores on load
+        rule = by_key.get(key)
+        if rule is None:
+            problems.append(f"unexpected key {key!r} in {source}")
+            continue
+        if key in seen:
+            problems.append(f"key {key!r} appears twice: in {seen[key]} and {source}")
+            continue
+        seen[key] = source
+        if tuple(arr.shape) != rule.hf_shape:
+            problems.append(
+                f"key {key!r} in {source} has shape {tuple(arr.shape)}; the config expects"
+                f" {rule.hf_shape}"
+            )
+            continue
+        out = rule.to_ours(arr)
+        out = np.array(out, dtype=dtype if dtype is not None else out.dtype)  # own the memory
+        if rule.layer is None or not scan_layers:
+            _set(tree, rule.path(scan_layers), out)
+            continue
+        path = rule.path(True)
+        if path not in stacks:
+            stacks[path] = np.empty((counts[rule.prefix],) + out.shape, out.dtype)
+            _set(tree, path, stacks[path])
+        if stacks[path].dtype != out.dtype:
+            problems.append(f"key {key!r} in {source} has dtype {out.dtype}; layer 0 had another")
+            continue
+        stacks[path][rule.layer] = out
+    missing = [k for k in by_key if k not in seen]
+    problems += [f"missing key {k!r} (shape {by_key[k].hf_shape})" for k in missing]
+    if problems:
+        shown = "\n  ".join(problems[:30])
+        more = f"\n  ... and {len(problems) - 30} more" if len(problems) > 30 else ""
+        raise CheckpointMismatchError(
+            f"checkpoint does not match the config ({len(problems)} problems):\n  {shown}{more}"
+        )
+    return tree
+
+
+def import_hf(
+    path: str,
+    *,
+    config: QWenConfig | None = None,
+    scan_layers: bool = False,
+    dtype: Any = None,
+    progress: Progress = None,
+) -> tuple[QWenConfig, dict]:
+    """Read an HF Qwen-VL checkpoint (directory or single weight file) into our parameter tree.
+
+    Args:
+      path: a directory with config.json and safetensors / .bin shards (with or without an index),
+        or one weight file (then `config` is required).
+      config: the config to check against; default: the directory's config.json.
+      scan_layers: return the stacked-layer layout.
+      dtype: cast to this dtype; None keeps the stored dtype (bf16 for the published weights).
+      progress: called with one line per shard.
+
+    Returns:
+      (config, pure nested dict of numpy arrays).
+    """
+    if config is None:
+        if not os.path.isdir(path):
+            raise ValueError(f"{path} is a single file: pass config= (it has no config.json)")
+        config = config_lib.load_hf_json(path)
+    files = checkpoint_files(path)
+
+    def stream():
+        for n, f in enumerate(files):
+            t0, nbytes, count = time.time(), 0, 0
+            for key, arr in iter_file(f):
+                nbytes += arr.nbytes
+                count += 1
+                yield key, arr, os.path.basename(f)
+            if progress:
+                progress(
+                    f"[{n + 1}/{len(files)}] {os.path.basename(f)}: {count} tensors,"
+                    f" {nbytes / 2**20:.1f} MiB, {time.time() - t0:.1f} s"
+                )
+
+    return config, import_tensors(stream(), config, scan_layers=scan_layers, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- export
+def _as_pure_dict(params: Any) -> Mapping:
+    """Accept a pure dict, an nnx.State or a model; return the pure nested dict of Params."""
+    from flax import nnx
+
+    if isinstance(params, nnx.Module):
+        params = nnx.state(params, nnx.Param)
+    if isinstance(params, nnx.State):
+        params = nnx.to_pure_dict(params)
+    return params
+
+
+def _get(tree: Mapping, path: tuple):
+    node = tree
+    for k in path:
+        try:
+            node = node[k]
+        except (KeyError, TypeError, IndexError):
+            raise CheckpointMismatchError(
+                f"parameter {'.'.join(map(str, path))} is missing from the parameters"
+            ) from None
+    return node
+
+
+def is_scanned(params: Mapping) -> bool:
+    """Whether the tree holds stacked layers (no integer keys under transformer.h)."""
+    h = _get(params, ("transformer", "h"))
+    return not any(isinstance(k, int) or (isinstance(k, str) and k.isdigit()) for k in h)
+
+
+def _leaf(params: Mapping, rule: mapping.Rule, scanned: bool) -> np.ndarray:
+    if rule.layer is None or not scanned:
+        path = rule.path(False)
+        try:
+            x = _get(params, path)
+        except CheckpointMismatchError:
+            if rule.layer is None:
+                raise
+            # Orbax may have turned integer layer keys into strings.
+            x = _get(params, rule.prefix + (str(rule.layer),) + rule.rest)
+    else:
+        x = _get(params, rule.path(True))[rule.layer]
+    x = np.asarray(x)
+    if x.shape != rule.shape:
+        raise CheckpointMismatchError(
+            f"parameter for {rule.hf_key} has shape {x.shape}; the config expects {rule.shape}"
+        )
+    return x
+
+
+def hf_tensors(
+    params: Any, cfg: QWenConfig, *, dtype: Any = None
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(hf_key, HF-layout array) for every tensor, in state_dict order, one at a time.
+
+    Raises:
+      CheckpointMismatchError: a parameter is missing or mis-shaped, or the tree holds parameters
+        the config does not have.
+    """
+    params = _as_pure_dict(params)
+    scanned = is_scanned(params)
+    rules = mapping.rules(cfg)
+    _check_no_extra(params, rules, scanned)
+    for rule in rules:
+        x = rule.to_hf(_leaf(params, rule, scanned))
+        yield rule.hf_key, np.ascontiguousarray(x if dtype is None else x.astype(dtype))
+
+
+def _check_no_extra(params: Mapping, rules: list[mapping.Rule], scanned: bool) -> None:
+    expected = {tuple(map(str, r.path(scanned))) for r in rules}
+    found = []
+
+    def walk(node, prefix):
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(v, prefix + (str(k),))
+        else:
+            found.append(prefix)
+
+    walk(params, ())
+    extra = [".".join(p) for p in found if p not in expected]
+    if extra:
+        raise CheckpointMismatchError(f"parameters the config does not have: {extra[:20]}")
+
+
+def export_hf(
+    params: Any,
+    cfg: QWenConfig,
+    out_dir: str,
+    *,
+    dtype: Any = None,
+    max_shard_bytes: int = 2 * 2**30,
+    tokenizer: Any = "default",
+    progress: Progress = None,
+) -> list[str]:
+    """Write an HF Qwen-VL directory that the published PyTorch code loads.
+
+    Files: `model-0000i-of-0000n.safetensors` shards with `model.safetensors.index.json`,
+    `config.json` (with the release's auto_map), `generation_config.json` (Qwen-VL-Chat's values),
+    `qwen.tiktoken` and `tokenizer_config.json`. The published `*.py` files are not included:
+    to load with `trust_remote_code`, put them next to these files.
+
+    Args:
+      params: our parameter tree (pure dict, nnx.State or model), either layer layout.
+      cfg: its config.
+      out_dir: created if needed.
+      dtype: cast on export (e.g. ml_dtypes.bfloat16); None keeps each parameter's dtype.
+      max_shard_bytes: start a new shard when the next tensor would pass this size.
+      tokenizer: an object with `save_vocabulary(dir)`; "default" is the published vocabulary;
+        None writes no tokenizer files.
+      progress: called with one line per shard.
+
+    Returns:
+      the paths written.
+    """
+    params = _as_pure_dict(params)
+    scanned = is_scanned(params)
+    rules = mapping.rules(cfg)
+    _check_no_extra(params, rules, scanned)
+    os.makedirs(out_dir, exist_ok=True)
+    # Plan the shards from shapes and dtypes only (nothing is materialised yet).
+    specs = []
+    for r in rules:
+        leaf = _get_leaf_meta(params, r, scanned)
+        dt = np.dtype(dtype) if dtype is not None else np.dtype(leaf.dtype)
+        specs.append((r, dt, int(np.prod(r.hf_shape, dtype=np.int64)) * dt.itemsize))
+    shards: list[list] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec[2] > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec[2]
+    n = len(shards)
+    weight_map, written, total = {}, [], 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        t0 = time.time()
+        w = tensor_io.SafetensorsWriter(
+            os.path.join(out_dir, name),
+            [(r.hf_key, r.hf_shape, dt) for r, dt, _ in shard],
+            metadata={"format": "pt"},
+        )
+        for r, dt, _ in shard:
+            w.write(r.hf_key, np.ascontiguousarray(r.to_hf(_leaf(params, r, scanned)).astype(dt)))
+            weight_map[r.hf_key] = name
+        w.close()
+        total += w.nbytes
+        written.append(os.path.join(out_dir, name))
+        if progress:
+            progress(
+                f"[{i + 1}/{n}] {name}: {len(shard)} tensors, {w.nbytes / 2**20:.1f} MiB,"
+                f" {time.time() - t0:.1f} s"
+            )
+    index = os.path.join(out_dir, SAFETENSORS_INDEX)
+    with open(index, "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        f.write("\n")
+    written.append(index)
+    cfg.save_hf_json(out_dir)
+    written.append(os.path.join(out_dir, "config.json"))
+    gen = os.path.join(out_dir, "generation_config.json")
+    with open(gen, "w") as f:
+        json.dump(GENERATION_CONFIG, f, indent=2)
+        f.write("\n")
+    written.append(gen)
+    if tokenizer is not None:
+        if isinstance(tokenizer, str) and tokenizer == "default":
+            from qwenvl_jax.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer()
+        written += list(tokenizer.save_vocabulary(out_dir))
+    return written
+
+
+def _get_leaf_meta(params: Mapping, rule: mapping.Rule, scanned: bool):
+    """The leaf (not converted) for its dtype; shapes are checked when it is written."""
+    if rule.layer is None or not scanned:
+        try:
+            return _get(params, rule.path(False))
+        except CheckpointMismatchError:
+            if rule.layer is None:
+                raise
+            return _get(params, rule.prefix + (str(rule.layer),) + rule.rest)
+    return _get(params, rule.path(True))
