@@ -15,7 +15,7 @@ records from its `MapDataset` parent (tokenization is deterministic).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grain
 import numpy as np
@@ -185,8 +185,10 @@ def pack_row(
     )
 
 
-def blank_segment(row: dict, seg: int, pad_id: int) -> None:
-    """Turn segment `seg` of a packed row into padding in place (its sample is dropped late)."""
+def blank_segment(row: dict, seg: int, pad_id: int, image_segment: np.ndarray) -> None:
+    """Turn segment `seg` of a packed row into padding in place (its sample is dropped late).
+
+    `image_segment` [M] is `pack_row`'s slot -> segment map."""
     sel = row["segment_ids"] == seg
     row["input_ids"][sel] = pad_id
     row["targets"][sel] = 0
@@ -194,14 +196,20 @@ def blank_segment(row: dict, seg: int, pad_id: int) -> None:
     row["positions"][sel] = 0
     row["image_token_index"][sel] = -1
     row["segment_ids"][sel] = 0
-    row["image_valid"][row["image_segment"] == seg] = False
+    row["image_valid"][image_segment == seg] = False
 
 
 class PackIterDataset(grain.IterDataset):
-    """First-fit packing of a `MapDataset` of `Example | Skip` into rows (see module docstring).
+    """First-fit packing of a mixture of `MapDataset`s of `Example | Skip` into rows.
+
+    The sources are sharded *before* they are mixed (host shard, then grain worker slice), so every
+    host and worker sees the configured mixture; a strided slice of an interleaved mixture would
+    hand whole tasks to single hosts.
 
     Args:
-      parent: a MapDataset whose elements are `Example` or `Skip` (one per record index).
+      parents: a MapDataset, or a list of them to mix, whose elements are `Example` or `Skip` (one
+        per record index).
+      weights: mixture weights (None: equal); grain's deterministic proportional interleave.
       seq_len: T, tokens per row.
       max_images: M, image slots per row.
       pad_id, img_start_id, img_end_id: token ids from the tokenizer.
@@ -209,11 +217,15 @@ class PackIterDataset(grain.IterDataset):
       num_open_rows: how many rows are filled at once (the bounded buffer); when a sample fits none,
         the oldest row is emitted.
       too_long: "truncate" or "drop".
+      shard_index, shard_count: this host's share of every source (`src[index::count]`).
+      row_transform: applied to each finished row (image loading, which may turn samples with bad
+        images into padding); a row left with no sample is not emitted, its counters carry over.
     """
 
     def __init__(
         self,
-        parent: grain.MapDataset,
+        parents: grain.MapDataset | Sequence[grain.MapDataset],
+        weights: Sequence[float] | None = None,
         *,
         seq_len: int,
         max_images: int,
@@ -223,23 +235,39 @@ class PackIterDataset(grain.IterDataset):
         source_names: Sequence[str],
         num_open_rows: int = 8,
         too_long: str = "truncate",
+        shard_index: int = 0,
+        shard_count: int = 1,
+        row_transform: Callable[[dict], dict] | None = None,
     ):
         super().__init__()
         if too_long not in ("truncate", "drop"):
             raise ValueError(f"too_long must be 'truncate' or 'drop', got {too_long!r}")
         if seq_len < IMG_SPAN + 2 and max_images > 0:
             raise ValueError(f"seq_len={seq_len} cannot hold an image span of {IMG_SPAN} tokens")
-        self._ds = parent
+        if not 0 <= shard_index < shard_count:
+            raise ValueError(f"shard_index={shard_index} not in [0, {shard_count})")
+        self._parents_ds = [parents] if isinstance(parents, grain.MapDataset) else list(parents)
+        self._weights = None if weights is None else list(weights)
+        self._shard = (shard_index, shard_count)
+        self._ds = self._build()
         self.seq_len = seq_len
         self.max_images = max_images
         self.ids = dict(pad_id=pad_id, img_start_id=img_start_id, img_end_id=img_end_id)
         self.source_names = list(source_names)
         self.num_open_rows = max(1, num_open_rows)
         self.too_long = too_long
+        self.row_transform = row_transform
+
+    def _build(self) -> grain.MapDataset:
+        k, n = self._shard
+        parts = [d[k::n] for d in self._parents_ds]
+        return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, self._weights)
 
     def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
-        """Grain's worker slicing (mp_prefetch): each worker packs its share of the records."""
-        self._ds = self._ds[sl]
+        """Grain's worker slicing (mp_prefetch): worker w of W packs `src[k + n*w :: n*W]`."""
+        k, n = self._shard
+        self._shard = (k + n * (sl.start or 0), n * (sl.step or 1))
+        self._ds = self._build()
 
     def __iter__(self) -> grain.DatasetIterator:
         return _PackIterator(self)
@@ -302,6 +330,15 @@ class _PackIterator(grain.DatasetIterator):
         return row
 
     def __next__(self) -> dict:
+        while True:
+            row = self._next_row()
+            if self._d.row_transform is not None:
+                row = self._d.row_transform(row)
+            if row["segment_ids"].any():
+                return row
+            self._counts += row["_counts"]
+
+    def _next_row(self) -> dict:
         T, M = self._d.seq_len, self._d.max_images
         n_records = len(self._d._ds)
         while self._next < n_records:

@@ -112,7 +112,7 @@ def _seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
 
 
-class LoadImages(grain.transforms.Map):
+class LoadImages:
     """Loads a packed row's images into `images` [M, S, S, 3]; a sample whose image fails is
     turned into padding in place (counted under its source; raises in strict mode)."""
 
@@ -123,7 +123,7 @@ class LoadImages(grain.transforms.Map):
         self.src_index = {n: i for i, n in enumerate(source_names)}
         self.strict = strict
 
-    def map(self, row: dict) -> dict:
+    def __call__(self, row: dict) -> dict:
         S = self.image_size
         srcs = row.pop("image_srcs")
         names = row.pop("image_sources")
@@ -150,7 +150,7 @@ class LoadImages(grain.transforms.Map):
                 counts[s, packing.reason_index(e.reason)] += 1
                 counts[s, packing.reason_index("samples")] -= 1
                 counts[s, packing.reason_index("tokens")] -= int(np.sum(row["segment_ids"] == seg))
-                packing.blank_segment(row, seg, self.pad_id)
+                packing.blank_segment(row, seg, self.pad_id, seg_of)
                 imgs[seg_of == seg] = 0.0
         row["images"] = imgs
         return row
@@ -216,14 +216,11 @@ def make_train_dataset(
         source_names=names,
         strict=bool(data_config.strict),
     )
+    pack_kw.update(shard_index=shard_index, shard_count=shard_count, row_transform=load)
     if data_config.mixing == "sample":
-        mixed = per_source[0] if len(per_source) == 1 else grain.MapDataset.mix(per_source, weights)
-        ds = packing.PackIterDataset(mixed[shard_index::shard_count], **pack_kw).map(load)
+        ds = packing.PackIterDataset(per_source, weights, **pack_kw)
     elif data_config.mixing == "sequence":
-        packed = [
-            packing.PackIterDataset(d[shard_index::shard_count], **pack_kw).map(load)
-            for d in per_source
-        ]
+        packed = [packing.PackIterDataset(d, **pack_kw) for d in per_source]
         ds = packed[0] if len(packed) == 1 else grain.IterDataset.mix(packed, weights)
     else:
         raise ValueError(f"data.mixing must be 'sample' or 'sequence', got {data_config.mixing!r}")
