@@ -574,6 +574,16 @@ def train_sentencepiece(
 Tokenizer = QWenTokenizer | SentencePieceQWenTokenizer
 
 
+def config_overrides(tokenizer: Tokenizer, multiple_of: int = 128) -> dict:
+    """Model config fields that fit a tokenizer: `vocab_size` (n_vocab rounded up to
+    `multiple_of`, as the published 151860 -> 151936) and `visual.image_start_id`.
+
+    Use as `get_preset("tiny", **config_overrides(sp_tokenizer))`.
+    """
+    n = -(-tokenizer.n_vocab // multiple_of) * multiple_of
+    return {"vocab_size": n, "visual": {"image_start_id": tokenizer.img_start_id}}
+
+
 def load_tokenizer(path: str | None = None) -> Tokenizer:
     """Load a tokenizer from a directory (picks the backend from its files) or a vocabulary file.
 
