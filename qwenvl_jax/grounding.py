@@ -206,3 +206,31 @@ def draw_boxes(
             draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill="black")
             draw.text((x, y), b.ref, fill=colour, font=font)
     return img
+
+
+def draw_bbox_on_latest_picture(
+    response: str,
+    history: Sequence[tuple[str, str | None]] | None = None,
+    *,
+    allow_urls: bool = False,
+) -> Image.Image | None:
+    """The published helper of this name: the boxes of `response` drawn on the latest `<img>`.
+
+    Returns:
+      the drawn image, or None when there is no image or no box (as the published code).
+    """
+    src = latest_image(response, history)
+    if src is None:
+        return None
+    boxes = [b for b in parse_grounding(response) if b.kind == "box"]
+    if not boxes:
+        return None
+    if src.startswith(("http://", "https://")):
+        if not allow_urls:
+            raise ValueError(f"latest image is a URL ({src}); pass allow_urls=True to fetch it")
+        import io
+        import urllib.request
+
+        with urllib.request.urlopen(src, timeout=30) as r:
+            src = io.BytesIO(r.read())
+    return draw_boxes(src, boxes)

@@ -83,3 +83,15 @@ def test_draw_boxes():
         "<quad>(100,100),(900,100),(900,900),(100,900)</quad>",
     )
     assert (np.asarray(quad) != 255).any()
+
+
+def test_draw_bbox_on_latest_picture(tmp_path):
+    path = tmp_path / "pic.png"
+    Image.new("RGB", (100, 50), (255, 255, 255)).save(path)
+    history = [(f"Picture 1: <img>{path}</img>\nWhere is it?", None)]
+    out = g.draw_bbox_on_latest_picture("<ref>it</ref><box>(100,100),(500,900)</box>", history)
+    assert out.size == (100, 50) and (np.asarray(out) != 255).any()
+    assert g.draw_bbox_on_latest_picture("no boxes", history) is None
+    assert g.draw_bbox_on_latest_picture("<box>(1,2),(3,4)</box>", []) is None
+    with pytest.raises(ValueError, match="allow_urls"):
+        g.draw_bbox_on_latest_picture("<img>https://x.org/a.png</img><box>(1,2),(3,4)</box>")
