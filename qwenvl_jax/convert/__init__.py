@@ -9,6 +9,7 @@ python -m qwenvl_jax.convert {import,export} --help     the command line
 
 from qwenvl_jax.convert.hf import (
     CheckpointMismatchError,
+    check_params,
     checkpoint_files,
     export_hf,
     hf_tensors,
@@ -67,6 +68,7 @@ __all__ = [
     "TensorFileError",
     "UnsupportedDtypeError",
     "assign_params",
+    "check_params",
     "checkpoint_files",
     "export_hf",
     "hf_shapes",

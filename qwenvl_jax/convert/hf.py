@@ -271,10 +271,9 @@ def hf_tensors(
         the config does not have.
     """
     params = _as_pure_dict(params)
+    check_params(params, cfg)
     scanned = is_scanned(params)
-    rules = mapping.rules(cfg)
-    _check_no_extra(params, rules, scanned)
-    for rule in rules:
+    for rule in mapping.rules(cfg):
         x = rule.to_hf(_leaf(params, rule, scanned))
         yield rule.hf_key, np.ascontiguousarray(x if dtype is None else x.astype(dtype))
 
@@ -327,9 +326,9 @@ def export_hf(
       the paths written.
     """
     params = _as_pure_dict(params)
+    check_params(params, cfg)  # before any file is written
     scanned = is_scanned(params)
     rules = mapping.rules(cfg)
-    _check_no_extra(params, rules, scanned)
     os.makedirs(out_dir, exist_ok=True)
     # Plan the shards from shapes and dtypes only (nothing is materialised yet).
     specs = []
@@ -385,6 +384,30 @@ def export_hf(
             tokenizer = load_tokenizer()
         written += list(tokenizer.save_vocabulary(out_dir))
     return written
+
+
+def check_params(params: Any, cfg: QWenConfig) -> None:
+    """Check a parameter tree (arrays or jax.ShapeDtypeStruct) against the config, reading nothing.
+
+    Raises:
+      CheckpointMismatchError: a missing, extra or mis-shaped parameter (named).
+    """
+    params = _as_pure_dict(params)
+    scanned = is_scanned(params)
+    rules = mapping.rules(cfg)
+    _check_no_extra(params, rules, scanned)
+    counts = mapping.layer_counts(cfg)
+    problems = []
+    for r in rules:
+        leaf = _get_leaf_meta(params, r, scanned)
+        want = (counts[r.prefix],) + r.shape if (scanned and r.layer is not None) else r.shape
+        if tuple(leaf.shape) != want:
+            problems.append(
+                f"parameter {'.'.join(map(str, r.path(scanned)))} (for {r.hf_key}) has shape"
+                f" {tuple(leaf.shape)}; the config expects {want}"
+            )
+    if problems:
+        raise CheckpointMismatchError("\n".join(sorted(set(problems))[:30]))
 
 
 def _get_leaf_meta(params: Mapping, rule: mapping.Rule, scanned: bool):
