@@ -310,9 +310,6 @@ class QwenVL:
             )
         args = {k: v for k, v in self.generation_config.items() if k in GENERATION_KEYS}
         args.update(overrides)
-        # The published generation_config uses top_k=0 for "off".
-        if not args.get("top_k"):
-            args["top_k"] = None
         return args
 
     def generate(
@@ -340,18 +337,20 @@ class QwenVL:
 
         x = self.prepare(text)
         args = self._generation_args(generation)
-        alpha, use_logn = self._inference_rope(x["input_ids"].shape[1])
-        return gen_lib.generate_ids(
+        images = None if x["images"] is None else x["images"][0]
+        temperature = args.get("temperature")
+        return gen_lib.generate(
             self.model,
-            x["input_ids"],
-            images=x["images"],
-            image_token_index=x["image_token_index"],
+            x["input_ids"][0],
+            images=images,
+            max_new_tokens=int(args["max_new_tokens"]),
+            do_sample=bool(args.get("do_sample")),
+            temperature=1.0 if temperature is None else float(temperature),
+            top_k=int(args.get("top_k") or 0),
+            top_p=1.0 if args.get("top_p") is None else float(args["top_p"]),
             stop_words_ids=[list(s) for s in (stop_words_ids or [])],
             eos_token_id=self.tokenizer.eod_id,
-            ntk_alpha=alpha,
-            use_logn=use_logn,
-            seed=seed,
-            **args,
+            rng=jax.random.key(seed),
         )
 
     def chat(
