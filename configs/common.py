@@ -92,11 +92,13 @@ def tiny(c: mlc.ConfigDict) -> mlc.ConfigDict:
     c.init.llm_checkpoint = ""
     c.init.allow_random = True
     c.data.image_size = 56
-    c.data.seq_len = 64
-    c.batch_size = 8
+    c.data.seq_len = 128
+    # 56 px gives 16 patches: 16 queries (a 4x4 sin-cos grid) instead of 256 keep images cheap.
+    c.model.overrides.visual = {"n_queries": 16}
+    c.batch_size = 16
     c.grad_accum = 2
     c.steps = 20
-    c.optim.warmup_steps = 4
+    c.optim.warmup_steps = 2
     c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, model=1))
     c.sharding.max_replicated_mb = 1.0
     c.checkpoint.every_steps = 10

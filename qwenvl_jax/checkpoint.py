@@ -1,0 +1,292 @@
+"""Training checkpoints (Orbax): async saves, keep-last-K, resume from the latest COMPLETE step.
+
+Layout of a training workdir:
+  config.json                 the model config (HF keys), written at start
+  train_config.json           the resolved training config
+  checkpoints/<step>/         Orbax steps with items
+      params/                 pure nested dict of the NNX Param state (layout in meta.scan_layers)
+      opt_state/              the optax state's leaves, flattened in tree order (keys s00000, ...)
+      meta/                   JSON: step, seed, config, scan_layers, data iterator state per process
+  checkpoints_quarantine/     unreadable steps, moved aside with the reason, never reused
+
+A step directory only appears under its final name once Orbax has finalised it, so a run killed in
+the middle of a save leaves a temporary directory that is never listed. A listed step that fails to
+restore (truncated or deleted files) is reported, moved to `checkpoints_quarantine/` and the
+previous step is tried; if every step fails the run stops with an error rather than start over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from qwenvl_jax.optim import map_with_path_str
+
+CKPT_DIR = "checkpoints"
+QUARANTINE_DIR = "checkpoints_quarantine"
+
+
+def flatten_opt_state(opt_state: Any) -> dict[str, Any]:
+    """The optax state's array leaves as {"s00000": leaf, ...} in tree order."""
+    return {f"s{i:05d}": x for i, x in enumerate(jax.tree.leaves(opt_state))}
+
+
+def unflatten_opt_state(flat: dict[str, Any], like: Any) -> Any:
+    leaves = [flat[f"s{i:05d}"] for i in range(len(flat))]
+    treedef = jax.tree.structure(like)
+    if treedef.num_leaves != len(leaves):
+        raise ValueError(
+            f"checkpoint optimizer state has {len(leaves)} leaves, this run's has "
+            f"{treedef.num_leaves}: the freezing or optimizer config differs from the saved run"
+        )
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _gather_strings(s: str) -> list[str]:
+    """Every process's string, on every process (for per-host data iterator states)."""
+    if jax.process_count() == 1:
+        return [s]
+    from jax.experimental import multihost_utils
+
+    b = np.frombuffer(s.encode(), np.uint8)
+    n = multihost_utils.process_allgather(np.array([b.size], np.int32))
+    width = int(np.max(n))
+    padded = np.zeros((width,), np.uint8)
+    padded[: b.size] = b
+    allb = multihost_utils.process_allgather(padded)
+    return [bytes(allb[i][: int(n[i][0])]).decode() for i in range(jax.process_count())]
+
+
+class Checkpointer:
+    """Saves and restores training state in `<workdir>/checkpoints`."""
+
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+        self.workdir = workdir
+        self.directory = epath.Path(workdir) / CKPT_DIR
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("params", "opt_state", "meta")
+        )
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(
+        self,
+        step: int,
+        params: Any,
+        opt_state: Any,
+        meta: dict,
+        data_state: str | None = None,
+        wait: bool = False,
+    ) -> None:
+        """Starts saving step `step` (async unless `wait`); every process must call this.
+
+        Args:
+            step: optimizer steps done.
+            params / opt_state: global jax arrays (sharded or not).
+            meta: JSON-serialisable metadata (config, seed, ...).
+            data_state: this process's data iterator state as a JSON string (gathered to all).
+        """
+        meta = dict(meta, step=int(step))
+        if data_state is not None:
+            meta["data_state"] = _gather_strings(data_state)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                opt_state=ocp.args.StandardSave(flatten_opt_state(opt_state)),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
+        if wait:
+            self.manager.wait_until_finished()
+
+    def restore_latest(
+        self, abstract_params: Any, abstract_opt: Any | None
+    ) -> tuple[int, Any, Any, dict] | None:
+        """Restores the newest readable step onto the shardings of the abstract trees.
+
+        Returns:
+            (step, params, opt_state, meta) or None when there is no checkpoint at all.
+
+        Raises:
+            RuntimeError: when checkpoints exist but none can be read.
+        """
+        steps = self.all_steps()
+        if not steps:
+            return None
+        errors = []
+        for step in reversed(steps):
+            try:
+                return self._restore(step, abstract_params, abstract_opt)
+            except Exception as e:  # noqa: BLE001 - any failure to read means "this step is bad"
+                msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                errors.append((step, msg))
+                logging.error(
+                    "checkpoint step %d in %s is unreadable (%s); moving it to %s and falling back"
+                    " to the previous step",
+                    step,
+                    self.directory,
+                    msg,
+                    QUARANTINE_DIR,
+                )
+                self._quarantine(step, msg)
+        raise RuntimeError(
+            f"no readable checkpoint in {self.directory}: {errors}. Refusing to start from scratch;"
+            f" inspect {os.path.join(self.workdir, QUARANTINE_DIR)} or use a new workdir."
+        )
+
+    def _restore(self, step, abstract_params, abstract_opt):
+        items = dict(
+            params=ocp.args.StandardRestore(abstract_params),
+            meta=ocp.args.JsonRestore(),
+        )
+        if abstract_opt is not None:
+            items["opt_state"] = ocp.args.StandardRestore(flatten_opt_state(abstract_opt))
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        meta = out["meta"]
+        if int(meta.get("step", -1)) != step:
+            raise ValueError(f"meta says step {meta.get('step')}, directory says {step}")
+        opt = None
+        if abstract_opt is not None:
+            opt = unflatten_opt_state(out["opt_state"], abstract_opt)
+        return step, out["params"], opt, meta
+
+    def _quarantine(self, step: int, reason: str) -> None:
+        if jax.process_index() == 0:
+            qdir = epath.Path(self.workdir) / QUARANTINE_DIR
+            qdir.mkdir(parents=True, exist_ok=True)
+            dest = qdir / f"{step}.{int(time.time())}"
+            (self.directory / str(step)).rename(dest)
+            (qdir / f"{dest.name}.reason.txt").write_text(reason + "\n")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"quarantine_{step}")
+        self.manager.reload()
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+# ------------------------------------------------------------------------ params for inference
+def stack_layers(params: dict) -> dict:
+    """Per-layer dicts `h.{i}` / `resblocks.{i}` -> one dict with a leading layer axis."""
+    return _map_stacks(params, _stack)
+
+
+def unstack_layers(params: dict) -> dict:
+    """Leading layer axis -> per-layer dicts keyed 0..L-1 (the HF-key layout)."""
+    return _map_stacks(params, _unstack)
+
+
+def _stack(d):
+    keys = sorted(d, key=int) if d and all(str(k).isdigit() for k in d) else None
+    if keys is None:
+        return d
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *[d[k] for k in keys])
+
+
+def _unstack(d):
+    if d and all(str(k).isdigit() for k in d):
+        return d
+    n = jax.tree.leaves(d)[0].shape[0]
+    return {i: jax.tree.map(lambda x, i=i: x[i], d) for i in range(n)}
+
+
+def _map_stacks(params: dict, fn) -> dict:
+    out = dict(params)
+    tr = dict(out["transformer"])
+    tr["h"] = fn(tr["h"])
+    vis = dict(tr["visual"])
+    vt = dict(vis["transformer"])
+    vt["resblocks"] = fn(vt["resblocks"])
+    vis["transformer"] = vt
+    tr["visual"] = vis
+    out["transformer"] = tr
+    return out
+
+
+def read_meta(workdir: str, step: int) -> dict:
+    path = epath.Path(workdir) / CKPT_DIR / str(step) / "meta" / "metadata"
+    return json.loads(path.read_text())
+
+
+def latest_params(workdir: str, scan_layers: bool = False) -> tuple[Any, dict]:
+    """The model config and params of a training workdir's latest complete step.
+
+    Args:
+        workdir: a training workdir (holds config.json and checkpoints/).
+        scan_layers: the layout to return (stacked layers or per-layer dicts keyed by int).
+
+    Returns:
+        (QWenConfig, pure nested dict of numpy arrays matching `nnx.to_pure_dict` of the model).
+    """
+    from qwenvl_jax import config as config_lib
+
+    cfg = config_lib.load_hf_json(os.path.join(workdir, "config.json"))
+    mngr = ocp.CheckpointManager(
+        epath.Path(workdir) / CKPT_DIR, item_names=("params", "opt_state", "meta")
+    )
+    steps = sorted(mngr.all_steps())
+    if not steps:
+        raise FileNotFoundError(f"no complete checkpoint under {workdir}/{CKPT_DIR}")
+    last_err = None
+    for step in reversed(steps):
+        try:
+            out = mngr.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
+                ),
+            )
+            break
+        except Exception as e:  # noqa: BLE001
+            logging.error(
+                "checkpoint step %d in %s unreadable (%s); trying older", step, workdir, e
+            )
+            last_err = e
+    else:
+        raise RuntimeError(f"no readable checkpoint under {workdir}: {last_err}")
+    mngr.close()
+    params = jax.tree.map(np.asarray, out["params"])
+    params = _int_keys(params)
+    saved_scan = bool(out["meta"].get("scan_layers", False))
+    if saved_scan and not scan_layers:
+        params = unstack_layers(params)
+    elif scan_layers and not saved_scan:
+        params = stack_layers(params)
+    return cfg, params
+
+
+def _int_keys(tree):
+    if isinstance(tree, dict):
+        return {
+            (int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v)
+            for k, v in tree.items()
+        }
+    return tree
+
+
+def param_paths(params: Any) -> list[str]:
+    out = []
+    map_with_path_str(lambda p, _: out.append(p), params)
+    return out
