@@ -227,6 +227,12 @@ def make_train_dataset(
     ds = ds.batch(batch_size_per_host, drop_remainder=True)
     prefetch = max(1, int(data_config.prefetch))
     if worker_count > 0:
+        # Grain reads absl flags when it starts workers; a program that parses its own arguments
+        # (argparse, a notebook) has not parsed them, which would stop the run.
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=prefetch)
         )
