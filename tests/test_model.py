@@ -3,6 +3,7 @@
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -10,7 +11,7 @@ from jax.sharding import AxisType
 
 from qwenvl_jax.config import get_preset
 from qwenvl_jax.model import layers
-from qwenvl_jax.model.qwen import dynamic_ntk_alpha, logn_table, rotary_inv_freq
+from qwenvl_jax.model.qwen import dynamic_ntk_alpha, init_cache, logn_table, rotary_inv_freq
 from qwenvl_jax.model.qwenvl import QWenLMHeadModel, image_token_index
 from qwenvl_jax.model.resampler import sincos_2d
 from qwenvl_jax.model.visual import bicubic_matrix, pos_resize_matrix
@@ -134,11 +135,11 @@ def test_image_token_index_errors(row, msg):
 # ----------------------------------------------------------------------------- model structure
 @pytest.fixture(scope="module")
 def tiny_model():
-    return QWenLMHeadModel(TINY, rngs=nnx.Rngs(0))
+    return nnx.eval_shape(lambda: QWenLMHeadModel(TINY, rngs=nnx.Rngs(0)))
 
 
 def _flat_params(model):
-    return {".".join(map(str, k)): v for k, v in nnx.state(model, nnx.Param).flat_state()}
+    return {".".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def _hf_key_shapes(cfg):
@@ -259,7 +260,10 @@ def test_every_param_has_logical_names(tiny_model):
 
 
 def test_7b_parameter_count():
-    abstract = nnx.eval_shape(lambda: QWenLMHeadModel(get_preset("qwen-vl-7b"), rngs=nnx.Rngs(0)))
+    # The stacked layout traces one block per tower; test_param_paths covers the unstacked one.
+    abstract = nnx.eval_shape(
+        lambda: QWenLMHeadModel(get_preset("qwen-vl-7b"), rngs=nnx.Rngs(0), scan_layers=True)
+    )
     params = _flat_params(abstract)
     total = sum(math.prod(p.get_value().shape) for p in params.values())
     visual = sum(
@@ -270,3 +274,143 @@ def test_7b_parameter_count():
     assert total == 9_656_935_168
     assert visual == 1_935_610_624
     assert total - visual == 7_721_324_544
+
+
+# ----------------------------------------------------------------------------- forward semantics
+# A small vocabulary and image ids inside it keep these models fast to build on CPU.
+SMALL = get_preset("tiny", vocab_size=1000, visual={"image_start_id": 990})
+SIMG = SMALL.visual.image_start_id
+# float32 on CPU: two computations of the same math differ only by reassociation.
+ATOL = 2e-5
+
+
+def _copy_params(src, dst):
+    """Copy Params between models of the same config, stacking/unstacking `layers` as needed."""
+    src_flat = {k: v.get_value() for k, v in nnx.to_flat_state(nnx.state(src, nnx.Param))}
+    for key, var in nnx.to_flat_state(nnx.state(dst, nnx.Param)):
+        if key in src_flat:
+            var.set_value(src_flat[key])
+            continue
+        for stack in ("h", "resblocks"):
+            if stack in key:
+                i = key.index(stack) + 1
+                if i < len(key) and isinstance(key[i], int):  # dst unstacked, src stacked
+                    var.set_value(src_flat[key[:i] + key[i + 1 :]][key[i]])
+                else:  # dst stacked
+                    n = var.get_value().shape[0]
+                    var.set_value(jnp.stack([src_flat[key[:i] + (j,) + key[i:]] for j in range(n)]))
+                break
+        else:
+            raise KeyError(key)
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return QWenLMHeadModel(SMALL, rngs=nnx.Rngs(1))
+
+
+def _ids(seed, n):
+    return np.random.default_rng(seed).integers(0, 900, n).astype(np.int32)
+
+
+def _images(seed, m):
+    s = SMALL.visual.image_size
+    return np.random.default_rng(seed).normal(size=(1, m, s, s, 3)).astype(np.float32)
+
+
+def _image_prompt(seed):
+    span = [SIMG] + [SIMG + 2] * 256 + [SIMG + 1]
+    ids = np.array([list(_ids(seed, 3)) + span + list(_ids(seed + 1, 4)) + span + [7, 8]])
+    idx, counts = image_token_index(ids, SIMG, 256)
+    assert counts.tolist() == [2]
+    return jnp.asarray(ids, jnp.int32), jnp.asarray(idx)
+
+
+def test_scan_and_unscanned_layouts_give_identical_logits(small_model):
+    scanned = QWenLMHeadModel(SMALL, rngs=nnx.Rngs(2), scan_layers=True)
+    flat = dict(nnx.to_flat_state(nnx.state(scanned, nnx.Param)))
+    assert flat[("transformer", "h", "attn", "c_attn", "kernel")].get_value().shape[0] == 2
+    meta = flat[("transformer", "h", "attn", "c_attn", "kernel")].get_metadata()
+    assert meta["out_sharding"] == ("layers", "embed", "qkv", "heads", "head_dim")
+    _copy_params(small_model, scanned)
+    ids, idx = _image_prompt(0)
+    imgs = jnp.asarray(_images(0, 2))
+    a = small_model(ids, images=imgs, image_token_index=idx)
+    b = scanned(ids, images=imgs, image_token_index=idx)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=ATOL, rtol=0)
+
+
+def test_remat_and_attention_implementation_do_not_change_logits(small_model):
+    ids = jnp.asarray(_ids(3, 12))[None]
+    ref = np.asarray(small_model(ids))
+    for kw in ({"remat": "full"}, {"remat": "dots_saveable", "scan_layers": True}):
+        other = QWenLMHeadModel(SMALL, rngs=nnx.Rngs(5), **kw)
+        _copy_params(small_model, other)
+        np.testing.assert_allclose(np.asarray(other(ids)), ref, atol=ATOL, rtol=0)
+    other = QWenLMHeadModel(SMALL, rngs=nnx.Rngs(5), attn_impl="jax")
+    _copy_params(small_model, other)
+    np.testing.assert_allclose(np.asarray(other(ids)), ref, atol=ATOL, rtol=0)
+
+
+def test_packed_segments_equal_separate_samples(small_model):
+    a, b = _ids(10, 7), _ids(11, 5)
+    packed = jnp.asarray(np.concatenate([a, b, [0, 0]]))[None]
+    seg = jnp.asarray([[1] * 7 + [2] * 5 + [0, 0]], jnp.int32)
+    pos = jnp.asarray([list(range(7)) + list(range(5)) + [0, 1]], jnp.int32)
+    out = np.asarray(small_model(packed, segment_ids=seg, positions=pos))
+    alone_a = np.asarray(small_model(jnp.asarray(a)[None]))
+    alone_b = np.asarray(small_model(jnp.asarray(b)[None]))
+    np.testing.assert_allclose(out[0, :7], alone_a[0], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(out[0, 7:12], alone_b[0], atol=ATOL, rtol=0)
+    assert np.isfinite(out).all()  # padding rows stay finite
+
+
+def test_images_enter_only_their_spans(small_model):
+    ids, idx = _image_prompt(20)
+    imgs = _images(21, 2)
+    base = np.asarray(small_model(ids, images=jnp.asarray(imgs), image_token_index=idx))
+    changed = imgs.copy()
+    changed[0, 1] = _images(22, 1)[0, 0]  # only the second image differs
+    out = np.asarray(small_model(ids, images=jnp.asarray(changed), image_token_index=idx))
+    second = int(np.flatnonzero(np.asarray(ids[0]) == SIMG)[1])
+    np.testing.assert_array_equal(out[0, : second + 1], base[0, : second + 1])
+    assert np.abs(out[0, second + 1 :] - base[0, second + 1 :]).max() > 1e-3
+    # Text-token embeddings inside a span do not matter: features replace them.
+    other_ids = jnp.where(idx >= 0, 5, ids)
+    out2 = np.asarray(small_model(other_ids, images=jnp.asarray(imgs), image_token_index=idx))
+    np.testing.assert_allclose(out2, base, atol=ATOL, rtol=0)
+
+
+def test_cached_forward_equals_full_forward_with_ntk_and_logn():
+    # seq_length=16 makes dynamic NTK and logn active for short prompts.
+    cfg = SMALL.replace(seq_length=16)
+    model = QWenLMHeadModel(cfg, rngs=nnx.Rngs(3), scan_layers=True)
+    ids = jnp.asarray(_ids(30, 40))[None]
+    alpha = dynamic_ntk_alpha(30, 16)
+    assert alpha == 3.0
+    fwd = nnx.jit(
+        lambda m, x, c, i, logn: m(x, cache=c, cache_index=i, ntk_alpha=alpha, use_logn=logn),
+        static_argnums=4,
+    )
+    full = np.asarray(fwd(model, ids, None, None, True))
+    cache = init_cache(cfg, 1, 48)
+    logits, cache = fwd(model, ids[:, :30], cache, 0, True)
+    np.testing.assert_allclose(np.asarray(logits[0]), full[0, :30], atol=ATOL, rtol=0)
+    for t in range(30, 40):
+        step, cache = fwd(model, ids[:, t : t + 1], cache, t, True)
+        np.testing.assert_allclose(np.asarray(step[0, 0]), full[0, t], atol=ATOL, rtol=0)
+    # Without logn the late positions differ, so the comparison above exercised it.
+    plain = np.asarray(fwd(model, ids, None, None, False))
+    assert np.abs(plain[0, 20:] - full[0, 20:]).max() > 1e-4
+    np.testing.assert_allclose(plain[0, :16], full[0, :16], atol=ATOL, rtol=0)
+
+
+def test_shard_activation_under_mesh(small_model):
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    rules = (("act_batch", "data"), ("act_vocab", "model"), ("act_mlp", "model"))
+    ids = jnp.asarray(np.stack([_ids(40, 8), _ids(41, 8)]))
+    ref = np.asarray(small_model(ids))
+    with layers.logical_rules(mesh, rules):
+        out = nnx.jit(lambda m, x: m(x))(small_model, ids)
+    assert out.sharding.spec == jax.sharding.PartitionSpec("data", None, "model")
+    np.testing.assert_allclose(np.asarray(out), ref, atol=ATOL, rtol=0)
