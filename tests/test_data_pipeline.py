@@ -170,6 +170,39 @@ def test_two_shards_disjoint_and_resumable(data, tok):
         _same(after, _take(it2, 3))
 
 
+def test_resume_sequence_mixing(data, tok):
+    cfg = _config(data, mixing="sequence")
+    with _iter(cfg, tok) as it:
+        _take(it, 2)
+        state = json.loads(json.dumps(it.get_state()))
+        after = _take(it, 3)
+    with _iter(cfg, tok) as it2:
+        it2.set_state(state)
+        _same(after, _take(it2, 3))
+
+
+def test_sentencepiece_tokenizer(data, tmp_path):
+    from qwenvl_jax import tokenizer as tk
+
+    texts = ["Sample question? yes yes caption words", "You are a helpful assistant.", "x" * 20]
+    sp = tk.train_sentencepiece(texts * 5, str(tmp_path / "sp"), vocab_size=300)
+    with _iter(_config(data), sp) as it:
+        b = next(it)
+    assert b["image_valid"].any()
+    for r in range(2):
+        ids = b["input_ids"][r]
+        assert (ids == sp.img_start_id).sum() == b["image_valid"][r].sum()
+        sup = b["loss_mask"][r] > 0
+        # Targets are the next ids of the same sample.
+        seg = b["segment_ids"][r]
+        same = (seg[:-1] == seg[1:]) & (seg[:-1] > 0)
+        np.testing.assert_array_equal(b["targets"][r][:-1][same], ids[1:][same])
+        assert sup.any() and (b["targets"][r][sup] != 0).all()
+        for k in range(1, seg.max() + 1):
+            text = sp.decode(ids[seg == k].tolist())
+            assert text.startswith("<|im_start|>system\n") or text.startswith("<img>imgs/")
+
+
 def test_mixture_weights_and_sequence_mixing(data, tok):
     cfg = _config(data)
     cfg.sources.chat.weight = 3.0
@@ -324,7 +357,7 @@ def _bad_inputs(d):
         "[1, 2]",
         json.dumps({"image": "imgs/nope.jpg", "expression": "d", "boxes": [[1, 1, 2, 2]]}),
     ]
-    (d / "refs.jsonl").write_text("\n".join(lines) + "\n")
+    (d / "refs.jsonl").write_bytes(("\n".join(lines) + "\n").encode() + b"\xff\xfe not utf-8\n")
     return expect, len(converted)
 
 
@@ -355,8 +388,8 @@ def test_every_bad_input_is_counted(tmp_path, tok):
         assert not (b["image_token_index"][b["segment_ids"] == 0] >= 0).any()
         assert b["image_valid"].sum() == (b["input_ids"] == IMG).sum()
 
-    # JSON lines: an unreadable line, a non-object line, a box outside the 32x32 image, a box
-    # reaching outside (clipped), a missing image.
+    # JSON lines: an unreadable line, a non-object line, a line that is not UTF-8, a box outside
+    # the 32x32 image, a box reaching outside (clipped), a missing image.
     cfg = pipeline.default_data_config()
     cfg.sources.refs = pipeline.source_config(
         path=str(tmp_path / "refs.jsonl"), task="ref_grounding"
@@ -366,7 +399,7 @@ def test_every_bad_input_is_counted(tmp_path, tok):
         "samples": 2,
         "tokens": c["refs"]["tokens"],
         "box_clipped": 1,
-        "bad_record": 2,
+        "bad_record": 3,
         "box_outside_image": 1,
         "image_missing": 1,
     }

@@ -93,20 +93,20 @@ class JsonRecords:
     def __init__(self, path: str):
         self.path = str(path)
         try:
-            text = epath.Path(self.path).read_text(encoding="utf-8")
+            data = epath.Path(self.path).read_bytes()
         except FileNotFoundError:
             raise FileNotFoundError(f"data file not found: {self.path}") from None
-        stripped = text.lstrip()
         self._items: list | None = None
-        self._lines: list[str] | None = None
-        if stripped.startswith("["):
+        self._lines: list[bytes] | None = None
+        if data.lstrip()[:1] == b"[":
             try:
-                items = json.loads(text)
-            except json.JSONDecodeError as e:
+                items = json.loads(data.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise ValueError(f"{self.path} is not valid JSON: {e}") from None
             self._items = items
         else:
-            self._lines = [ln for ln in text.splitlines() if ln.strip()]
+            # Lines stay bytes until used: a line that is not UTF-8 costs only its own record.
+            self._lines = [ln for ln in data.splitlines() if ln.strip()]
 
     def __len__(self) -> int:
         return len(self._items) if self._items is not None else len(self._lines)
@@ -116,8 +116,8 @@ class JsonRecords:
             rec = self._items[i]
         else:
             try:
-                rec = json.loads(self._lines[i])
-            except json.JSONDecodeError as e:
+                rec = json.loads(self._lines[i].decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise tasks.BadSample("bad_record", f"line {i + 1} is not JSON: {e}") from None
         if not isinstance(rec, dict):
             raise tasks.BadSample("bad_record", f"record is {type(rec).__name__}, not an object")
