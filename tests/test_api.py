@@ -55,8 +55,11 @@ def _case(name):
 REL_TOL = 1e-4
 
 
-@pytest.mark.parametrize("case", ["tiny_text", "tiny_image2"])
+@pytest.mark.parametrize(
+    "case", ["tiny_text", "tiny_image2", pytest.param("tiny_long", marks=pytest.mark.slow)]
+)
 def test_logits_match_published(model, case, monkeypatch):
+    # tiny_long has 2100 tokens: dynamic NTK (alpha 3) and logn scaling must be active.
     monkeypatch.chdir(REF)  # the prompts name img_a.png / img_b.jpg relative to this directory
     f = _case(case)
     n = int(f["lengths"][0])
@@ -108,3 +111,84 @@ def test_from_pretrained_errors(tmp_path):
         QwenVL.from_pretrained(str(tmp_path / "nothere"))
     with pytest.raises(ValueError, match="unsupported dtype"):
         QwenVL.from_pretrained(str(tmp_path), dtype="int8")
+
+
+STOPS = [[151645], [151644]]
+
+
+@pytest.mark.parametrize("case", ["tiny_gen_chat_text", "tiny_gen_chat_image"])
+def test_greedy_generation_matches_published(model, case, monkeypatch):
+    monkeypatch.chdir(REF)
+    f = _case(case)
+    prompt, want = f["prompt_ids"].tolist(), f["new_ids"].tolist()
+    got = model.generate(prompt, max_new_tokens=len(want), do_sample=False, stop_words_ids=STOPS)
+    assert got == want
+    again = model.generate(prompt, max_new_tokens=len(want), do_sample=False, stop_words_ids=STOPS)
+    assert again == got  # greedy is deterministic
+
+
+def test_chat_reproduces_published_prompt_and_decoding(model, monkeypatch):
+    monkeypatch.chdir(REF)
+    f = _case("tiny_gen_chat_image")
+    prompt, new = f["prompt_ids"].tolist(), f["new_ids"].tolist()
+    text = model.tokenizer.decode(prompt)
+    query = text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
+    history = []
+    response, out_history = model.chat(
+        query, history=history, max_new_tokens=len(new), do_sample=False
+    )
+    raw_text, context = tk.make_context(model.tokenizer, query)
+    assert context == prompt  # the published make_context gave the same prompt
+    want = tk.decode_chatml(model.tokenizer, prompt + new, len(raw_text), len(context))
+    assert isinstance(response, str) and response == want and response
+    assert out_history is history and history == [(query, response)]
+    # A second turn carries the first in its prompt.
+    response2, history = model.chat("And now?", history=history, max_new_tokens=3)
+    assert len(history) == 2 and history[1] == ("And now?", response2)
+
+
+def test_sampling_is_seeded(model):
+    kw = dict(max_new_tokens=5, do_sample=True, top_p=0.9, top_k=50, temperature=1.5)
+    a = model.generate("Tell me a story.", seed=1, **kw)
+    assert a == model.generate("Tell me a story.", seed=1, **kw)
+    assert len(a) == 5 or a[-1] == model.tokenizer.eod_id
+    with pytest.raises(TypeError, match="unknown generation arguments"):
+        model.generate("x", num_beams=2)
+
+
+def test_sentencepiece_tokenizer_with_a_random_tiny_model(tmp_path, monkeypatch):
+    from qwenvl_jax.config import get_preset
+
+    texts = ["What is in the picture? A red square.", "Describe the image.", "图片里有什么?"] * 5
+    sp = tk.train_sentencepiece(texts, str(tmp_path / "sp"), vocab_size=300)
+    padded = tk.config_overrides(sp)["vocab_size"]
+    assert padded % 128 == 0 and 0 <= padded - sp.n_vocab < 128
+    # No padding rows: an untrained model could otherwise emit ids that no token decodes to.
+    cfg = get_preset("tiny", **tk.config_overrides(sp, multiple_of=1))
+    assert cfg.vocab_size == sp.n_vocab
+    vl = QwenVL.random(cfg, tokenizer=sp, seed=3)
+    monkeypatch.chdir(REF)
+    query = tk.from_list_format([{"image": "img_a.png"}, {"text": "What is this?"}])
+    assert vl.logits(query).shape == (len(sp.encode(query)), cfg.vocab_size)
+    response, history = vl.chat(query, max_new_tokens=4, do_sample=False)
+    assert isinstance(response, str) and history == [(query, response)]
+    with pytest.raises(ValueError, match=f"vocab_size is {sp.n_vocab}"):
+        QwenVL(vl.model, tk.QWenTokenizer())
+
+
+def test_from_training_workdir(model, tmp_path):
+    from flax import nnx
+
+    from qwenvl_jax import checkpoint
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    model.config.save_hf_json(str(workdir))
+    params = nnx.to_pure_dict(nnx.state(model.model, nnx.Param))
+    ckpt = checkpoint.Checkpointer(str(workdir), async_save=False)
+    ckpt.save(7, params, {"count": np.zeros((), np.int32)}, {"scan_layers": False}, wait=True)
+    ckpt.close()
+    assert checkpoint_kind(str(workdir)) == "workdir"
+    loaded = QwenVL.from_pretrained(str(workdir))
+    text = "Hello"
+    np.testing.assert_array_equal(loaded.logits(text), model.logits(text))
