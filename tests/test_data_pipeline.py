@@ -420,6 +420,20 @@ def test_strict_mode_stops_with_clear_error(tmp_path, tok):
             _take(it, 3)
 
 
+def test_partial_config_and_unknown_keys(data, tok):
+    # A plain dict with only the sources works (the trainer passes config.data.spec through).
+    spec = {"sources": {"cap": {"path": str(data / "cap.jsonl"), "task": "caption"}}}
+    with _iter(spec, tok) as it:
+        assert next(it)["input_ids"].shape == (2, T)
+    with pytest.raises(ValueError, match=r"unknown data config keys \['strikt'\]"):
+        _iter(dict(spec, strikt=True), tok)
+    bad = {"sources": {"cap": {"path": "x", "task": "caption", "wieght": 2}}}
+    with pytest.raises(ValueError, match=r"data source 'cap': unknown keys \['wieght'\]"):
+        _iter(bad, tok)
+    with pytest.raises(ValueError, match="data_config.sources is empty"):
+        _iter({}, tok)
+
+
 def test_json_errors_name_the_file(tmp_path, tok):
     (tmp_path / "broken.json").write_text('[{"id": 1,')
     cfg = pipeline.default_data_config()

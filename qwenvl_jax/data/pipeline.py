@@ -156,11 +156,35 @@ class LoadImages:
         return row
 
 
+def resolve_data_config(data_config) -> ml_collections.ConfigDict:
+    """`default_data_config()` updated with `data_config` (a ConfigDict or dict; missing keys take
+    their defaults). Unknown keys, here or in a source entry, raise ValueError naming them."""
+    given = _plain(data_config) or {}
+    c = default_data_config()
+    unknown = sorted(set(given) - set(c.keys()))
+    if unknown:
+        raise ValueError(f"unknown data config keys {unknown}; known: {sorted(c.keys())}")
+    srcs = given.get("sources") or {}
+    known = set(source_config().keys())
+    for name, sc in srcs.items():
+        bad = sorted(set(sc) - known)
+        if bad:
+            raise ValueError(f"data source {name!r}: unknown keys {bad}; known: {sorted(known)}")
+    for k, v in given.items():
+        if k != "sources":
+            c[k] = v
+    c.sources = ml_collections.ConfigDict({n: source_config(**sc) for n, sc in srcs.items()})
+    return c
+
+
 def build_sources(data_config, tokenizer) -> list[sources.Source]:
     """The configured sources, in config order."""
     srcs = _plain(data_config.sources)
     if not srcs:
-        raise ValueError("data_config.sources is empty: add at least one source")
+        raise ValueError(
+            "data_config.sources is empty: add at least one source (layout in"
+            " qwenvl_jax/data/pipeline.py)"
+        )
     out = []
     for name, cfg in srcs.items():
         cfg = dict(source_config().to_dict(), **cfg)
@@ -187,6 +211,7 @@ def make_train_dataset(
     with the contract's keys plus `_counts` [B, n_sources, n_reasons]."""
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index={shard_index} not in [0, shard_count={shard_count})")
+    data_config = resolve_data_config(data_config)
     srcs = build_sources(data_config, tokenizer)
     names = [s.name for s in srcs]
     weights = [float(_plain(data_config.sources)[n].get("weight", 1.0)) for n in names]
@@ -363,4 +388,4 @@ def make_train_iterator(
         shard_count=shard_count,
         worker_count=worker_count,
     )
-    return DataIterator(ds, list(_plain(data_config.sources)))
+    return DataIterator(ds, list(_plain(resolve_data_config(data_config).sources)))
