@@ -177,3 +177,27 @@ def test_bit_identical_to_published_preprocessing(case):
     for name, want in zip(["img_a.png", "img_b.jpg"], ref, strict=True):
         got = qimage.load_image(os.path.join(REF, name), size)
         np.testing.assert_array_equal(got.transpose(2, 0, 1), want)
+
+
+def test_url_fetch_only_when_allowed(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    Image.new("RGB", (8, 8), (255, 0, 128)).save(tmp_path / "u.png")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/u.png"
+        with pytest.raises(ValueError, match="allow_urls=True"):
+            qimage.load_image(url, 14)
+        got = qimage.load_image(url, 14, allow_urls=True)
+        np.testing.assert_array_equal(got, qimage.load_image(tmp_path / "u.png", 14))
+        with pytest.raises(OSError, match="missing.png.*404"):
+            qimage.load_image(url.replace("u.png", "missing.png"), 14, allow_urls=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
