@@ -561,6 +561,7 @@ def train_sentencepiece(
         allow_whitespace_only_pieces=True,
         character_coverage=1.0,
         hard_vocab_limit=False,
+        max_sentence_length=1 << 16,  # the default (4192 bytes) silently drops longer texts
         unk_id=0,
         bos_id=-1,
         eos_id=-1,
