@@ -29,10 +29,15 @@ reference tokenizer module downloads a font at import time otherwise), e.g.::
   /path/to/torch-venv/bin/python /path/to/qwenvl_jax/tools/make_reference_fixtures.py \
       --reference_dir /path/to/Qwen-VL-Chat --out_dir /path/to/qwenvl_jax/tests/fixtures/reference
 
-  # later, check a checkpoint exported by qwenvl_jax from the fixture weights:
-  python -m qwenvl_jax.convert export-fixture ...   (see tests/test_parity.py for how it is made)
+Check that the published code loads what qwenvl_jax exports (two steps, two environments):
+
+  # 1. with qwenvl_jax's Python (no torch): the recipe weights -> our importer -> our model
+  #    (scan layout with --scan_layers) -> export_hf
+  python tools/make_reference_fixtures.py --export_with_qwenvl_jax /tmp/exp_tiny --model tiny
+  # 2. with the torch environment, from the scratch directory: load it with the reference's
+  #    from_pretrained, list missing/unexpected keys, compare logits with the fixtures
   /path/to/torch-venv/bin/python .../make_reference_fixtures.py --reference_dir ... \
-      --verify_export /tmp/exported_tiny --model tiny
+      --verify_export /tmp/exp_tiny --model tiny
 """
 
 from __future__ import annotations
@@ -429,7 +434,8 @@ def verify_export(ref, export_dir: str, name: str, out_dir: str) -> None:
     )
     model = model.float().eval()
     result = {
-        "export_dir": os.path.abspath(export_dir),
+        "export_dir": os.path.basename(os.path.abspath(export_dir)),
+        "how": "make_reference_fixtures.py --export_with_qwenvl_jax, then --verify_export",
         "missing_keys": sorted(info["missing_keys"]),
         "unexpected_keys": sorted(info["unexpected_keys"]),
         "mismatched_keys": [list(map(str, m)) for m in info["mismatched_keys"]],
@@ -461,6 +467,31 @@ def verify_export(ref, export_dir: str, name: str, out_dir: str) -> None:
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result, indent=1))
+
+
+def export_with_qwenvl_jax(fixture_dir: str, name: str, export_dir: str, scan_layers: bool) -> None:
+    """Step 1 of the export check, run with qwenvl_jax installed (no torch needed).
+
+    The recipe weights go through qwenvl_jax's importer into its NNX model, and the model's
+    parameters are exported with `qwenvl_jax.convert.export_hf`.
+    """
+    from flax import nnx
+
+    from qwenvl_jax import config as config_lib
+    from qwenvl_jax.convert import assign_params, export_hf, import_tensors
+    from qwenvl_jax.model.qwenvl import QWenLMHeadModel
+
+    with open(os.path.join(fixture_dir, f"{name}.json")) as f:
+        d = json.load(f)
+    cfg = config_lib.from_hf_dict(d["hf_config"])
+    tensors = (
+        (e["key"], recipe_array(d["seed"], e["key"], tuple(e["shape"])), "recipe")
+        for e in d["recipe"]
+    )
+    model = nnx.eval_shape(lambda: QWenLMHeadModel(cfg, rngs=nnx.Rngs(0), scan_layers=scan_layers))
+    assign_params(model, import_tensors(tensors, cfg, scan_layers=scan_layers))
+    export_hf(model, cfg, export_dir, max_shard_bytes=100 * 2**20, progress=print)
+    print(f"exported {name} (scan_layers={scan_layers}) to {export_dir}")
 
 
 # ----------------------------------------------------------------------------- main
@@ -513,10 +544,12 @@ scalar; `bin_dtypes_expected.npz` holds them as float32. `bin_int64.bin` holds a
 dtype the importer refuses).
 
 ## Export check (`export_check_<model>.json`)
-Written by `--verify_export DIR --model NAME`: the reference's
-`QWenLMHeadModel.from_pretrained(DIR)` on a directory exported by qwenvl_jax; lists missing /
-unexpected / mismatched keys, whether every loaded tensor equals the recipe, and the logit
-differences against these fixtures.
+Step 1, in qwenvl_jax's environment: `--export_with_qwenvl_jax DIR --model NAME [--scan_layers]`
+imports the recipe weights with qwenvl_jax's importer into its NNX model and exports the model with
+`qwenvl_jax.convert.export_hf`. Step 2, in the torch environment: `--verify_export DIR --model NAME`
+loads DIR with the reference's `QWenLMHeadModel.from_pretrained`, and records missing / unexpected
+/ mismatched keys, whether every loaded tensor equals the recipe, and the logit differences against
+these fixtures (`tiny` was exported from the per-layer layout, `wide224` from the scan layout).
 """
 
 
@@ -524,9 +557,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--reference_dir", required=True, help="directory with the published Qwen-VL code files"
-    )
+    p.add_argument("--reference_dir", help="directory with the published Qwen-VL code files")
     p.add_argument(
         "--out_dir",
         default=os.path.join(
@@ -543,7 +574,22 @@ def main(argv=None) -> None:
     p.add_argument(
         "--model", default="tiny", help="with --verify_export: which fixture model it holds"
     )
+    p.add_argument(
+        "--export_with_qwenvl_jax",
+        default=None,
+        metavar="DIR",
+        help="(qwenvl_jax environment, no torch) export --model's fixture weights through"
+        " qwenvl_jax's importer, model and exporter into DIR, for --verify_export",
+    )
+    p.add_argument("--scan_layers", action="store_true", help="with --export_with_qwenvl_jax")
     args = p.parse_args(argv)
+    if args.export_with_qwenvl_jax:
+        export_with_qwenvl_jax(
+            os.path.abspath(args.out_dir), args.model, args.export_with_qwenvl_jax, args.scan_layers
+        )
+        return
+    if not args.reference_dir:
+        p.error("--reference_dir is required (except with --export_with_qwenvl_jax)")
 
     import torch
     import transformers
