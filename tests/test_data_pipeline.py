@@ -420,6 +420,23 @@ def test_strict_mode_stops_with_clear_error(tmp_path, tok):
             _take(it, 3)
 
 
+def test_multitask_config_table3_weights(data, tok):
+    cfg = pipeline.multitask_config(
+        caption={"path": str(data / "cap.jsonl")},
+        text={"path": str(data / "cap.jsonl"), "fields": {"text": "caption"}},
+    )
+    assert cfg.mixing == "sequence"
+    assert (cfg.sources.caption.weight, cfg.sources.text.weight) == (19.7, 7.8)  # Table 3
+    with _iter(cfg, tok, batch_size_per_host=8) as it:
+        batches = _take(it, 4)
+        assert it.metrics()["data/skipped"] == 0
+    # Weights count packed rows here: 19.7 / (19.7 + 7.8) = 72 % caption rows (with images).
+    caption_rows = sum(int(b["image_valid"][r].any()) for b in batches for r in range(8))
+    assert 19 <= caption_rows <= 27, caption_rows
+    with pytest.raises(ValueError, match="unknown Table 3 tasks"):
+        pipeline.multitask_config(captions={})
+
+
 def test_partial_config_and_unknown_keys(data, tok):
     # A plain dict with only the sources works (the trainer passes config.data.spec through).
     spec = {"sources": {"cap": {"path": str(data / "cap.jsonl"), "task": "caption"}}}

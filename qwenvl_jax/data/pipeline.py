@@ -17,8 +17,10 @@ The data config (`default_data_config()`, an ml_collections ConfigDict):
         box_format:  xyxy_pixel | xywh_pixel | xyxy_norm | yxyx_norm | xyxy_1000
         image_root:  directory for relative image paths (json default: the file's directory)
         options:     tasks.TaskOptions overrides (prompts, system_message)
-    data.mixing:        "sample" (mix records, then pack) or "sequence" (pack each source
-                        separately, then mix packed rows: the paper packs same-task data together)
+    data.mixing:        "sample" (mix records, then pack; weights are fractions of samples) or
+                        "sequence" (pack each source separately, then mix packed rows; weights
+                        are fractions of rows: the paper packs same-task data together).
+                        `multitask_config()` builds Table 3's seven-task mixture this way.
     data.strict:        False: skip, log and count bad records/images; True: stop with DataError
     data.too_long:      "truncate" (cut at a safe place) or "drop"
     data.num_open_rows: rows filled at once by the first-fit packer
@@ -80,6 +82,28 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.num_epochs = ml_collections.FieldReference(None, field_type=int)
     c.min_image_side = 8
     c.prefetch = 2
+    return c
+
+
+def multitask_config(**sources_by_task: Mapping) -> ml_collections.ConfigDict:
+    """The multi-task stage's data config: one source per Table 3 task, weighted by its sample
+    count (19.7M captions, 3.6M VQA, 3.5M grounding, 8.7M referring grounding, 8.7M grounded
+    captions, 24.8M OCR, 7.8M pure text), packed per task as section 3.2 describes ("packing the
+    same task data into sequences of length 2048").
+
+    Args:
+      **sources_by_task: task name -> its source entry (path or TFDS name, fields, box_format...);
+        `task` and `weight` are filled in. Tasks left out are left out of the mixture.
+    """
+    unknown = sorted(set(sources_by_task) - set(TABLE3_SAMPLES_M))
+    if unknown:
+        raise ValueError(f"unknown Table 3 tasks {unknown}; choose from {sorted(TABLE3_SAMPLES_M)}")
+    c = default_data_config()
+    c.mixing = "sequence"
+    for task, entry in sources_by_task.items():
+        kw = dict(_plain(entry))
+        kw.update(task=task, weight=TABLE3_SAMPLES_M[task])
+        c.sources[task] = source_config(**kw)
     return c
 
 
