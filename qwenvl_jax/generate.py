@@ -195,7 +195,7 @@ def generate(
     out: list[list[int]] = [[] for _ in rows]
     done = np.zeros(bsz, bool)
     for step in range(max_new_tokens):
-        chosen = np.asarray(
+        chosen = np.array(
             _select(
                 logits,
                 jax.random.fold_in(rng, step),
