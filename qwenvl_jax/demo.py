@@ -1,0 +1,426 @@
+"""The out-of-the-box demo: Qwen-VL's three training stages on a synthetic world, on a CPU.
+
+`python -m qwenvl_jax.train` without `--config` calls `run_demo`, which in `workdir`:
+
+1. writes the synthetic dataset (`qwenvl_jax.synthetic`) under `data/` unless it is there;
+2. trains a SentencePiece vocabulary on its text (plus Qwen-VL's special tokens) into `tokenizer/`;
+3. runs the paper's stages with the real trainer (`qwenvl_jax.train.train`) on the tiny configs
+   (`configs/{pretrain,multitask,sft}.py:tiny`), each initialised from the previous stage's workdir:
+   `stage1/` ViT + adapter trained, decoder frozen, low resolution, captions and grounding pairs;
+   `stage2/` everything trained at the higher resolution on the packed multi-task mix;
+   `stage3/` chat fine-tuning (multi-turn, two-picture questions) with the ViT frozen;
+4. loads `stage3/` with `QwenVL.from_pretrained`, decodes the held-out questions greedily and writes
+   `results.json`, `predictions.json`, `boxes.png` (true vs predicted boxes) and `loss.png`.
+
+Re-running resumes: finished stages are skipped by the trainer (it restores the last checkpoint),
+an interrupted stage continues from its last checkpoint. Settings: `quick` (CI, a minute or two),
+`default` (about ten minutes on 2 CPU cores), `long` (the accuracy goals of issue 5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from qwenvl_jax import evaluate, synthetic
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One training stage of the demo.
+
+    Attributes:
+        name: the workdir subdirectory (stage1, stage2, stage3).
+        config: the config file in configs/ whose `tiny` variant it starts from.
+        data: the synthetic file it trains on (stage1, stage2, stage3).
+        steps: optimizer steps.
+        lr: peak learning rate (warm-up then cosine decay to lr / 10).
+        image_size: the stage's resolution in pixels.
+        seq_len: tokens per (packed) row; one image takes 258.
+        max_images: image slots per row.
+    """
+
+    name: str
+    config: str
+    data: str
+    steps: int
+    lr: float
+    image_size: int
+    seq_len: int
+    max_images: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """Everything that sizes a demo run.
+
+    Attributes:
+        n_train / n_heldout: pictures in the training and held-out splits.
+        vocab_size: SentencePiece pieces (the tokenizer adds Qwen-VL's 217 special tokens).
+        model: QWenConfig overrides of the tiny preset (decoder sizes; `visual` the ViT's).
+        stages: the three stages.
+        batch_size: sequences per optimizer step.
+        eval_per_task: held-out records decoded per task (None: all).
+        warmup_steps: linear warm-up of every stage.
+    """
+
+    n_train: int
+    n_heldout: int
+    vocab_size: int
+    model: dict
+    stages: tuple[Stage, ...]
+    batch_size: int = 8
+    eval_per_task: int | None = None
+    warmup_steps: int = 20
+
+
+def _model(d: int, layers: int, vit_width: int = 64, vit_layers: int = 2) -> dict:
+    return {
+        "hidden_size": d,
+        "num_hidden_layers": layers,
+        "num_attention_heads": d // 32,
+        "kv_channels": 32,
+        "intermediate_size": 4 * d,
+        "visual": {
+            "width": vit_width,
+            "layers": vit_layers,
+            "heads": vit_width // 16,
+            "mlp_ratio": 2.0,
+            "output_dim": d,
+            "patch_size": 14,
+            # The tokenizer and the data pipeline expand every image to 256 positions.
+            "n_queries": 256,
+        },
+    }
+
+
+def _stages(s1: int, s2: int, s3: int, lr: float = 2e-3) -> tuple[Stage, ...]:
+    # Rows: stage 1 holds one image-text pair (<= ~450 tokens), stage 2 packs two samples of the
+    # mix, stage 3 holds a dialogue or a two-picture question (~620 tokens).
+    return (
+        Stage("stage1", "pretrain.py", "stage1", s1, lr, 56, 480, 1),
+        Stage("stage2", "multitask.py", "stage2", s2, lr, 112, 768, 2),
+        Stage("stage3", "sft.py", "stage3", s3, lr / 2, 112, 640, 2),
+    )
+
+
+SETTINGS = {
+    "quick": Setting(
+        n_train=120,
+        n_heldout=12,
+        vocab_size=400,
+        model=_model(64, 1, vit_width=32, vit_layers=1),
+        stages=_stages(4, 8, 4),
+        batch_size=8,
+        eval_per_task=3,
+        warmup_steps=2,
+    ),
+    "default": Setting(
+        n_train=3000,
+        n_heldout=100,
+        vocab_size=400,
+        model=_model(128, 2),
+        stages=_stages(60, 450, 150),
+        batch_size=8,
+        eval_per_task=50,
+    ),
+    "long": Setting(
+        n_train=10000,
+        n_heldout=200,
+        vocab_size=400,
+        model=_model(128, 2),
+        stages=_stages(200, 3000, 600),
+        batch_size=8,
+        eval_per_task=100,
+    ),
+}
+
+# Tokens generated per task at evaluation (the longest answer plus slack).
+MAX_NEW_TOKENS = {"grounding": 48, "vqa": 8, "ocr": 8, "caption": 48}
+
+
+def configs_dir() -> str:
+    """The repository's `configs/` directory (next to the package)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(here, "configs")
+    if not os.path.isfile(os.path.join(path, "common.py")):
+        raise FileNotFoundError(
+            f"the stage configs are not at {path}: run the demo from a checkout of the repository"
+            " (pip install -e .), which has configs/ next to qwenvl_jax/"
+        )
+    return path
+
+
+def _load_config(filename: str) -> ml_collections.ConfigDict:
+    path = os.path.join(configs_dir(), filename)
+    spec = importlib.util.spec_from_file_location(f"qwenvl_demo_{filename[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config("tiny")
+
+
+def stage_config(
+    stage: Stage,
+    setting: Setting,
+    *,
+    data_files: dict,
+    tokenizer_dir: str,
+    vocab_size: int,
+    image_start_id: int,
+    init_workdir: str,
+    seed: int = 0,
+) -> ml_collections.ConfigDict:
+    """The trainer config of one demo stage: the stage's `tiny` config plus the demo's sizes."""
+    from qwenvl_jax.data import pipeline
+
+    c = _load_config(stage.config)
+    model = json.loads(json.dumps(setting.model))
+    model["vocab_size"] = vocab_size
+    model["visual"]["image_start_id"] = image_start_id
+    c.model.overrides = ml_collections.ConfigDict(model)
+    c.seed = seed
+    c.steps = stage.steps
+    c.batch_size = setting.batch_size
+    c.grad_accum = 1
+    c.optim.lr = stage.lr
+    c.optim.min_lr = stage.lr / 10
+    c.optim.warmup_steps = min(setting.warmup_steps, max(stage.steps // 2, 1))
+    c.init.workdir = init_workdir
+    c.init.allow_random = not init_workdir
+    data = pipeline.default_data_config()
+    data.sources[stage.data] = pipeline.source_config(
+        kind="json", path=data_files[f"{stage.data}_train"], task="chatml"
+    )
+    c.data.kind = "pipeline"
+    c.data.tokenizer = tokenizer_dir
+    c.data.spec = data
+    c.data.seq_len = stage.seq_len
+    c.data.image_size = stage.image_size
+    c.data.max_images = stage.max_images
+    c.checkpoint.every_steps = max(stage.steps // 4, 1)
+    c.checkpoint.keep = 2
+    c.checkpoint.async_save = False
+    c.log_every = max(1, min(10, stage.steps // 20))
+    return c
+
+
+def build_tokenizer(corpus: str, out_dir: str, vocab_size: int):
+    """Trains (or loads) the SentencePiece tokenizer of the demo in `out_dir/tokenizer.model`."""
+    from qwenvl_jax import tokenizer as tok_lib
+
+    model_file = os.path.join(out_dir, tok_lib.SP_MODEL_NAME)
+    if os.path.isfile(model_file):
+        return tok_lib.SentencePieceQWenTokenizer(model_file)
+    with open(corpus) as f:
+        texts = [line.rstrip("\n") for line in f if line.strip()]
+    prefix = os.path.join(out_dir, os.path.splitext(tok_lib.SP_MODEL_NAME)[0])
+    return tok_lib.train_sentencepiece(texts, prefix, vocab_size)
+
+
+def chat_answer_fn(qwen, *, max_new_tokens: int = 48) -> evaluate.AnswerFn:
+    """Batched greedy ChatML answers of a `QwenVL`: `model.chat`'s prompts, decoded together.
+
+    Rows of a batch must hold the same number of pictures.
+    """
+    from qwenvl_jax import generate as gen_lib
+    from qwenvl_jax import tokenizer as tok_lib
+
+    tok = qwen.tokenizer
+
+    def answer(images: Sequence[Sequence[str]], prompts: Sequence[str]) -> list[str]:
+        raws, contexts, pixels = [], [], []
+        for paths, prompt in zip(images, prompts, strict=True):
+            raw, ctx = tok_lib.make_context(tok, synthetic.picture(list(paths)) + prompt)
+            x = qwen.prepare(ctx)
+            raws.append(raw)
+            contexts.append(ctx)
+            pixels.append(None if x["images"] is None else x["images"][0])
+        if len({None if p is None else p.shape for p in pixels}) != 1:
+            raise ValueError("chat_answer_fn: every row of a batch needs the same number of images")
+        new = gen_lib.generate(
+            qwen.model,
+            contexts,
+            images=None if pixels[0] is None else np.stack(pixels),
+            max_new_tokens=max_new_tokens,
+            stop_words_ids=tok_lib.stop_words_ids(tok),
+            eos_token_id=tok.eod_id,
+        )
+        return [
+            tok_lib.decode_chatml(tok, list(c) + list(n), len(r), len(c))
+            for c, n, r in zip(contexts, new, raws, strict=True)
+        ]
+
+    return answer
+
+
+def evaluate_workdir(
+    model_dir: str,
+    eval_file: str,
+    out_dir: str,
+    *,
+    per_task: int | None = None,
+    batch_size: int = 16,
+    progress: Callable[[str], None] | None = print,
+) -> dict:
+    """Greedy held-out evaluation of a trained workdir; writes predictions.json and boxes.png.
+
+    Returns:
+      the metrics of `evaluate.score`.
+    """
+    from qwenvl_jax.api import QwenVL
+
+    qwen = QwenVL.from_pretrained(model_dir)
+    records = evaluate.load_records(eval_file, per_task=per_task)
+    predictions: list[str | None] = [None] * len(records)
+    for task in synthetic.EVAL_TASKS:
+        idx = [i for i, r in enumerate(records) if r["task"] == task]
+        if not idx:
+            continue
+        fn = chat_answer_fn(qwen, max_new_tokens=MAX_NEW_TOKENS[task])
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start : start + batch_size]
+            got = fn([records[i]["images"] for i in chunk], [records[i]["prompt"] for i in chunk])
+            for i, g in zip(chunk, got, strict=True):
+                predictions[i] = g
+            if progress is not None:
+                progress(f"  eval {task}: {min(start + batch_size, len(idx))}/{len(idx)}")
+    metrics = evaluate.score(records, predictions)
+    evaluate.save_json(
+        os.path.join(out_dir, "predictions.json"),
+        [dict(r, prediction=p) for r, p in zip(records, predictions, strict=True)],
+    )
+    evaluate.plot_boxes(records, predictions, os.path.join(out_dir, "boxes.png"))
+    return metrics
+
+
+def run_demo(
+    workdir: str,
+    *,
+    quick: bool = False,
+    setting: str | None = None,
+    shuffle_labels: bool = False,
+    seed: int = 0,
+    skip_eval: bool = False,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Runs the demo in `workdir` (see the module docstring) and returns its results.
+
+    Args:
+        workdir: output directory (created; re-running resumes).
+        quick: the CI setting (same as setting="quick").
+        setting: "quick", "default" or "long" (default: "quick" if quick else "default").
+        shuffle_labels: train on permuted answers (the chance-level control).
+        seed: the data, initialisation and shuffling seed.
+        skip_eval: train only.
+        progress: receives progress lines.
+
+    Returns:
+        {"setting", "metrics" (evaluate.score's dict; absent with skip_eval), "seconds" per phase,
+         "workdirs" per stage, "files"}.
+    """
+    from qwenvl_jax import train as train_lib
+
+    name = setting or ("quick" if quick else "default")
+    if name not in SETTINGS:
+        raise KeyError(f"unknown demo setting {name!r}; choose from {sorted(SETTINGS)}")
+    cfg = SETTINGS[name]
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    times: dict[str, float] = {}
+    t0 = time.time()
+
+    progress(f"[demo] setting {name!r} in {workdir}")
+    progress(
+        f"[demo] 1/5 synthetic data: {cfg.n_train} training, {cfg.n_heldout} held-out pictures"
+    )
+    manifest = synthetic.generate(
+        os.path.join(workdir, "data"),
+        n_train=cfg.n_train,
+        n_heldout=cfg.n_heldout,
+        seed=seed,
+        shuffle_labels=shuffle_labels,
+    )
+    times["data"] = time.time() - t0
+
+    t = time.time()
+    tok_dir = os.path.join(workdir, "tokenizer")
+    tok = build_tokenizer(manifest["files"]["corpus"], tok_dir, cfg.vocab_size)
+    vocab = -(-tok.n_vocab // 64) * 64
+    progress(f"[demo] 2/5 SentencePiece vocabulary: {tok.n_vocab} tokens (model vocab {vocab})")
+    times["tokenizer"] = time.time() - t
+
+    stage_dirs: dict[str, str] = {}
+    curves: dict[str, list] = {}
+    previous = ""
+    for stage in cfg.stages:
+        t = time.time()
+        sdir = os.path.join(workdir, stage.name)
+        c = stage_config(
+            stage,
+            cfg,
+            data_files=manifest["files"],
+            tokenizer_dir=tok_dir,
+            vocab_size=vocab,
+            image_start_id=tok.img_start_id,
+            init_workdir=previous,
+            seed=seed,
+        )
+        progress(
+            f"[demo] 3/5 {stage.name} ({stage.config}:tiny, {stage.steps} steps,"
+            f" {stage.image_size} px, seq {stage.seq_len}, frozen {tuple(c.optim.freeze)})"
+        )
+        train_lib.train(c, sdir)
+        # The tokenizer travels with every stage so that from_pretrained(stage dir) finds it.
+        _copy_tokenizer(tok_dir, sdir)
+        curves[stage.name] = evaluate.read_metrics(sdir)
+        stage_dirs[stage.name] = sdir
+        previous = sdir
+        times[stage.name] = time.time() - t
+        if curves[stage.name]:
+            first, last = curves[stage.name][0][1], curves[stage.name][-1][1]
+            progress(
+                f"[demo] {stage.name} done in {times[stage.name]:.0f}s:"
+                f" loss {first:.3f} -> {last:.3f}"
+            )
+
+    files = {"loss": evaluate.plot_loss_curves(curves, os.path.join(workdir, "loss.png"))}
+    result: dict[str, Any] = {"setting": name, "workdirs": stage_dirs, "seconds": times}
+    if not skip_eval:
+        t = time.time()
+        progress("[demo] 4/5 held-out evaluation (greedy decoding)")
+        metrics = evaluate_workdir(
+            previous,
+            manifest["files"]["eval"],
+            workdir,
+            per_task=cfg.eval_per_task,
+            progress=progress,
+        )
+        times["eval"] = time.time() - t
+        files["boxes"] = os.path.join(workdir, "boxes.png")
+        files["predictions"] = os.path.join(workdir, "predictions.json")
+        result["metrics"] = metrics
+        progress(evaluate.format_table(metrics, title=f"held-out evaluation ({name})"))
+    times["total"] = time.time() - t0
+    result["files"] = files
+    result["shuffle_labels"] = shuffle_labels
+    evaluate.save_json(os.path.join(workdir, "results.json"), result)
+    progress(
+        f"[demo] 5/5 done in {times['total']:.0f}s; results.json, loss.png, boxes.png in {workdir}"
+    )
+    return result
+
+
+def _copy_tokenizer(src: str, dst: str) -> None:
+    import shutil
+
+    for f in os.listdir(src):
+        if f.endswith((".model", ".vocab")):
+            shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
