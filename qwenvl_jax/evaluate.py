@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from qwenvl_jax import synthetic
+from qwenvl_jax import grounding, synthetic
 
 AnswerFn = Callable[[Sequence[Sequence[str]], Sequence[str]], list[str]]
 """(images per query, prompt per query) -> one response per query."""
@@ -285,7 +285,9 @@ def plot_loss_curves(curves: dict[str, Sequence[tuple[int, float]]], path: str) 
 def plot_boxes(
     records: Sequence[dict], predictions: Sequence[str], path: str, *, max_images: int = 8
 ) -> str:
-    """Writes a PNG grid of held-out grounding images with the true (green) and predicted (red) box.
+    """Writes a PNG grid of held-out grounding images with the true and the predicted box.
+
+    Boxes are drawn by `grounding.draw_boxes`, labelled "true" and "predicted".
 
     Args:
       records: grounding records (others are skipped).
@@ -309,19 +311,17 @@ def plot_boxes(
     for ax in axes.flat:
         ax.axis("off")
     for ax, (r, p) in zip(axes.flat, pairs, strict=False):
+        # Upscaled so that the labels of grounding.draw_boxes stay readable on small pictures.
         img = Image.open(r["images"][0]).convert("RGB")
-        w, h = img.size
-        ax.imshow(img)
+        img = img.resize((max(img.size[0], 336), max(img.size[1], 336)), Image.NEAREST)
         pred = parse_first_box(p)
-        for box, colour, style in ((r["box"], "lime", "-"), (pred, "red", "--")):
-            x1, y1, x2, y2 = (v / 1000 * s for v, s in zip(box, (w, h, w, h), strict=True))
-            ax.add_patch(
-                plt.Rectangle(
-                    (x1, y1), x2 - x1, y2 - y1, fill=False, color=colour, lw=2, linestyle=style
-                )
-            )
+        x1, y1, x2, y2 = r["box"]
+        px1, py1, px2, py2 = (int(v) for v in pred)
+        boxes = f"<ref>true</ref><box>({x1},{y1}),({x2},{y2})</box>"
+        boxes += f"<ref>predicted</ref><box>({px1},{py1}),({px2},{py2})</box>"
+        ax.imshow(grounding.draw_boxes(img, boxes))
         ax.set_title(f"{r.get('phrase', '')}\nIoU {iou(pred, r['box']):.2f}", fontsize=9)
-    fig.suptitle("held-out grounding: true (green) vs predicted (red, dashed)", fontsize=10)
+    fig.suptitle("held-out grounding: true vs predicted boxes", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
