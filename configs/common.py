@@ -94,7 +94,10 @@ def tiny(c: mlc.ConfigDict) -> mlc.ConfigDict:
     c.data.image_size = 56
     c.data.seq_len = 128
     # 56 px gives 16 patches: 16 queries (a 4x4 sin-cos grid) instead of 256 keep images cheap.
-    c.model.overrides.visual = {"n_queries": 16}
+    # The tiny preset's vocabulary and image ids, listed so flags can change them (a small
+    # SentencePiece vocabulary: --config.model.overrides.vocab_size=...).
+    c.model.overrides.vocab_size = 151936
+    c.model.overrides.visual = {"n_queries": 16, "image_start_id": 151857}
     c.batch_size = 16
     c.grad_accum = 2
     c.steps = 20
