@@ -343,3 +343,36 @@ def test_cli_import_export(tmp_path):
     cfg, a = import_hf(BIN_MINI)
     _, b = import_hf(str(hf))
     same_hf(dict(hf_tensors(a, cfg)), dict(hf_tensors(b, cfg)))
+
+
+def test_load_params_onto_abstract_model_and_assign(tmp_path, mini):
+    """Our format restores straight into a model built with nnx.eval_shape (both layouts)."""
+    from flax import nnx
+
+    from qwenvl_jax.convert import assign_params
+    from qwenvl_jax.model.qwenvl import QWenLMHeadModel
+
+    cfg, _ = mini
+    _, params = import_hf(BIN_MINI, scan_layers=True)
+    save_params(str(tmp_path / "ours"), params, cfg)
+    ref = dict(hf_tensors(params, cfg))
+    for scan in (True, False):
+        model = nnx.eval_shape(
+            lambda scan=scan: QWenLMHeadModel(
+                cfg, rngs=nnx.Rngs(0), scan_layers=scan, param_dtype=jax.numpy.bfloat16
+            )
+        )
+        if scan:  # the saved layout: restored by Orbax onto the abstract target
+            _, restored = load_params(
+                str(tmp_path / "ours"), abstract=nnx.to_pure_dict(nnx.state(model, nnx.Param))
+            )
+        else:
+            _, restored = load_params(str(tmp_path / "ours"), scan_layers=False)
+        assign_params(model, restored)
+        same_hf(ref, dict(hf_tensors(model, cfg)))
+    bad = import_hf(BIN_MINI, scan_layers=False)[1]
+    del bad["transformer"]["ln_f"]
+    with pytest.raises(
+        CheckpointMismatchError, match=r"missing parameter transformer\.ln_f\.scale"
+    ):
+        assign_params(model, bad)

@@ -275,7 +275,7 @@ def hf_tensors(
     scanned = is_scanned(params)
     for rule in mapping.rules(cfg):
         x = rule.to_hf(_leaf(params, rule, scanned))
-        yield rule.hf_key, np.ascontiguousarray(x if dtype is None else x.astype(dtype))
+        yield rule.hf_key, np.asarray(x, dtype=dtype or x.dtype, order="C")
 
 
 def _check_no_extra(params: Mapping, rules: list[mapping.Rule], scanned: bool) -> None:
@@ -355,7 +355,8 @@ def export_hf(
             metadata={"format": "pt"},
         )
         for r, dt, _ in shard:
-            w.write(r.hf_key, np.ascontiguousarray(r.to_hf(_leaf(params, r, scanned)).astype(dt)))
+            # At most one copy of this tensor (none when it is already C-ordered in dtype dt).
+            w.write(r.hf_key, np.asarray(r.to_hf(_leaf(params, r, scanned)), dtype=dt, order="C"))
             weight_map[r.hf_key] = name
         w.close()
         total += w.nbytes

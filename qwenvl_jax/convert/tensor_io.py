@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import struct
+import sys
 import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -158,7 +159,12 @@ class SafetensorsWriter:
                 f"{self.path}: tensor {name!r} is {array.shape} {array.dtype}; declared"
                 f" {shape} {dtype}"
             )
-        self._f.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes())
+        if array.dtype.byteorder == ">" or (
+            array.dtype.byteorder == "=" and sys.byteorder == "big"
+        ):
+            array = array.astype(array.dtype.newbyteorder("<"))
+        # One C-order pass straight into the file: no intermediate bytes object.
+        self._f.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
         self._next += 1
 
     def close(self) -> None:
