@@ -427,7 +427,7 @@ def write_bin_fixtures(ref, out_dir: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- export check
-def verify_export(ref, export_dir: str, name: str, out_dir: str) -> None:
+def verify_export(ref, export_dir: str, name: str, out_dir: str, suffix: str = "") -> None:
     """Load a directory exported by qwenvl_jax into the reference and compare with the fixtures."""
     model, info = ref.modeling.QWenLMHeadModel.from_pretrained(
         export_dir, output_loading_info=True, fp32=True
@@ -442,11 +442,22 @@ def verify_export(ref, export_dir: str, name: str, out_dir: str) -> None:
         "files": sorted(os.listdir(export_dir)),
         "cases": {},
     }
+    import torch
+
     sd = model.state_dict()
+    recipe = {k: recipe_array(SEEDS[name], k, tuple(sd[k].shape)) for k in sd}
     result["weights_equal_recipe"] = all(
-        np.array_equal(sd[k].float().numpy(), recipe_array(SEEDS[name], k, tuple(sd[k].shape)))
+        np.array_equal(sd[k].float().numpy(), recipe[k]) for k in sd
+    )
+    # A bfloat16 export: every value is the float32 recipe rounded to bf16 by torch.
+    result["weights_equal_recipe_rounded_to_bf16"] = all(
+        np.array_equal(
+            sd[k].float().numpy(),
+            torch.from_numpy(recipe[k]).to(torch.bfloat16).float().numpy(),
+        )
         for k in sd
     )
+    del recipe
     for case in ("text", "image1", "image2", "long"):
         path = os.path.join(out_dir, f"{name}_{case}.npz")
         if not os.path.exists(path):
@@ -463,13 +474,15 @@ def verify_export(ref, export_dir: str, name: str, out_dir: str) -> None:
             max_abs_logit=scale,
             relative=max(diff_full, diff_sampled) / scale,
         )
-    path = os.path.join(out_dir, f"export_check_{name}.json")
+    path = os.path.join(out_dir, f"export_check_{name}{suffix}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result, indent=1))
 
 
-def export_with_qwenvl_jax(fixture_dir: str, name: str, export_dir: str, scan_layers: bool) -> None:
+def export_with_qwenvl_jax(
+    fixture_dir: str, name: str, export_dir: str, scan_layers: bool, dtype: str
+) -> None:
     """Step 1 of the export check, run with qwenvl_jax installed (no torch needed).
 
     The recipe weights go through qwenvl_jax's importer into its NNX model, and the model's
@@ -490,7 +503,12 @@ def export_with_qwenvl_jax(fixture_dir: str, name: str, export_dir: str, scan_la
     )
     model = nnx.eval_shape(lambda: QWenLMHeadModel(cfg, rngs=nnx.Rngs(0), scan_layers=scan_layers))
     assign_params(model, import_tensors(tensors, cfg, scan_layers=scan_layers))
-    export_hf(model, cfg, export_dir, max_shard_bytes=100 * 2**20, progress=print)
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        export_hf(model, cfg, export_dir, dtype=ml_dtypes.bfloat16, progress=print)
+    else:
+        export_hf(model, cfg, export_dir, max_shard_bytes=100 * 2**20, progress=print)
     print(f"exported {name} (scan_layers={scan_layers}) to {export_dir}")
 
 
@@ -550,6 +568,9 @@ imports the recipe weights with qwenvl_jax's importer into its NNX model and exp
 loads DIR with the reference's `QWenLMHeadModel.from_pretrained`, and records missing / unexpected
 / mismatched keys, whether every loaded tensor equals the recipe, and the logit differences against
 these fixtures (`tiny` was exported from the per-layer layout, `wide224` from the scan layout).
+`export_check_tiny_bf16.json`: `tiny` exported from the scan layout with `--export_dtype bfloat16`
+(its logits differ from the float32 fixtures by the bf16 rounding of the weights; every loaded
+weight equals torch's bf16 rounding of the recipe).
 """
 
 
@@ -582,10 +603,23 @@ def main(argv=None) -> None:
         " qwenvl_jax's importer, model and exporter into DIR, for --verify_export",
     )
     p.add_argument("--scan_layers", action="store_true", help="with --export_with_qwenvl_jax")
+    p.add_argument(
+        "--check_suffix", default="", help="with --verify_export: export_check_<model><suffix>.json"
+    )
+    p.add_argument(
+        "--export_dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="with --export_with_qwenvl_jax: the dtype written",
+    )
     args = p.parse_args(argv)
     if args.export_with_qwenvl_jax:
         export_with_qwenvl_jax(
-            os.path.abspath(args.out_dir), args.model, args.export_with_qwenvl_jax, args.scan_layers
+            os.path.abspath(args.out_dir),
+            args.model,
+            args.export_with_qwenvl_jax,
+            args.scan_layers,
+            args.export_dtype,
         )
         return
     if not args.reference_dir:
@@ -602,7 +636,7 @@ def main(argv=None) -> None:
         if os.path.exists(os.path.join(out_dir, im)):
             shutil.copy(os.path.join(out_dir, im), im)
     if args.verify_export:
-        verify_export(ref, args.verify_export, args.model, out_dir)
+        verify_export(ref, args.verify_export, args.model, out_dir, args.check_suffix)
         return
 
     images = make_images(out_dir)
