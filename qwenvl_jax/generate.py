@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qwenvl_jax.model.qwen import dynamic_ntk_alpha, init_cache
+from qwenvl_jax.model.qwen import inference_scaling, init_cache
 from qwenvl_jax.model.qwenvl import QWenLMHeadModel, image_token_index
 
 EOD_ID = 151643  # <|endoftext|>, the eos of Qwen-VL's generation_config
@@ -156,7 +156,17 @@ def generate(
     for b, r in enumerate(rows):  # left-pad to the longest prompt, right-pad to the bucket
         ids[b, prompt_len - len(r) : prompt_len] = r
         seg[b, prompt_len - len(r) : prompt_len] = 1
+    bad = [(b, t) for b, r in enumerate(rows) for t in r if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise ValueError(
+            f"prompt ids outside the vocabulary [0, {cfg.vocab_size}): (row, id) {bad[:5]}"
+        )
     token_index = None
+    if images is None and any(cfg.visual.image_start_id in r for r in rows):
+        raise ValueError(
+            "the prompt holds <img> spans but no images were given: pass images=[M, S, S, 3] "
+            "(or [B, M, S, S, 3]) in span order"
+        )
     if images is not None:
         images = jnp.asarray(images, jnp.float32)
         if single:
@@ -172,8 +182,8 @@ def generate(
         token_index = jnp.asarray(token_index)
     cache_len = _round_up(prompt_len + max_new_tokens, cache_bucket)
     cache_len = max(cache_len, padded_len)
-    ntk_alpha = dynamic_ntk_alpha(prompt_len, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
-    use_logn = bool(cfg.use_logn_attn)
+    scaling = inference_scaling(cfg, prompt_len)
+    ntk_alpha, use_logn = scaling["ntk_alpha"], scaling["use_logn"]
     graphdef, state = nnx.split(model)
     cache = init_cache(cfg, bsz, cache_len, model.dtype)
     logits, cache = _prefill(

@@ -149,3 +149,11 @@ def test_bad_inputs():
         gen.generate(m, [1, 2], max_new_tokens=0)
     with pytest.raises(ValueError, match="non-empty"):
         gen.generate(m, [], max_new_tokens=2)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        gen.generate(m, [[1, 2], [3, 1000]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="no images were given"):
+        gen.generate(m, [1, IMG] + [IMG + 2] * 256 + [IMG + 1], max_new_tokens=2)
+    with pytest.raises(ValueError, match="do not cover"):
+        s = CFG.visual.image_size
+        two_spans = ([IMG] + [IMG + 2] * 256 + [IMG + 1]) * 2
+        gen.generate(m, two_spans, images=np.zeros((1, s, s, 3)), max_new_tokens=2)

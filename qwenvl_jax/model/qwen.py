@@ -35,6 +35,17 @@ def dynamic_ntk_alpha(kv_len: int, seq_length: int) -> float:
     return float(max(2 ** math.ceil(context_value) - 1, 1))
 
 
+def inference_scaling(cfg: QWenConfig, kv_len: int) -> dict:
+    """The forward's `ntk_alpha` / `use_logn` for inference over a prompt of kv_len tokens.
+
+    As the reference in eval mode: alpha from the prompt length when `use_dynamic_ntk` (computed
+    once at prefill and reused for every decode step), logn when `use_logn_attn`. Training passes
+    neither (alpha 1, no logn).
+    """
+    alpha = dynamic_ntk_alpha(kv_len, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
+    return {"ntk_alpha": alpha, "use_logn": bool(cfg.use_logn_attn)}
+
+
 def rotary_inv_freq(head_dim: int, base: float, ntk_alpha: float | jax.Array = 1.0) -> jax.Array:
     """Float32 [H/2] inverse frequencies of Qwen's rotary with NTK-scaled base.
 
