@@ -1,4 +1,4 @@
-"""Write golden fixtures by running the published PyTorch Qwen-VL code on tiny random models.
+r"""Write golden fixtures by running the published PyTorch Qwen-VL code on tiny random models.
 
 The published code (modeling_qwen.py, visual.py, tokenization_qwen.py, qwen_generation_utils.py,
 configuration_qwen.py, qwen.tiktoken) is NOT part of this repository: --reference_dir names a copy.
