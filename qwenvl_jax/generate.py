@@ -4,7 +4,8 @@ Both steps are `jax.jit`-compiled once per shape: prompts are right-padded to a 
 `prefill_bucket` (padding sits after the real tokens, so causal attention never sees it, and decode
 overwrites those cache slots) and the cache length is rounded up to a multiple of `cache_bucket`.
 Dynamic NTK (alpha from the prompt length, fixed at prefill) and logn scaling follow the config's
-`use_dynamic_ntk` / `use_logn_attn`, as the reference does at inference.
+`use_dynamic_ntk` / `use_logn_attn`, as the reference does at inference. Alpha is a static
+argument, so prompts past `seq_length` add one compilation per alpha value (3, 7, 15, ...).
 
 Batches of prompts with different lengths are left-padded with segment id 0, and rotary positions
 count the padding, as the reference's batched generation does.
