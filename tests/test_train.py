@@ -222,8 +222,12 @@ def test_latest_params_unstacks_to_per_layer_keys(reference):
 
 
 @pytest.mark.slow
-def test_sigkill_then_restart_matches_uninterrupted(reference, tmp_path):
-    _, ref = reference
+def test_sigkill_then_restart_matches_uninterrupted(tmp_path):
+    ref_wd = str(tmp_path / "uninterrupted")
+    cmd, env = cli(ref_wd)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    ref = [losses_by_step(ref_wd)[i] for i in range(1, 7)]
     wd = str(tmp_path / "run")
     cmd, env = cli(wd)
     kill_after = random.Random(os.getpid()).randint(2, 5)
