@@ -317,7 +317,12 @@ def test_tiny_aot_compile_for_tpu_slice():
         "c.mesh.model=2;c.model.dtype='bfloat16';"
         "print('RESULT', json.dumps(train.dry_run(c)))"
     )
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_WORKER_HOSTNAMES="localhost")
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        TPU_WORKER_HOSTNAMES="localhost",
+        ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, timeout=600
     )
