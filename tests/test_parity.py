@@ -24,6 +24,7 @@ from flax import nnx
 
 from qwenvl_jax import config as config_lib
 from qwenvl_jax.convert import assign_params, import_tensors
+from qwenvl_jax.generate import generate
 from qwenvl_jax.model.qwen import dynamic_ntk_alpha
 from qwenvl_jax.model.qwenvl import QWenLMHeadModel, image_token_index
 
@@ -186,7 +187,6 @@ GENERATIONS = [
 
 
 def _generate(name, scan_layers, case):
-    generate = pytest.importorskip("qwenvl_jax.generate", reason="generate.py not landed").generate
     cfg, model = load_model(name, scan_layers)
     fx = np.load(os.path.join(REF, f"{name}_gen_{case}.npz"))
     prompt = fx["prompt_ids"].tolist()
