@@ -47,7 +47,11 @@ def base() -> mlc.ConfigDict:
     c.data.spec = mlc.ConfigDict()  # passed through to the data pipeline factory
 
     c.batch_size = 128  # global sequences per optimizer step (Table 8 "Global batch size")
-    c.grad_accum = 1  # micro-batches per step (Table 8 "Gradient Acc.")
+    c.grad_accum = 1  # micro-batches per step (Table 8 "Gradient Acc.", per GPU in the paper)
+    # Sequences per data-parallel shard per micro-step; > 0 derives the number of micro-batches
+    # from the mesh (batch / (device_batch x data x fsdp)), so the global batch of Table 8 holds
+    # on any slice. 0 uses grad_accum as given.
+    c.device_batch = 2
 
     c.optim = mlc.ConfigDict()
     c.optim.lr = 1e-4  # peak
@@ -99,6 +103,7 @@ def tiny(c: mlc.ConfigDict) -> mlc.ConfigDict:
     c.model.overrides.vocab_size = 151936
     c.model.overrides.visual = {"n_queries": 16, "image_start_id": 151857}
     c.batch_size = 16
+    c.device_batch = 0
     c.grad_accum = 2
     c.steps = 20
     c.optim.warmup_steps = 2

@@ -11,7 +11,7 @@ memory and FLOPs), --coordinator/--num_processes/--process_id (multi-process wit
 
 The train step: float32 master weights, bfloat16 compute (config.model.dtype), loss = sum over
 supervised tokens of the cross-entropy / number of supervised tokens of the whole global batch
-(docs/architecture.md), gradient accumulation over `grad_accum` micro-batches inside one compiled
+(docs/architecture.md), gradient accumulation over micro-batches inside one compiled
 step (lax.scan), donated params and optimizer state, one compilation per run."""
 
 from __future__ import annotations
@@ -94,19 +94,14 @@ class Setup:
     schedule: Any
     abstract_opt: Any
     opt_sharding: Any
+    accum: int  # micro-batches per optimizer step
 
 
 def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
     """Builds the abstract model, shardings and optimizer without allocating parameters."""
     mcfg = model_config(cfg)
     mesh = shd.make_mesh(cfg.mesh, devices)
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro = int(cfg.batch_size) // max(int(cfg.grad_accum), 1)
-    if micro % dp or cfg.batch_size % cfg.grad_accum:
-        raise ValueError(
-            f"batch_size {cfg.batch_size} / grad_accum {cfg.grad_accum} = {micro} sequences per "
-            f"micro-batch must be a multiple of the data-parallel size data x fsdp = {dp}"
-        )
+    accum = grad_accum_steps(cfg, mesh)
     rules = shd.rules_from_config(cfg.sharding.rules)
     with nnx.use_eager_sharding(False):
         abstract_model = nnx.eval_shape(lambda: make_model(cfg, mcfg, nnx.Rngs(0)))
@@ -127,8 +122,34 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
     )
     return Setup(
         cfg, mcfg, mesh, rules, graphdef, state, abstract, param_sharding, tx, labels, schedule,
-        abstract_opt, opt_sharding,
+        abstract_opt, opt_sharding, accum,
     )  # fmt: skip
+
+
+def grad_accum_steps(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> int:
+    """Micro-batches per optimizer step.
+
+    With `cfg.device_batch` > 0 (sequences per data-parallel shard per micro-step), the number of
+    micro-batches follows from the global batch and the mesh: batch / (device_batch x data x fsdp);
+    the paper's per-GPU accumulation (Table 8) only fixes the global batch on a different cluster.
+    With `cfg.device_batch` = 0, `cfg.grad_accum` is used as given.
+    """
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    b = int(cfg.batch_size)
+    db = int(cfg.get("device_batch", 0) or 0)
+    if db:
+        if b % (db * dp):
+            raise ValueError(
+                f"batch_size {b} is not a multiple of device_batch {db} x data-parallel size {dp}"
+            )
+        return b // (db * dp)
+    a = int(cfg.grad_accum)
+    if b % a or (b // a) % dp:
+        raise ValueError(
+            f"batch_size {b} / grad_accum {a} must be a whole number of sequences per micro-batch"
+            f" and a multiple of the data-parallel size data x fsdp = {dp}"
+        )
+    return a
 
 
 def merge_model(s: Setup, params: Any):
@@ -264,11 +285,9 @@ BATCH_SPEC = {
 }
 
 
-def batch_shapes(cfg, mcfg: QWenConfig, process_count: int = 1) -> dict[str, tuple]:
-    """Global shapes [A, B/A, ...] of one step's batch."""
-    a = int(cfg.grad_accum)
-    if cfg.batch_size % a:
-        raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of grad_accum {a}")
+def batch_shapes(cfg, accum: int) -> dict[str, tuple]:
+    """Global shapes [A, B/A, ...] of one step's batch (A = accum micro-batches)."""
+    a = accum
     b, t = cfg.batch_size // a, int(cfg.data.seq_len)
     m, sz = int(cfg.data.max_images), int(cfg.data.image_size)
     shapes = {k: (a, b, t) for k in ("input_ids", "targets", "loss_mask", "segment_ids")}
@@ -280,7 +299,7 @@ def batch_shapes(cfg, mcfg: QWenConfig, process_count: int = 1) -> dict[str, tup
 
 def batch_shardings(s: Setup) -> dict:
     out = {}
-    for k, shp in batch_shapes(s.cfg, s.mcfg).items():
+    for k, shp in batch_shapes(s.cfg, s.accum).items():
         spec = jax.sharding.PartitionSpec(None, shd.BATCH_AXES, *([None] * (len(shp) - 2)))
         out[k] = jax.sharding.NamedSharding(s.mesh, spec)
     return out
@@ -290,7 +309,7 @@ def abstract_batch(s: Setup) -> dict:
     sh = batch_shardings(s)
     return {
         k: jax.ShapeDtypeStruct(shp, BATCH_SPEC[k], sharding=sh[k])
-        for k, shp in batch_shapes(s.cfg, s.mcfg).items()
+        for k, shp in batch_shapes(s.cfg, s.accum).items()
     }
 
 
@@ -398,10 +417,10 @@ def make_data_iterator(cfg, mcfg: QWenConfig, batch_size_per_host: int):
 
 def to_step_batch(local: dict, s: Setup) -> dict:
     """Host rows [b_local, ...] -> global arrays [A, B/A, ...] sharded over (data, fsdp)."""
-    a = int(s.cfg.grad_accum)
+    a = s.accum
     sh = batch_shardings(s)
     out = {}
-    for k in batch_shapes(s.cfg, s.mcfg):
+    for k in batch_shapes(s.cfg, s.accum):
         v = np.asarray(local[k], BATCH_SPEC[k])
         if v.shape[0] % a:
             raise ValueError(f"host batch {v.shape[0]} rows is not a multiple of grad_accum {a}")
@@ -585,6 +604,11 @@ def describe(s: Setup) -> str:
     lines.append(
         f"per-device bytes: params {pb / 2**30:.3f} GiB, optimizer state {ob / 2**30:.3f} GiB"
     )
+    micro = int(s.cfg.batch_size) // s.accum
+    lines.append(
+        f"global batch {s.cfg.batch_size} x {s.cfg.data.seq_len} tokens = {s.accum} micro-batches"
+        f" of {micro} ({micro // (s.mesh.shape['data'] * s.mesh.shape['fsdp'])} per data shard)"
+    )
     lines.append(f"model FLOPs per step: {step_model_flops(s) / 1e12:.2f} TFLOP")
     return "\n".join(lines)
 
@@ -641,7 +665,7 @@ def topology_devices(cfg) -> list | None:
     topo = topologies.get_topology_desc(
         platform="tpu",
         topology_name=cfg.aot.topology,
-        chip_config_name=cfg.aot.chip_config or None,
+        chip_config_name=cfg.aot.chip_config or "default",
         chips_per_host_bounds=bounds,
         num_slices=1,
     )
