@@ -16,6 +16,7 @@ logn attention scaling are active (identity for prompts up to `seq_length` = 204
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -37,6 +38,26 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 # Generation defaults when the checkpoint has no generation_config.json: greedy, as the issue's API.
 DEFAULT_GENERATION = {"max_new_tokens": 512, "do_sample": False, "top_p": None, "top_k": None}
 GENERATION_KEYS = ("max_new_tokens", "do_sample", "top_p", "top_k", "temperature")
+# generation_config.json keys kept besides GENERATION_KEYS: chat's history window (6144 published).
+CHAT_KEYS = ("max_window_size",)
+# `logits` right-pads prompts to a multiple of this, so prompts of similar length share one
+# compilation (causal attention: the padding cannot change the logits of the real positions).
+LOGITS_BUCKET = 64
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "use_logn"))
+def _forward(graphdef, state, input_ids, images, index, ntk_alpha, *, use_logn):
+    """Jitted full forward: float32 logits [B, T, V]. Module level, so every QwenVL with the same
+    graphdef (e.g. a reloaded export) reuses the compilations."""
+    model = nnx.merge(graphdef, state)
+    out = model(
+        input_ids,
+        images=images,
+        image_token_index=index,
+        ntk_alpha=ntk_alpha,
+        use_logn=use_logn,
+    )
+    return out.astype(jnp.float32)
 
 
 def _dtype(dtype: str | Any):
@@ -175,7 +196,6 @@ class QwenVL:
         self.generation_config.update(generation_config or {})
         self.allow_urls = allow_urls
         self._graphdef, self._state = nnx.split(model)
-        self._forward = jax.jit(self._forward_impl, static_argnames=("use_logn",))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -214,7 +234,7 @@ class QwenVL:
         gen_file = os.path.join(path, "generation_config.json")
         if os.path.isfile(gen_file):
             with open(gen_file) as f:
-                gen = {k: v for k, v in json.load(f).items() if k in GENERATION_KEYS}
+                gen = {k: v for k, v in json.load(f).items() if k in GENERATION_KEYS + CHAT_KEYS}
         return cls(model, tokenizer, generation_config=gen, allow_urls=allow_urls)
 
     @classmethod
@@ -268,17 +288,6 @@ class QwenVL:
         alpha = dynamic_ntk_alpha(n_tokens, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
         return alpha, bool(cfg.use_logn_attn)
 
-    def _forward_impl(self, state, input_ids, images, index, ntk_alpha, use_logn):
-        model = nnx.merge(self._graphdef, state)
-        out = model(
-            input_ids,
-            images=images,
-            image_token_index=index,
-            ntk_alpha=ntk_alpha,
-            use_logn=use_logn,
-        )
-        return out.astype(jnp.float32)
-
     # ------------------------------------------------------------------ scoring
     def logits(self, text: str | Sequence[int]) -> np.ndarray:
         """Next-token logits at every position, as the published model computes them at inference.
@@ -290,16 +299,20 @@ class QwenVL:
           float32 numpy [T, V] (V = config.vocab_size).
         """
         x = self.prepare(text)
-        alpha, use_logn = self._inference_rope(x["input_ids"].shape[1])
-        out = self._forward(
+        n = x["input_ids"].shape[1]
+        alpha, use_logn = self._inference_rope(n)  # from the real length, not the padded one
+        pad = ((0, 0), (0, -(-n // LOGITS_BUCKET) * LOGITS_BUCKET - n))
+        index = x["image_token_index"]
+        out = _forward(
+            self._graphdef,
             self._state,
-            jnp.asarray(x["input_ids"]),
+            jnp.asarray(np.pad(x["input_ids"], pad)),
             None if x["images"] is None else jnp.asarray(x["images"], self.model.dtype),
-            None if x["image_token_index"] is None else jnp.asarray(x["image_token_index"]),
+            None if index is None else jnp.asarray(np.pad(index, pad, constant_values=-1)),
             jnp.float32(alpha),
-            use_logn,
+            use_logn=use_logn,
         )
-        return np.asarray(out[0], np.float32)
+        return np.asarray(out[0, :n], np.float32)
 
     # ------------------------------------------------------------------ generation
     def _generation_args(self, overrides: dict) -> dict:

@@ -72,6 +72,19 @@ def test_logits_match_published(model, case, monkeypatch):
     np.testing.assert_array_equal(model.logits(ids), logits)  # ids and text agree
 
 
+def test_logits_compile_once_per_length_bucket(model, hf_dir):
+    from qwenvl_jax import api
+
+    model.logits("Hello there")  # warm up this bucket
+    size = api._forward._cache_size()
+    a = model.logits("Hello there, a longer prompt of the same length bucket")
+    assert a.shape[0] > len(model.tokenizer.encode("Hello there"))
+    # A second instance with the same architecture (a reload) shares the compilation too.
+    again = QwenVL.from_pretrained(hf_dir)
+    np.testing.assert_array_equal(again.logits("Hello there"), model.logits("Hello there"))
+    assert api._forward._cache_size() == size
+
+
 def test_bad_inputs_give_clear_errors(model, tmp_path):
     missing = str(tmp_path / "missing.png")
     with pytest.raises(FileNotFoundError, match="missing.png"):
@@ -142,9 +155,41 @@ def test_chat_reproduces_published_prompt_and_decoding(model, monkeypatch):
     want = tk.decode_chatml(model.tokenizer, prompt + new, len(raw_text), len(context))
     assert isinstance(response, str) and response == want and response
     assert out_history is history and history == [(query, response)]
-    # A second turn carries the first in its prompt.
+    # A second turn carries the first in its prompt (make_context is checked against the
+    # published prompts in test_tokenizer): its response is the one generated from that prompt.
+    first_turn = list(history)
     response2, history = model.chat("And now?", history=history, max_new_tokens=3)
     assert len(history) == 2 and history[1] == ("And now?", response2)
+    raw2, context2 = tk.make_context(model.tokenizer, "And now?", history=first_turn)
+    assert context2[: len(prompt)] == prompt and len(context2) > len(prompt) + 10
+    new2 = model.generate(context2, max_new_tokens=3, stop_words_ids=STOPS)
+    assert response2 == tk.decode_chatml(model.tokenizer, context2 + new2, len(raw2), len(context2))
+
+
+def test_max_window_size_from_generation_config_truncates_history(hf_dir, tmp_path, monkeypatch):
+    d = tmp_path / "small_window"
+    d.mkdir()
+    for name in os.listdir(hf_dir):
+        os.symlink(os.path.join(hf_dir, name), d / name)
+    (d / "generation_config.json").write_text(
+        json.dumps({"max_window_size": 40, "do_sample": False, "max_new_tokens": 3})
+    )
+    vl = QwenVL.from_pretrained(str(d))
+    assert vl.generation_config["max_window_size"] == 40
+    history = [("An earlier question about something long enough " * 5, "An answer.")]
+    raw_fresh, fresh = tk.make_context(vl.tokenizer, "What now?")
+    raw_kept, kept = tk.make_context(vl.tokenizer, "What now?", history=history)
+    assert len(kept) > len(fresh)  # the default window keeps the earlier turn
+
+    def respond(raw, context):
+        new = vl.generate(context, max_new_tokens=3, stop_words_ids=STOPS)
+        return tk.decode_chatml(vl.tokenizer, context + new, len(raw), len(context))
+
+    # The two prompts give different answers, so the check below tells them apart.
+    assert respond(raw_kept, kept) != respond(raw_fresh, fresh)
+    # The 40-token window leaves no room for the earlier turn: chat answers the fresh prompt.
+    response, _ = vl.chat("What now?", history=list(history))
+    assert response == respond(raw_fresh, fresh)
 
 
 def test_sampling_is_seeded(model):
@@ -152,6 +197,13 @@ def test_sampling_is_seeded(model):
     a = model.generate("Tell me a story.", seed=1, **kw)
     assert a == model.generate("Tell me a story.", seed=1, **kw)
     assert len(a) == 5 or a[-1] == model.tokenizer.eod_id
+    # The seed matters and the draws are not the greedy path (fixed seeds: deterministic).
+    greedy = model.generate("Tell me a story.", max_new_tokens=5, do_sample=False)
+    draws = {tuple(model.generate("Tell me a story.", seed=s, **kw)) for s in range(1, 5)}
+    assert len(draws) > 1 and any(d != tuple(greedy) for d in draws)
+    # top_k=1 keeps only the argmax: sampling then follows the greedy path.
+    one = dict(kw, top_k=1)
+    assert model.generate("Tell me a story.", seed=2, **one) == greedy
     with pytest.raises(TypeError, match="unknown generation arguments"):
         model.generate("x", num_beams=2)
 
