@@ -26,6 +26,7 @@ def base() -> mlc.ConfigDict:
     # checkpointing; at 2048 tokens and micro-batch 512 on 32 chips the 7B stages need it on TPU.
     c.model.remat_llm = "full"
     c.model.remat_vit = "full"
+    c.model.attn_impl = "xla"  # dot_product_attention implementation ("xla", "cudnn", ...)
 
     # Where the weights come from (Table 8 "ViT/LLM/VL Adapter init."). At most one of `workdir`,
     # `checkpoint` or (`vit_checkpoint`, `llm_checkpoint`); none means random init (`allow_random`).
@@ -37,9 +38,8 @@ def base() -> mlc.ConfigDict:
     c.init.allow_random = False
 
     c.data = mlc.ConfigDict()
-    c.data.kind = (
-        "random"  # "random": synthetic token batches; otherwise the data pipeline's config
-    )
+    c.data.kind = "random"  # "random": synthetic token batches; "pipeline": qwenvl_jax.data
+    c.data.tokenizer = ""  # "pipeline": tokenizer path ("" = the Qwen tiktoken vocabulary)
     c.data.seq_len = 2048  # Table 8 "LLM sequence length"
     c.data.image_size = 448  # Table 8 "Image resolution"
     c.data.max_images = 1  # static image slots per packed sequence
@@ -78,6 +78,9 @@ def base() -> mlc.ConfigDict:
     c.checkpoint.async_save = True
 
     c.log_every = 10
+    # LM head + float32 log-softmax in chunks of this many positions (0 = all at once), so the
+    # [B, T, 151936] float32 logits never exist in full.
+    c.loss_chunk = 512
     c.chip = ""  # name for MFU ("v5p", "h100", ...); "" = guess from the device kind
     # Dry run / AOT: a TPU topology to compile for on a CPU host, e.g. "v5p:4x4x2".
     c.aot = mlc.ConfigDict(dict(topology="", chip_config="megacore", chips_per_host="2,2,1"))
@@ -112,6 +115,7 @@ def tiny(c: mlc.ConfigDict) -> mlc.ConfigDict:
     c.checkpoint.every_steps = 10
     c.checkpoint.keep = 2
     c.log_every = 1
+    c.loss_chunk = 0
     c.aot.topology = ""
     return c
 
