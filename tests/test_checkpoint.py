@@ -1,0 +1,93 @@
+"""Checkpointer: round trip, restore onto another mesh, partial saves ignored, keep-last-K."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from qwenvl_jax import checkpoint as ckpt_lib
+from qwenvl_jax import sharding as shd
+
+
+def _state(mesh, spec):
+    sh = NamedSharding(mesh, spec)
+    w = np.arange(64 * 8, dtype=np.float32).reshape(64, 8)
+    params = {"a": {"kernel": jax.device_put(w, sh)}, "b": jax.device_put(np.ones(8, np.float32))}
+    tx = optax.adamw(1e-3)
+    opt = tx.init(params)
+    return params, opt
+
+
+def _abstract(tree, sharding_fn):
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_fn(x)), tree
+    )
+
+
+def test_round_trip_onto_a_different_mesh(tmp_path):
+    m1 = shd.make_mesh(dict(data=8, fsdp=1, model=1))
+    params, opt = _state(m1, P("data", None))
+    ck = ckpt_lib.Checkpointer(str(tmp_path), keep=2)
+    ck.save(3, params, opt, {"seed": 1}, data_state=json.dumps({"count": 3}), wait=True)
+    m2 = shd.make_mesh(dict(data=1, fsdp=4, model=2))
+    target = NamedSharding(m2, P("fsdp", "model"))
+
+    def sh(x):
+        return target if x.ndim == 2 else NamedSharding(m2, P())
+
+    step, p2, o2, meta = ck.restore_latest(_abstract(params, sh), _abstract(opt, sh))
+    ck.close()
+    assert step == 3 and meta["seed"] == 1 and json.loads(meta["data_state"][0]) == {"count": 3}
+    assert p2["a"]["kernel"].sharding == target
+    np.testing.assert_array_equal(np.asarray(p2["a"]["kernel"]), np.asarray(params["a"]["kernel"]))
+    for a, b in zip(jax.tree.leaves(o2), jax.tree.leaves(opt), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_partial_save_is_ignored_and_keep_last_k(tmp_path):
+    m = shd.make_mesh(dict(data=8, fsdp=1, model=1))
+    params, opt = _state(m, P())
+    ck = ckpt_lib.Checkpointer(str(tmp_path), keep=2, async_save=True)
+    for step in (1, 2, 3):
+        ck.save(step, params, opt, {}, wait=False)
+    ck.wait()
+    assert ck.all_steps() == [2, 3]
+    ck.close()
+    # A save killed before Orbax finalised it leaves only a temporary directory.
+    os.makedirs(tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-123" / "params")
+    ck = ckpt_lib.Checkpointer(str(tmp_path), keep=2)
+    assert ck.all_steps() == [2, 3]
+    ab = _abstract(params, lambda x: NamedSharding(m, P()))
+    assert ck.restore_latest(ab, _abstract(opt, lambda x: NamedSharding(m, P())))[0] == 3
+    ck.close()
+
+
+def test_optimizer_structure_mismatch_is_reported(tmp_path):
+    m = shd.make_mesh(dict(data=8, fsdp=1, model=1))
+    params, opt = _state(m, P())
+    flat = ckpt_lib.flatten_opt_state(opt)
+    other = optax.sgd(0.1).init(params)
+    with pytest.raises(ValueError, match="freezing or optimizer config differs"):
+        ckpt_lib.unflatten_opt_state(flat, other)
+
+
+def test_stack_unstack_round_trip():
+    per_layer = {
+        "transformer": {
+            "h": {i: {"w": np.full((2, 3), i, np.float32)} for i in range(3)},
+            "visual": {
+                "transformer": {"resblocks": {i: {"b": np.full((4,), i)} for i in range(2)}}
+            },
+        },
+        "lm_head": {"kernel": np.zeros((2, 2))},
+    }
+    st = ckpt_lib.stack_layers(per_layer)
+    assert st["transformer"]["h"]["w"].shape == (3, 2, 3)
+    np.testing.assert_array_equal(st["transformer"]["h"]["w"][:, 0, 0], [0, 1, 2])
+    back = ckpt_lib.unstack_layers(st)
+    jax.tree.map(np.testing.assert_array_equal, back, per_layer)
