@@ -273,13 +273,14 @@ def initialize_distributed(
     coordinator: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    auto: bool = False,
 ) -> bool:
     """Calls `jax.distributed.initialize` for multi-process runs.
 
     Explicit arguments win; otherwise the env vars QWENVL_COORDINATOR, QWENVL_NUM_PROCESSES and
     QWENVL_PROCESS_ID; otherwise, on a TPU pod (TPU_WORKER_HOSTNAMES lists more than one host),
     JAX's
-    auto-detection. Returns True if it initialised.
+    auto-detection (also when `auto` is set: TPU pods, SLURM). Returns True if it initialised.
     """
     coordinator = coordinator or os.environ.get("QWENVL_COORDINATOR")
     if num_processes is None and os.environ.get("QWENVL_NUM_PROCESSES"):
@@ -291,7 +292,7 @@ def initialize_distributed(
             raise ValueError("a coordinator address needs num_processes and process_id as well")
         jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
         return True
-    if len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
+    if auto or len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
         jax.distributed.initialize()
         return True
     return False

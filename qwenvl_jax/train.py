@@ -828,6 +828,9 @@ _DRY_RUN = flags.DEFINE_bool(
 _COORD = flags.DEFINE_string("coordinator", None, "jax.distributed coordinator host:port.")
 _NPROC = flags.DEFINE_integer("num_processes", None, "jax.distributed process count.")
 _PID = flags.DEFINE_integer("process_id", None, "jax.distributed process id.")
+_DIST = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() with auto-detection (TPU pods, SLURM)."
+)
 
 
 def main(argv) -> None:
@@ -853,7 +856,7 @@ def main(argv) -> None:
         return
     if not _WORKDIR.value:
         sys.exit("--workdir is required (where checkpoints, logs and TensorBoard files go)")
-    shd.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+    shd.initialize_distributed(_COORD.value, _NPROC.value, _PID.value, auto=_DIST.value)
     train(cfg, _WORKDIR.value)
 
 

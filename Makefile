@@ -1,0 +1,36 @@
+# Developer shortcuts. The README's commands are the reference; these wrap them.
+PY ?= python
+WORKDIR ?= workdir_demo
+
+.PHONY: test test-fast lint format demo demo-quick bench bench-tiny aot dry-run
+
+test:  ## the whole suite (as CI runs it)
+	$(PY) -m pytest -q
+
+test-fast:  ## everything not marked slow
+	$(PY) -m pytest -q -m "not slow"
+
+lint:
+	ruff check qwenvl_jax tests configs tools
+	ruff format --check qwenvl_jax tests configs tools
+
+format:
+	ruff format qwenvl_jax tests configs tools
+
+demo:  ## the out-of-box run: synthetic data, tiny model, three stages, evaluation
+	$(PY) -m qwenvl_jax.train --workdir=$(WORKDIR)
+
+demo-quick:  ## one tiny stage on random batches (seconds to a minute on a CPU)
+	$(PY) -m qwenvl_jax.train --config=configs/multitask.py:tiny --workdir=$(WORKDIR)_tiny
+
+bench:  ## the PyTorch reference's shape on the local accelerator
+	$(PY) -m qwenvl_jax.bench --shape=ref8
+
+bench-tiny:
+	$(PY) -m qwenvl_jax.bench --shape=tiny --steps=2
+
+dry-run:  ## resolved config, mesh and per-device bytes of the 7B multi-task stage
+	$(PY) -m qwenvl_jax.train --config=configs/multitask.py --dry_run
+
+aot:  ## compile the 7B multi-task step for v5p-64 and v6e-64 on this CPU host (needs .[tpu])
+	launch/aot_7b.sh
