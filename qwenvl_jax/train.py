@@ -450,23 +450,11 @@ def _flat_shapes(tree):
     return out
 
 
-def _layout(params: dict, scan: bool) -> dict:
-    h = params["transformer"]["h"]
-    stacked = not all(str(k).isdigit() for k in h)
-    if scan and not stacked:
-        return ckpt_lib.stack_layers(params)
-    if stacked and not scan:
-        return ckpt_lib.unstack_layers(params)
-    return params
-
-
-def _load_our_checkpoint(path: str) -> dict:
+def _load_our_checkpoint(path: str, scan: bool) -> dict:
+    """Params of a converted checkpoint (qwenvl_jax.convert.ours format) in the run's layout."""
     from qwenvl_jax.convert import ours
 
-    out = ours.load_params(path)
-    params = out[1] if isinstance(out, tuple) else out
-    if isinstance(params, nnx.State):
-        params = nnx.to_pure_dict(params)
+    _, params = ours.load_params(path, scan_layers=scan)
     return jax.tree.map(np.asarray, params)
 
 
@@ -505,16 +493,16 @@ def initial_params(s: Setup) -> tuple[Any, str]:
         _, loaded = ckpt_lib.latest_params(init.workdir, scan_layers=scan)
         desc = f"previous stage {init.workdir}"
     elif init.get("checkpoint"):
-        loaded = _layout(_load_our_checkpoint(init.checkpoint), scan)
+        loaded = _load_our_checkpoint(init.checkpoint, scan)
         desc = f"checkpoint {init.checkpoint}"
     elif towers:
         base = jax.device_get(init_params(s, int(s.cfg.seed)))
         loaded = base
         if init.get("vit_checkpoint"):
-            vit = _layout(_load_our_checkpoint(init.vit_checkpoint), scan)
+            vit = _load_our_checkpoint(init.vit_checkpoint, scan)
             loaded = _subtree_merge(loaded, vit, "vit")
         if init.get("llm_checkpoint"):
-            llm = _layout(_load_our_checkpoint(init.llm_checkpoint), scan)
+            llm = _load_our_checkpoint(init.llm_checkpoint, scan)
             loaded = _subtree_merge(loaded, llm, "llm")
         desc = f"towers vit={init.vit_checkpoint or 'random'} llm={init.llm_checkpoint or 'random'}"
     else:

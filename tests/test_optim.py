@@ -228,3 +228,9 @@ def test_schedule_rejects_bad_warmup():
     with pytest.raises(ValueError):
         optim.lr_schedule(1.0, 0.1, 10, 10)
     assert jnp.isfinite(optim.lr_schedule(1.0, 0.1, 0, 10)(0))
+
+
+def test_total_steps_follows_steps_override():
+    c = load_config("multitask")
+    c.steps = 123
+    assert c.optim.total_steps == 123
