@@ -27,9 +27,15 @@ from qwenvl_jax.model.qwenvl import QWenLMHeadModel, image_token_index
 EOD_ID = 151643  # <|endoftext|>, the eos of Qwen-VL's generation_config
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "ntk_alpha", "use_logn"))
-def _prefill(graphdef, state, input_ids, segment_ids, images, token_index, cache, last, *,
-             ntk_alpha, use_logn):  # fmt: skip
+# Token selection is compiled into the prefill and decode steps, so each generated token costs one
+# dispatch and one host transfer of B ids (the host applies stop words and eos between steps).
+_STATIC = ("graphdef", "ntk_alpha", "use_logn", "do_sample", "top_k")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _prefill(graphdef, state, input_ids, segment_ids, images, token_index, cache, last, rng,
+             temperature, top_p, *, ntk_alpha, use_logn, do_sample, top_k):  # fmt: skip
+    """The prompt through the model; returns (the first new token int32 [B], the filled cache)."""
     model = nnx.merge(graphdef, state)
     logits, cache = model(
         input_ids,
@@ -41,13 +47,16 @@ def _prefill(graphdef, state, input_ids, segment_ids, images, token_index, cache
         ntk_alpha=ntk_alpha,
         use_logn=use_logn,
     )
-    return logits[:, last].astype(jnp.float32), cache
+    key = jax.random.fold_in(rng, 0)
+    chosen = _select(logits[:, last].astype(jnp.float32), key, temperature, top_p,
+                     do_sample=do_sample, top_k=top_k)  # fmt: skip
+    return chosen, cache
 
 
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "ntk_alpha", "use_logn"), donate_argnames=("cache",)
-)
-def _decode(graphdef, state, tokens, cache, index, *, ntk_alpha, use_logn):
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
+def _decode(graphdef, state, tokens, cache, index, step, rng, temperature, top_p, *, ntk_alpha,
+            use_logn, do_sample, top_k):  # fmt: skip
+    """One token per row written at cache slot `index`; returns (token `step` int32 [B], cache)."""
     model = nnx.merge(graphdef, state)
     logits, cache = model(
         tokens[:, None],
@@ -56,7 +65,10 @@ def _decode(graphdef, state, tokens, cache, index, *, ntk_alpha, use_logn):
         ntk_alpha=ntk_alpha,
         use_logn=use_logn,
     )
-    return logits[:, 0].astype(jnp.float32), cache
+    key = jax.random.fold_in(rng, step)
+    chosen = _select(logits[:, 0].astype(jnp.float32), key, temperature, top_p,
+                     do_sample=do_sample, top_k=top_k)  # fmt: skip
+    return chosen, cache
 
 
 def warp_logits(logits: jax.Array, temperature, top_k: int, top_p) -> jax.Array:
@@ -187,35 +199,17 @@ def generate(
     ntk_alpha, use_logn = scaling["ntk_alpha"], scaling["use_logn"]
     graphdef, state = nnx.split(model)
     cache = init_cache(cfg, bsz, cache_len, model.dtype)
-    logits, cache = _prefill(
-        graphdef,
-        state,
-        jnp.asarray(ids),
-        jnp.asarray(seg),
-        images,
-        token_index,
-        cache,
-        prompt_len - 1,
-        ntk_alpha=ntk_alpha,
-        use_logn=use_logn,
-    )
+    static = dict(ntk_alpha=ntk_alpha, use_logn=use_logn, do_sample=do_sample, top_k=int(top_k))
     rng = jax.random.key(0) if rng is None else rng
-    temperature = jnp.float32(temperature)
-    top_p_arr = jnp.float32(top_p)
+    sampling = (rng, np.float32(temperature), np.float32(top_p))
+    chosen, cache = _prefill(
+        graphdef, state, ids, seg, images, token_index, cache, prompt_len - 1, *sampling, **static
+    )
     seqs = [list(r) for r in rows]
     out: list[list[int]] = [[] for _ in rows]
     done = np.zeros(bsz, bool)
     for step in range(max_new_tokens):
-        chosen = np.array(
-            _select(
-                logits,
-                jax.random.fold_in(rng, step),
-                temperature,
-                top_p_arr,
-                do_sample=do_sample,
-                top_k=int(top_k),
-            )
-        )
+        chosen = np.array(chosen)  # the one host round trip per token
         for b in range(bsz):
             if done[b]:
                 chosen[b] = eos_token_id
@@ -228,13 +222,14 @@ def generate(
             done[b] = tok == eos_token_id
         if done.all() or step == max_new_tokens - 1:
             break
-        logits, cache = _decode(
+        chosen, cache = _decode(
             graphdef,
             state,
-            jnp.asarray(chosen, jnp.int32),
+            chosen,
             cache,
-            jnp.int32(prompt_len + step),
-            ntk_alpha=ntk_alpha,
-            use_logn=use_logn,
+            np.int32(prompt_len + step),
+            np.int32(step + 1),
+            *sampling,
+            **static,
         )
     return out[0] if single else out

@@ -129,12 +129,17 @@ def test_stop_words_force_eos_and_eos_stops(model):
 def test_no_recompilation_per_token(model):
     prompt = _prompt(9, 10)
     gen.generate(model, prompt, max_new_tokens=3, eos_token_id=EOS)  # warm up this shape
-    sizes = (gen._prefill._cache_size(), gen._decode._cache_size(), gen._select._cache_size())
+    kw = dict(do_sample=True, top_k=5, eos_token_id=EOS)
+    gen.generate(model, prompt, max_new_tokens=3, rng=jax.random.key(0), **kw)
+    sizes = (gen._prefill._cache_size(), gen._decode._cache_size())
     # More tokens, a different prompt of the same bucket: no new compilation anywhere.
     out = gen.generate(model, _prompt(10, 12), max_new_tokens=12, eos_token_id=EOS)
     assert len(out) == 12
-    assert (gen._prefill._cache_size(), gen._decode._cache_size()) == sizes[:2]
-    assert gen._select._cache_size() == sizes[2]
+    # Sampling with another key, temperature and top_p reuses the sampling compilation.
+    gen.generate(
+        model, prompt, max_new_tokens=5, rng=jax.random.key(1), temperature=0.7, top_p=0.8, **kw
+    )
+    assert (gen._prefill._cache_size(), gen._decode._cache_size()) == sizes
 
 
 def test_warpers_match_hand_computation():
