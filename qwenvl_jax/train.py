@@ -742,14 +742,13 @@ def train(
     dev = s.mesh.devices.flat[0]
     peak = flops_lib.chip_peak(cfg.get("chip") or None, dev.device_kind)
     n_chips = s.mesh.devices.size
-    imgs_per_step = None
     preempt = _Preemption()
     preempt.install()
     meta = {"seed": int(cfg.seed), "scan_layers": bool(cfg.model.scan_layers), "stage": cfg.stage}
     meta["config"] = json.loads(cfg.to_json_best_effort())
     history = []
     metrics_path = os.path.join(workdir, "metrics.jsonl")
-    t_last, steps_since, wait_since = time.time(), 0, 0.0
+    t_last, steps_since, wait_since, imgs_since = time.time(), 0, 0.0, 0.0
     step = start
     try:
         while step < total:
@@ -757,13 +756,12 @@ def train(
             local = next(data)
             wait = time.time() - t0
             wait_since += wait
-            if imgs_per_step is None and "image_valid" in local:
-                imgs_per_step = None  # counted per logged step below
             batch = to_step_batch(local, s)
             params, opt_state, m = step_fn(params, opt_state, batch)
             step += 1
             steps_since += 1
-            n_imgs = float(np.sum(local["image_valid"])) if "image_valid" in local else 0.0
+            if "image_valid" in local:
+                imgs_since += float(np.sum(local["image_valid"]))
             if step % int(cfg.log_every) == 0 or step == total:
                 m = jax.device_get(m)
                 now = time.time()
@@ -775,7 +773,7 @@ def train(
                     step_s=dt,
                     data_wait_s=wait_since / steps_since,
                     tokens_per_s=cfg.batch_size * cfg.data.seq_len / dt,
-                    images_per_s=n_imgs * jax.process_count() / dt,
+                    images_per_s=imgs_since * jax.process_count() / (dt * steps_since),
                     model_tflops_per_s=flops_step / dt / 1e12,
                 )
                 if cfg.optim.vit_lr_decay and cfg.optim.vit_lr_decay != 1.0:
@@ -783,12 +781,14 @@ def train(
                     rec["lr_vit_first_block"] = rec["lr"] * cfg.optim.vit_lr_decay**nl
                 if peak:
                     rec["mfu"] = flops_lib.mfu(flops_step, dt, n_chips, peak)
+                if hasattr(data, "metrics"):  # the pipeline's packing efficiency and skips
+                    rec.update({k: float(v) for k, v in data.metrics().items()})
                 writer.write(step, rec)
                 history.append(rec)
                 if jax.process_index() == 0:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
-                t_last, steps_since, wait_since = time.time(), 0, 0.0
+                t_last, steps_since, wait_since, imgs_since = time.time(), 0, 0.0, 0.0
             stop = preempt.any()
             if step % int(cfg.checkpoint.every_steps) == 0 or step == total or stop:
                 ckpt.save(step, params, opt_state, meta, json.dumps(data.get_state()), wait=stop)
@@ -797,6 +797,9 @@ def train(
                 break
             if stop_after is not None and step - start >= stop_after:
                 break
+        n_compiled = step_fn._cache_size()
+        if n_compiled > 1:
+            logging.warning("the train step was compiled %d times (expected once)", n_compiled)
     finally:
         ckpt.close()
         writer.close()
