@@ -402,3 +402,17 @@ def test_dry_run_7b_without_allocating(capsys):
     # f32 master weights split 8 ways (a few small norms/biases are replicated: under 1 %)
     np.testing.assert_allclose(out["param_bytes"], 9_656_935_168 * 4 / 8, rtol=0.01)
     np.testing.assert_allclose(out["opt_bytes"], 2 * out["param_bytes"], rtol=0.01)
+
+
+def test_vit_layer_lr_scales_on_the_real_stacked_model():
+    from qwenvl_jax import optim
+
+    s = train.build(tiny(), jax.devices()[:1])
+    scales = optim.vit_lr_scales(s.abstract_params, 0.95)
+    blk = scales["transformer"]["visual"]["transformer"]["resblocks"]
+    kernel = blk["attn"]["in_proj"]["kernel"]  # [L=2, W, N, 3, H]
+    assert kernel.shape == (2, 1, 1, 1, 1)
+    np.testing.assert_allclose(np.ravel(kernel), [0.95**2, 0.95**1], rtol=1e-6)
+    assert scales["transformer"]["visual"]["conv1"]["kernel"] == pytest.approx(0.95**3)
+    assert scales["transformer"]["h"]["mlp"]["w1"]["kernel"] == 1.0
+    assert scales["transformer"]["visual"]["attn_pool"]["query"] == 1.0
