@@ -258,12 +258,11 @@ def plot_loss_curves(curves: dict[str, Sequence[tuple[int, float]]], path: str) 
       curves: stage name -> [(step, loss), ...]; steps of later stages continue after earlier ones.
       path: the PNG to write.
     """
-    import matplotlib
+    # The object-oriented API leaves the user's pyplot backend alone (notebooks keep inline plots).
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     offset = 0
     for name, points in curves.items():
         if not points:
@@ -278,7 +277,6 @@ def plot_loss_curves(curves: dict[str, Sequence[tuple[int, float]]], path: str) 
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -295,10 +293,7 @@ def plot_boxes(
       path: the PNG to write.
       max_images: how many images to show.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from PIL import Image
 
     pairs = [(r, p) for r, p in zip(records, predictions, strict=True) if r["task"] == "grounding"]
@@ -307,7 +302,8 @@ def plot_boxes(
         raise ValueError("plot_boxes: no grounding records to draw")
     cols = min(4, len(pairs))
     rows = math.ceil(len(pairs) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), squeeze=False)
+    fig = Figure(figsize=(3 * cols, 3.3 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (r, p) in zip(axes.flat, pairs, strict=False):
@@ -324,7 +320,6 @@ def plot_boxes(
     fig.suptitle("held-out grounding: true vs predicted boxes", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
