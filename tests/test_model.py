@@ -304,23 +304,34 @@ ATOL = 2e-5
 
 
 def _copy_params(src, dst):
-    """Copy Params between models of the same config, stacking/unstacking `layers` as needed."""
+    """Copy Params between models of the same config, stacking/unstacking `layers` as needed and
+    casting to dst's parameter dtype (dst may be abstract, from `nnx.eval_shape`)."""
     src_flat = {k: v.get_value() for k, v in nnx.to_flat_state(nnx.state(src, nnx.Param))}
     for key, var in nnx.to_flat_state(nnx.state(dst, nnx.Param)):
+        want = var.get_value()
         if key in src_flat:
-            var.set_value(src_flat[key])
-            continue
-        for stack in ("h", "resblocks"):
-            if stack in key:
-                i = key.index(stack) + 1
-                if i < len(key) and isinstance(key[i], int):  # dst unstacked, src stacked
-                    var.set_value(src_flat[key[:i] + key[i + 1 :]][key[i]])
-                else:  # dst stacked
-                    n = var.get_value().shape[0]
-                    var.set_value(jnp.stack([src_flat[key[:i] + (j,) + key[i:]] for j in range(n)]))
-                break
+            value = src_flat[key]
         else:
-            raise KeyError(key)
+            for stack in ("h", "resblocks"):
+                if stack in key:
+                    i = key.index(stack) + 1
+                    if i < len(key) and isinstance(key[i], int):  # dst unstacked, src stacked
+                        value = src_flat[key[:i] + key[i + 1 :]][key[i]]
+                    else:  # dst stacked
+                        n = want.shape[0]
+                        value = jnp.stack([src_flat[key[:i] + (j,) + key[i:]] for j in range(n)])
+                    break
+            else:
+                raise KeyError(key)
+        assert value.shape == want.shape, key
+        var.set_value(jnp.asarray(value, want.dtype))
+
+
+def _model_like(src, **kwargs):
+    """A model with other construction options holding src's parameters (no random init)."""
+    dst = nnx.eval_shape(lambda: QWenLMHeadModel(SMALL, rngs=nnx.Rngs(0), **kwargs))
+    _copy_params(src, dst)
+    return dst
 
 
 @nnx.jit
@@ -356,12 +367,11 @@ def _image_prompt(seed):
 
 
 def test_scan_and_unscanned_layouts_give_identical_logits(small_model):
-    scanned = QWenLMHeadModel(SMALL, rngs=nnx.Rngs(2), scan_layers=True)
+    scanned = _model_like(small_model, scan_layers=True)
     flat = dict(nnx.to_flat_state(nnx.state(scanned, nnx.Param)))
     assert flat[("transformer", "h", "attn", "c_attn", "kernel")].get_value().shape[0] == 2
     meta = flat[("transformer", "h", "attn", "c_attn", "kernel")].get_metadata()
     assert meta["out_sharding"] == ("layers", "embed", "qkv", "heads", "head_dim")
-    _copy_params(small_model, scanned)
     ids, idx = _image_prompt(0)
     imgs = jnp.asarray(_images(0, 2))
     a = _fwd(small_model, ids, images=imgs, image_token_index=idx)
@@ -373,11 +383,9 @@ def test_remat_and_attention_implementation_do_not_change_logits(small_model):
     ids = jnp.asarray(_ids(3, 12))[None]
     ref = _fwd(small_model, ids)
     for kw in ({"remat": "full"}, {"remat": "dots_saveable", "scan_layers": True}):
-        other = QWenLMHeadModel(SMALL, rngs=nnx.Rngs(5), **kw)
-        _copy_params(small_model, other)
+        other = _model_like(small_model, **kw)
         np.testing.assert_allclose(_fwd(other, ids), ref, atol=ATOL, rtol=0)
-    other = QWenLMHeadModel(SMALL, rngs=nnx.Rngs(5), attn_impl="jax")
-    _copy_params(small_model, other)
+    other = _model_like(small_model, attn_impl="jax")
     np.testing.assert_allclose(_fwd(other, ids), ref, atol=ATOL, rtol=0)
 
 
@@ -503,8 +511,9 @@ def test_gradients_flow_through_scan_remat_and_images():
 
 
 def test_bfloat16_compute_is_close_to_float32(small_model):
-    bf = QWenLMHeadModel(SMALL, rngs=nnx.Rngs(6), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    _copy_params(small_model, bf)
+    bf = _model_like(small_model, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    kernel = bf.transformer.h[0].attn.c_attn.kernel.get_value()
+    assert kernel.dtype == jnp.bfloat16  # parameters and compute in bf16, as dtype="bfloat16"
     ids, idx = _image_prompt(60)
     imgs = jnp.asarray(_images(61, 2))
     out = _fwd(bf, ids, images=imgs, image_token_index=idx)
