@@ -640,7 +640,8 @@ def compiled_report(compiled) -> dict:
     if isinstance(cost, list):
         cost = cost[0] if cost else {}
     if cost:
-        out["flops_per_device"] = float(cost.get("flops", 0.0))
+        # XLA counts the body of each while loop (micro-batch scan, layer scans) once.
+        out["xla_flops_per_device_loop_bodies_once"] = float(cost.get("flops", 0.0))
     return out
 
 
@@ -680,7 +681,10 @@ def dry_run(cfg: ml_collections.ConfigDict) -> dict:
         for k, v in rep.items():
             print(f"  {k}: {v / 2**30:.3f} GiB" if k.endswith("bytes") else f"  {k}: {v:.4g}")
         n = len(devices)
-        print(f"  model FLOPs per device per step: {step_model_flops(s) / n / 1e12:.2f} TFLOP")
+        print(
+            f"  model FLOPs per device per step: {step_model_flops(s) / n / 1e12:.2f} TFLOP"
+            f" ({step_model_flops(s) / n / s.accum / 1e12:.2f} per micro-batch)"
+        )
     return out
 
 

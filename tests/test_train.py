@@ -333,7 +333,7 @@ def test_tiny_aot_compile_for_tpu_slice():
     # Compiled per-device memory holds at least this device's params and optimizer state.
     assert res["argument_size_in_bytes"] >= res["param_bytes"] + res["opt_bytes"]
     assert 0 < res["peak_estimate_bytes"] < 4 * 2**30
-    assert res["flops_per_device"] > 0
+    assert res["xla_flops_per_device_loop_bodies_once"] > 0
 
 
 def test_chunked_loss_equals_full_loss():
