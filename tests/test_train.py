@@ -69,10 +69,24 @@ def losses_by_step(workdir):
     return out
 
 
+_CACHE_DIR = os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), f"qwenvl_test_train_jax_cache_{os.getpid()}"
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_compilation_cache():
+    yield
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+
+
 def cli(workdir, *extra, devices=1):
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
+    # Restarted runs reuse the compiled step (the same program) from a per-session cache.
+    env["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     cmd = [
         sys.executable, "-m", "qwenvl_jax.train", "--config=configs/multitask.py:tiny",
         f"--workdir={workdir}", "--config.steps=6", "--config.checkpoint.every_steps=2",
