@@ -7,39 +7,21 @@ generations next to it were computed by the published PyTorch code.
 
 import json
 import os
-import zlib
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from reference_weights import REF, write_hf_dir
 
 from qwenvl_jax import QwenVL
 from qwenvl_jax import tokenizer as tk
 from qwenvl_jax.api import checkpoint_kind
 
-REF = os.path.join(os.path.dirname(__file__), "fixtures", "reference")
-
-
-def _write_hf_dir(model_json: str, out: str) -> None:
-    with open(model_json) as f:
-        d = json.load(f)
-    tensors = {}
-    for r in d["recipe"]:
-        rng = np.random.default_rng([d["seed"], zlib.crc32(r["key"].encode())])
-        shape = tuple(r["shape"])
-        tensors[r["key"]] = np.float32(r["mean"]) + np.float32(r["std"]) * rng.standard_normal(
-            shape, dtype=np.float32
-        )
-    save_file(tensors, os.path.join(out, "model.safetensors"))
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(d["hf_config"], f)
-
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_hf")
-    _write_hf_dir(os.path.join(REF, "tiny.json"), str(out))
+    write_hf_dir("tiny", str(out))
     return str(out)
 
 

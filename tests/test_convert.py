@@ -11,12 +11,12 @@ import pickle
 import subprocess
 import sys
 import zipfile
-import zlib
 
 import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from reference_weights import reference_tensors
 
 from qwenvl_jax import config as config_lib
 from qwenvl_jax.convert import (
@@ -39,20 +39,10 @@ REF = os.path.join(FIXTURES, "reference")
 BIN_MINI = os.path.join(REF, "bin_mini")
 
 
-def recipe_array(seed: int, entry: dict) -> np.ndarray:
-    """A fixture weight, regenerated as tools/make_reference_fixtures.py documents it."""
-    rng = np.random.default_rng([seed, zlib.crc32(entry["key"].encode())])
-    x = rng.standard_normal(tuple(entry["shape"]), dtype=np.float32)
-    return (np.float32(entry["mean"]) + np.float32(entry["std"]) * x).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def mini():
-    with open(os.path.join(REF, "bin_mini.json")) as f:
-        d = json.load(f)
-    cfg = config_lib.from_hf_dict(d["hf_config"])
-    weights = {e["key"]: recipe_array(d["seed"], e) for e in d["recipe"]}
-    return cfg, weights
+    cfg, tensors = reference_tensors("bin_mini")
+    return cfg, {key: a for key, a, _ in tensors}
 
 
 def bits(a: np.ndarray) -> np.ndarray:

@@ -12,47 +12,20 @@ loose bound: any mapping or math error moves logits by O(1)).
 """
 
 import functools
-import hashlib
-import json
 import os
-import zlib
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from reference_weights import REF, reference_tensors
 
-from qwenvl_jax import config as config_lib
 from qwenvl_jax.convert import assign_params, import_tensors
 from qwenvl_jax.generate import generate
 from qwenvl_jax.model.qwen import dynamic_ntk_alpha
 from qwenvl_jax.model.qwenvl import QWenLMHeadModel, image_token_index
 
-REF = os.path.join(os.path.dirname(__file__), "fixtures", "reference")
 RTOL = 1e-4  # the issue's criterion, relative to the largest reference logit
-
-
-def recipe_array(seed: int, entry: dict) -> np.ndarray:
-    """A fixture weight, regenerated as tools/make_reference_fixtures.py documents it."""
-    rng = np.random.default_rng([seed, zlib.crc32(entry["key"].encode())])
-    x = rng.standard_normal(tuple(entry["shape"]), dtype=np.float32)
-    return (np.float32(entry["mean"]) + np.float32(entry["std"]) * x).astype(np.float32)
-
-
-def reference_tensors(name: str):
-    """(config, iterator of (hf_key, float32 array, source)) of fixture model `name`."""
-    with open(os.path.join(REF, f"{name}.json")) as f:
-        d = json.load(f)
-    cfg = config_lib.from_hf_dict(d["hf_config"])
-
-    def gen():
-        for e in d["recipe"]:
-            a = recipe_array(d["seed"], e)
-            if hashlib.sha256(a.tobytes()).hexdigest() != e["sha256"]:
-                raise AssertionError(f"regenerated {e['key']} differs from the reference's weights")
-            yield e["key"], a, f"{name} recipe"
-
-    return cfg, gen()
 
 
 @functools.lru_cache(maxsize=2)
