@@ -195,7 +195,6 @@ class QwenVL:
         self.generation_config = dict(DEFAULT_GENERATION)
         self.generation_config.update(generation_config or {})
         self.allow_urls = allow_urls
-        self._graphdef, self._state = nnx.split(model)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -303,9 +302,10 @@ class QwenVL:
         alpha, use_logn = self._inference_rope(n)  # from the real length, not the padded one
         pad = ((0, 0), (0, -(-n // LOGITS_BUCKET) * LOGITS_BUCKET - n))
         index = x["image_token_index"]
+        graphdef, state = nnx.split(self.model)  # per call: sees in-place updates of self.model
         out = _forward(
-            self._graphdef,
-            self._state,
+            graphdef,
+            state,
             jnp.asarray(np.pad(x["input_ids"], pad)),
             None if x["images"] is None else jnp.asarray(x["images"], self.model.dtype),
             None if index is None else jnp.asarray(np.pad(index, pad, constant_values=-1)),

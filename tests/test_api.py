@@ -66,6 +66,15 @@ def test_logits_compile_once_per_length_bucket(model, hf_dir):
     again = QwenVL.from_pretrained(hf_dir)
     np.testing.assert_array_equal(again.logits("Hello there"), model.logits("Hello there"))
     assert api._forward._cache_size() == size
+    # Parameters changed in place are what the next call uses (as generate does).
+    ln_f = model.model.transformer.ln_f.scale
+    before = ln_f.get_value()
+    try:
+        ln_f.set_value(before * 2)
+        assert not np.allclose(model.logits("Hello there"), again.logits("Hello there"))
+    finally:
+        ln_f.set_value(before)
+    np.testing.assert_array_equal(model.logits("Hello there"), again.logits("Hello there"))
 
 
 def test_bfloat16_runs_close_to_float32(model, hf_dir, monkeypatch):
