@@ -32,7 +32,7 @@ EOD_ID = 151643  # <|endoftext|>, the eos of Qwen-VL's generation_config
 _STATIC = ("graphdef", "ntk_alpha", "use_logn", "do_sample", "top_k")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
 def _prefill(graphdef, state, input_ids, segment_ids, images, token_index, cache, last, rng,
              temperature, top_p, *, ntk_alpha, use_logn, do_sample, top_k):  # fmt: skip
     """The prompt through the model; returns (the first new token int32 [B], the filled cache)."""
@@ -166,6 +166,8 @@ def generate(
     padded_len = _round_up(prompt_len, prefill_bucket)
     ids = np.zeros((bsz, padded_len), np.int32)
     seg = np.zeros((bsz, padded_len), np.int32)
+    # QWEN-QUIRK: rotary positions ignore the padding mask (arange over the padded row), so a
+    # left-padded row's tokens sit at shifted positions, as in the reference's batched generation.
     for b, r in enumerate(rows):  # left-pad to the longest prompt, right-pad to the bucket
         ids[b, prompt_len - len(r) : prompt_len] = r
         seg[b, prompt_len - len(r) : prompt_len] = 1
