@@ -121,6 +121,15 @@ def load_tiktoken_ranks(path: str, expected_sha256: str | None = QWEN_TIKTOKEN_S
     return ranks
 
 
+class ImageSpanError(ValueError):
+    """A malformed `<img>...</img>` span; `reason` names the problem for data counters:
+    "unclosed_img", "image_path_too_long" or "bad_image_tag"."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 class _QwenTokenizerBase:
     """Special tokens, image-span expansion and decoding shared by both backends.
 
@@ -242,16 +251,18 @@ class _QwenTokenizerBase:
             inner = chunk[1:-1]
             bad = [self.special_ids[i] for i in inner if i in self.special_ids]
             if bad:
-                raise ValueError(
+                raise ImageSpanError(
+                    "bad_image_tag",
                     f"special token {bad[0]!r} inside an <img>...</img> span (after"
                     f" {self._ordinary_bytes(inner[: inner.index(self.special_tokens[bad[0]])])!r}"
-                    "); the span must hold only an image path"
+                    "); the span must hold only an image path",
                 )
             path = self._ordinary_bytes(inner)
             if len(path) > MAX_IMAGE_PATH_BYTES:
-                raise ValueError(
+                raise ImageSpanError(
+                    "image_path_too_long",
                     f"image path is {len(path)} UTF-8 bytes, more than {MAX_IMAGE_PATH_BYTES} fit"
-                    f" in an <img> span: {path.decode('utf-8', 'replace')!r}"
+                    f" in an <img> span: {path.decode('utf-8', 'replace')!r}",
                 )
             out.append(self.img_start_id)
             out.extend(self._byte_id[b] for b in path)
@@ -273,8 +284,9 @@ class _QwenTokenizerBase:
             try:
                 stop = ids.index(self.img_end_id, start)
             except ValueError:
-                raise ValueError(
-                    f"Unclosed image token: <img> at token {start} has no </img> after it"
+                raise ImageSpanError(
+                    "unclosed_img",
+                    f"Unclosed image token: <img> at token {start} has no </img> after it",
                 ) from None
             yield "image", ids[start : stop + 1]
             end = stop + 1

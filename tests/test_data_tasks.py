@@ -231,6 +231,18 @@ def test_box_outside_and_clipped():
             "image_path_too_long",
         ),
         ("caption", {"caption": "x"}, {"image_tag": "q" * 256}, "image_path_too_long"),
+        # A special token inside the span (here <ref>) is not a path: counted as a bad tag.
+        (
+            "chatml",
+            {
+                "conversations": [
+                    {"from": "user", "value": "<img>a<ref>b.jpg</img>"},
+                    {"from": "assistant", "value": "y"},
+                ]
+            },
+            {},
+            "bad_image_tag",
+        ),
         ("caption", {"text": "x"}, {"image_tag": "a.jpg"}, "missing_field"),
         ("caption", {"caption": "x"}, {}, "missing_field"),
         ("vqa", {"question": "q", "answer": "  "}, {"image_tag": "a"}, "bad_field"),

@@ -223,11 +223,8 @@ def _encode(tok, text: str) -> list[int]:
     try:
         return tok.encode(text, allowed_special="all")
     except ValueError as e:
-        msg = str(e)
-        reason = "unclosed_img" if "nclosed" in msg else "bad_image_tag"
-        if "bytes" in msg and "path" in msg:
-            reason = "image_path_too_long"
-        raise BadSample(reason, msg) from None
+        # tokenizer.ImageSpanError names its reason; other encode errors are bad image tags too.
+        raise BadSample(getattr(e, "reason", "bad_image_tag"), str(e)) from None
 
 
 @dataclasses.dataclass(frozen=True)
