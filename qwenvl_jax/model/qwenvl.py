@@ -85,7 +85,11 @@ def splice_features(embeds: jax.Array, features: jax.Array, token_index: jax.Arr
     Args:
       embeds: [B, T, D] token embeddings.
       features: [B, K, D] per-row image features (K = M * n_queries).
-      token_index: int [B, T], index into K, -1 for text.
+      token_index: int [B, T], index into K, -1 for text. Indices >= K are clipped (callers check
+        that every span has an image: `generate` and `QwenVL` compare span counts with M).
+
+    Returns:
+      [B, T, D] in embeds' dtype.
     """
     gathered = jnp.take_along_axis(
         features, jnp.clip(token_index, 0, features.shape[1] - 1)[..., None], axis=1
