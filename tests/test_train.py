@@ -308,6 +308,10 @@ def test_two_processes_train_together(reference, tmp_path):
     np.testing.assert_allclose([got[i] for i in range(1, 7)], ref, rtol=MESH_RTOL)
     # Both processes printed the same progress (process 0 only prints; process 1 is silent).
     assert b"step 6/6" in outs[0][0] and b"step 6/6" not in outs[1][0]
+    # The 2-host, 4-device checkpoint resumes on one host with one device.
+    hist = train.train(tiny(steps=8), wd, devices=jax.devices()[:1])
+    assert [r["step"] for r in hist] == [7, 8]
+    assert all(np.isfinite(r["loss"]) for r in hist)
 
 
 def _has_libtpu():
