@@ -65,6 +65,33 @@ def _gather_strings(s: str) -> list[str]:
     return [bytes(allb[i][: int(n[i][0])]).decode() for i in range(jax.process_count())]
 
 
+class CheckpointMismatchError(ValueError):
+    """A readable checkpoint whose parameter/optimizer tree does not fit this run's config."""
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple]:
+    out = {}
+    map_with_path_str(lambda p, x: out.__setitem__(p, tuple(x.shape)), tree)
+    return out
+
+
+def _tree_mismatch(name: str, saved: Any, want: Any) -> str | None:
+    """A description of how the saved metadata tree differs from the abstract one, or None."""
+    got, exp = _flat_shapes(saved), _flat_shapes(want)
+    missing, extra = sorted(set(exp) - set(got)), sorted(set(got) - set(exp))
+    bad = [
+        f"{p}: saved {got[p]}, run {exp[p]}"
+        for p in sorted(set(got) & set(exp))
+        if got[p] != exp[p]
+    ]
+    if not (missing or extra or bad):
+        return None
+    return (
+        f"{name}: missing in checkpoint {missing[:5]} ({len(missing)}), not in this run"
+        f" {extra[:5]} ({len(extra)}), shape mismatches {bad[:5]} ({len(bad)})"
+    )
+
+
 class Checkpointer:
     """Saves and restores training state in `<workdir>/checkpoints`."""
 
@@ -124,15 +151,28 @@ class Checkpointer:
             (step, params, opt_state, meta) or None when there is no checkpoint at all.
 
         Raises:
-            RuntimeError: when checkpoints exist but none can be read.
+            RuntimeError: when checkpoints exist (or were quarantined) but none can be read.
+            CheckpointMismatchError: when the latest step is readable but its trees do not fit
+                this run's config (other model size, freezing or optimizer); nothing is moved.
         """
         steps = self.all_steps()
         if not steps:
+            qdir = epath.Path(self.workdir) / QUARANTINE_DIR
+            if qdir.exists() and any(qdir.iterdir()):
+                # An earlier run moved every step aside: starting over would silently discard
+                # the run's progress.
+                raise RuntimeError(
+                    f"no checkpoint left in {self.directory}, but {qdir} holds quarantined steps"
+                    f" {sorted(p.name for p in qdir.iterdir())}. Refusing to start from scratch;"
+                    " restore or delete them, or use a new workdir."
+                )
             return None
         errors = []
         for step in reversed(steps):
             try:
                 return self._restore(step, abstract_params, abstract_opt)
+            except CheckpointMismatchError:
+                raise
             except Exception as e:  # noqa: BLE001 - any failure to read means "this step is bad"
                 msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                 errors.append((step, msg))
@@ -150,7 +190,31 @@ class Checkpointer:
             f" inspect {os.path.join(self.workdir, QUARANTINE_DIR)} or use a new workdir."
         )
 
+    def _check_matches(self, step, abstract_params, abstract_opt) -> None:
+        """Raises CheckpointMismatchError if the saved trees' metadata differ from this run's.
+
+        A step whose metadata cannot be read is left to the restore (and so to quarantine)."""
+        try:
+            md = self.manager.item_metadata(step)
+            saved = {"params": md["params"].tree, "opt_state": None}
+            if abstract_opt is not None and md.get("opt_state") is not None:
+                saved["opt_state"] = md["opt_state"].tree
+        except Exception:  # noqa: BLE001 - unreadable metadata: the restore reports it
+            return
+        problems = [_tree_mismatch("params", saved["params"], abstract_params)]
+        if saved["opt_state"] is not None:
+            want = flatten_opt_state(abstract_opt)
+            problems.append(_tree_mismatch("opt_state", saved["opt_state"], want))
+        problems = [p for p in problems if p]
+        if problems:
+            raise CheckpointMismatchError(
+                f"checkpoint step {step} in {self.directory} does not match this run's config"
+                f" (model, freezing or optimizer changed?): {'; '.join(problems)}. Nothing was"
+                " moved; run with the config that wrote it, or use a new workdir."
+            )
+
     def _restore(self, step, abstract_params, abstract_opt):
+        self._check_matches(step, abstract_params, abstract_opt)
         items = dict(
             params=ocp.args.StandardRestore(abstract_params),
             meta=ocp.args.JsonRestore(),

@@ -91,3 +91,41 @@ def test_stack_unstack_round_trip():
     np.testing.assert_array_equal(st["transformer"]["h"]["w"][:, 0, 0], [0, 1, 2])
     back = ckpt_lib.unstack_layers(st)
     jax.tree.map(np.testing.assert_array_equal, back, per_layer)
+
+
+def test_config_mismatch_is_an_error_and_moves_nothing(tmp_path):
+    """A readable step that does not fit the run's trees (e.g. a changed freeze list) is reported,
+    not quarantined as corrupt: quarantining would make the next run start from scratch."""
+    m = shd.make_mesh(dict(data=8, fsdp=1, model=1))
+    params, opt = _state(m, P())
+    ck = ckpt_lib.Checkpointer(str(tmp_path), keep=2)
+    ck.save(2, params, opt, {}, wait=True)
+    repl = lambda x: NamedSharding(m, P())  # noqa: E731
+    other = dict(params, c=np.ones(3, np.float32))  # a parameter the checkpoint lacks
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"missing in checkpoint \['c'\]"):
+        ck.restore_latest(_abstract(other, repl), _abstract(optax.adamw(1e-3).init(other), repl))
+    assert ck.all_steps() == [2]
+    assert not os.path.exists(tmp_path / ckpt_lib.QUARANTINE_DIR)
+    assert ck.restore_latest(_abstract(params, repl), _abstract(opt, repl))[0] == 2
+    ck.close()
+
+
+def test_only_quarantined_steps_refuse_to_start_over(tmp_path):
+    m = shd.make_mesh(dict(data=8, fsdp=1, model=1))
+    params, opt = _state(m, P())
+    ck = ckpt_lib.Checkpointer(str(tmp_path), keep=2)
+    ck.save(2, params, opt, {}, wait=True)
+    ck.close()
+    for root, _, files in os.walk(tmp_path / "checkpoints" / "2" / "params"):
+        for name in files:
+            open(os.path.join(root, name), "wb").close()
+    repl = lambda x: NamedSharding(m, P())  # noqa: E731
+    ab = (_abstract(params, repl), _abstract(opt, repl))
+    ck = ckpt_lib.Checkpointer(str(tmp_path), keep=2)
+    with pytest.raises(RuntimeError, match="Refusing to start from scratch"):
+        ck.restore_latest(*ab)
+    assert ck.all_steps() == []
+    # The next run of the same command must not silently start over either.
+    with pytest.raises(RuntimeError, match="quarantined steps"):
+        ck.restore_latest(*ab)
+    ck.close()
