@@ -434,3 +434,51 @@ def test_vit_layer_lr_scales_on_the_real_stacked_model():
     assert scales["transformer"]["visual"]["conv1"]["kernel"] == pytest.approx(0.95**3)
     assert scales["transformer"]["h"]["mlp"]["w1"]["kernel"] == 1.0
     assert scales["transformer"]["visual"]["attn_pool"]["query"] == 1.0
+
+
+def test_grad_accumulation_normalises_by_all_supervised_tokens():
+    """Loss and update = the mean over every supervised token of the global batch, whatever the
+    split into micro-batches; the micro-batches here hold 60 and 3 supervised tokens, so a mean of
+    micro-batch means would differ (checked below)."""
+    import jax.numpy as jnp
+
+    def setup(accum):
+        c = tiny(steps=4, grad_accum=accum, batch_size=4)
+        c.data.max_images, c.data.seq_len, c.mesh.data = 0, 32, 1
+        return train.build(c, jax.devices()[:1]), c
+
+    (s1, c1), (s2, _) = setup(1), setup(2)
+    local = next(train.RandomBatches(c1, s1.mcfg, 4, 0))
+    mask = np.zeros((4, 32), np.float32)
+    mask[:2, :30] = 1.0  # micro-batch 0 (rows 0-1): 60 tokens
+    mask[2:, 5] = mask[3, 9] = 1.0  # micro-batch 1 (rows 2-3): 3 tokens
+    local["loss_mask"] = mask
+    p0 = jax.device_get(train.init_params(s1, 0))
+    # Hand calculation from the model's logits in float64.
+    logits = train.merge_model(s1, p0)(
+        jnp.asarray(local["input_ids"]),
+        segment_ids=jnp.asarray(local["segment_ids"]),
+        positions=jnp.asarray(local["positions"]),
+    )
+    logits = np.asarray(logits, np.float64)
+    top = logits.max(-1, keepdims=True)
+    lse = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+    ce = lse - np.take_along_axis(logits, local["targets"][..., None], -1)[..., 0]
+    want = (ce * mask).sum() / mask.sum()
+    mean_of_means = np.mean(
+        [(ce[i] * mask[i]).sum() / mask[i].sum() for i in (slice(0, 2), slice(2, 4))]
+    )
+    assert abs(mean_of_means - want) > 1e-3 * want  # the batch tells the two apart
+    got = []
+    for s in (s1, s2):
+        params = jax.device_put(p0, s.param_sharding)
+        opt = jax.jit(s.tx.init, out_shardings=s.opt_sharding)(params)
+        p, _, m = train.make_train_step(s)(params, opt, train.to_step_batch(local, s))
+        assert float(m["supervised_tokens"]) == 63.0
+        # float32 forward vs the float64 hand sum over 63 terms
+        np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-5)
+        got.append(jax.device_get(p))
+    # One Adam step: the update is sign-like, so equal gradients give equal params; float32
+    # summation order only moves them at rounding level.
+    for a, b in zip(jax.tree.leaves(got[0]), jax.tree.leaves(got[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
