@@ -141,7 +141,7 @@ SETTINGS = {
         n_heldout=200,
         vocab_size=400,
         model=_model(128, 2),
-        stages=_stages(200, 3000, 600),
+        stages=_stages(30, 3000, 600),
         batch_size=8,
         eval_per_task=100,
     ),
