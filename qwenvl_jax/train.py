@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import app, flags
+from etils import epath
 from flax import nnx
 from ml_collections import config_flags
 
@@ -58,8 +59,13 @@ def model_config(cfg: ml_collections.ConfigDict) -> QWenConfig:
     return get_preset(cfg.model.preset, visual=visual, **overrides)
 
 
-def _dtype(name: str):
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _dtype(name: str, key: str = "config.model.dtype"):
+    if name not in _DTYPES:
+        raise ValueError(f"{key}={name!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
 
 
 def make_model(cfg: ml_collections.ConfigDict, mcfg: QWenConfig, rngs: nnx.Rngs):
@@ -69,7 +75,7 @@ def make_model(cfg: ml_collections.ConfigDict, mcfg: QWenConfig, rngs: nnx.Rngs)
         mcfg,
         rngs=rngs,
         dtype=_dtype(cfg.model.dtype),
-        param_dtype=_dtype(cfg.model.param_dtype),
+        param_dtype=_dtype(cfg.model.param_dtype, "config.model.param_dtype"),
         scan_layers=bool(cfg.model.scan_layers),
         remat=cfg.model.remat_llm,
         visual_remat=cfg.model.remat_vit,
@@ -481,8 +487,28 @@ def _subtree_merge(base: dict, other: dict, pattern: str) -> dict:
     return out
 
 
+_INIT_KEYS = ("workdir", "checkpoint", "vit_checkpoint", "llm_checkpoint")
+
+
 def initial_params(s: Setup) -> tuple[Any, str]:
-    """Params from config.init (previous workdir, our checkpoint, separate towers) or random."""
+    """Params from config.init (previous workdir, our checkpoint, separate towers) or random.
+
+    Raises:
+        FileNotFoundError: naming the `config.init` key whose path holds no usable weights.
+    """
+    init = s.cfg.init
+    for key in _INIT_KEYS:
+        path = init.get(key)
+        if path and not epath.Path(path).exists():
+            raise FileNotFoundError(f"config.init.{key}={path!r} does not exist")
+    try:
+        return _initial_params(s)
+    except FileNotFoundError as e:
+        named = [f"config.init.{k}={init.get(k)!r}" for k in _INIT_KEYS if init.get(k)]
+        raise FileNotFoundError(f"{', '.join(named)}: {e}") from e
+
+
+def _initial_params(s: Setup) -> tuple[Any, str]:
     init = s.cfg.init
     scan = bool(s.cfg.model.scan_layers)
     sources = [k for k in ("workdir", "checkpoint") if init.get(k)]

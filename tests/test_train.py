@@ -482,3 +482,19 @@ def test_grad_accumulation_normalises_by_all_supervised_tokens():
     # summation order only moves them at rounding level.
     for a, b in zip(jax.tree.leaves(got[0]), jax.tree.leaves(got[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_init_path_and_dtype_name_the_config_key(tmp_path):
+    for key in ("workdir", "checkpoint", "vit_checkpoint"):
+        c = tiny(steps=4)
+        c.init[key] = str(tmp_path / "missing")
+        with pytest.raises(FileNotFoundError, match=f"config.init.{key}="):
+            train.initial_params(train.build(c, jax.devices()[:1]))
+    c = tiny(steps=4)
+    c.init.workdir = str(tmp_path)  # exists, but holds no training run
+    with pytest.raises(FileNotFoundError, match="config.init.workdir=.*config.json"):
+        train.initial_params(train.build(c, jax.devices()[:1]))
+    c = tiny(steps=4)
+    c.model.dtype = "bf16"
+    with pytest.raises(ValueError, match="config.model.dtype='bf16'"):
+        train.build(c, jax.devices()[:1])
