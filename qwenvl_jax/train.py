@@ -464,11 +464,21 @@ def _load_our_checkpoint(path: str, scan: bool) -> dict:
     return jax.tree.map(np.asarray, params)
 
 
-def _subtree_merge(base: dict, other: dict, pattern: str) -> dict:
-    """base with every leaf whose path matches `pattern` taken from `other`."""
+# Qwen-VL's post-adapter ln_post / proj sit in the "vit" group but have no OpenCLIP counterpart: a
+# ViT tower from `convert import-vit` lacks them, and they keep their fresh init.
+_VIT_FRESH_IF_ABSENT = r"^transformer\.visual\.(ln_post\.|proj$)"
+
+
+def _subtree_merge(base: dict, other: dict, pattern: str, fresh_if_absent: str = "") -> dict:
+    """base with every leaf whose path matches `pattern` taken from `other`.
+
+    Leaves matching `fresh_if_absent` that `other` lacks keep base's value (logged).
+    """
     import re
 
     rx = re.compile(optim_lib.GROUPS.get(pattern, pattern))
+    fresh = re.compile(fresh_if_absent) if fresh_if_absent else None
+    kept = []
     other_flat = {}
     optim_lib.map_with_path_str(lambda p, x: other_flat.__setitem__(p, x), other)
     taken = []
@@ -476,6 +486,9 @@ def _subtree_merge(base: dict, other: dict, pattern: str) -> dict:
     def pick(p, x):
         if rx.search(p):
             if p not in other_flat:
+                if fresh is not None and fresh.search(p):
+                    kept.append(p)
+                    return x
                 raise ValueError(f"init checkpoint lacks {p}")
             taken.append(p)
             return other_flat[p]
@@ -484,6 +497,8 @@ def _subtree_merge(base: dict, other: dict, pattern: str) -> dict:
     out = optim_lib.map_with_path_str(pick, base)
     if not taken:
         raise ValueError(f"no parameter matched {pattern!r} when merging init checkpoints")
+    if kept:
+        logging.info("init: %s not in the %s checkpoint; fresh init kept", kept, pattern)
     return out
 
 
@@ -526,7 +541,7 @@ def _initial_params(s: Setup) -> tuple[Any, str]:
         loaded = base
         if init.get("vit_checkpoint"):
             vit = _load_our_checkpoint(init.vit_checkpoint, scan)
-            loaded = _subtree_merge(loaded, vit, "vit")
+            loaded = _subtree_merge(loaded, vit, "vit", _VIT_FRESH_IF_ABSENT)
         if init.get("llm_checkpoint"):
             llm = _load_our_checkpoint(init.llm_checkpoint, scan)
             loaded = _subtree_merge(loaded, llm, "llm")

@@ -7,6 +7,13 @@
       our format -> HF directory (safetensors shards + index, config.json,
       generation_config.json, qwen.tiktoken, tokenizer_config.json) that the published PyTorch
       code loads; --code_dir copies the published *.py files from a directory you point to.
+  python -m qwenvl_jax.convert import-llm QWEN7B_DIR OUT_DIR [--scan_layers] [--dtype ...]
+      text-only HF Qwen (Qwen-7B) -> a decoder-only tower checkpoint (our format) for stage 1's
+      --config.init.llm_checkpoint.
+  python -m qwenvl_jax.convert import-vit OPENCLIP_FILE OUT_DIR [--heads 16] [--dtype ...]
+      OpenCLIP ViT (ViT-bigG-14: open_clip_pytorch_model.bin or .safetensors) -> a ViT-trunk tower
+      checkpoint (our format) for stage 1's --config.init.vit_checkpoint. The class token and
+      OpenCLIP's ln_post/proj are dropped, the text tower is ignored (both reported).
 
 Neither direction needs torch. Progress is printed per shard.
 """
@@ -65,7 +72,20 @@ def main(argv: list[str] | None = None) -> int:
         help="copy the published *.py files (modeling_qwen.py, ...) from this directory, so that"
         " transformers can load the export with trust_remote_code",
     )
+    pl = sub.add_parser("import-llm", help="text-only HF Qwen (Qwen-7B) -> decoder-only tower")
+    pl.add_argument("src", help="HF Qwen directory (config.json without 'visual' + weights)")
+    pl.add_argument("out", help="output directory (config.json + params/ + tower.json)")
+    pl.add_argument("--scan_layers", action="store_true", help="store stacked layers")
+    pl.add_argument("--dtype", choices=DTYPES, default="keep", help="cast the weights")
+    pv = sub.add_parser("import-vit", help="OpenCLIP ViT (ViT-bigG-14) -> ViT-trunk tower")
+    pv.add_argument("src", help="open_clip_pytorch_model.bin / .safetensors (or its directory)")
+    pv.add_argument("out", help="output directory (config.json + params/ + tower.json)")
+    pv.add_argument("--heads", type=int, default=16, help="ViT heads (16 for ViT-bigG-14)")
+    pv.add_argument("--scan_layers", action="store_true", help="store stacked layers")
+    pv.add_argument("--dtype", choices=DTYPES, default="keep", help="cast the weights")
     args = p.parse_args(argv)
+    if args.command in ("import-llm", "import-vit"):
+        return _import_tower(p, args)
 
     from qwenvl_jax.convert import export_hf, import_hf, load_params, save_params
 
@@ -103,6 +123,38 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copy(f, args.out)
             written += files
         log(f"wrote {len(written)} files")
+    log(f"done in {time.time() - t0:.1f} s")
+    return 0
+
+
+def _import_tower(p: argparse.ArgumentParser, args) -> int:
+    """`import-llm` / `import-vit`: one stage-1 tower in our format, plus tower.json."""
+    from qwenvl_jax.convert import openclip, qwen_llm, save_params
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    if os.path.exists(os.path.join(args.out, "params")):
+        p.error(f"{args.out}/params exists; choose an empty output directory")
+    t0 = time.time()
+    log(f"importing {args.src}")
+    if args.command == "import-llm":
+        cfg, params = qwen_llm.import_qwen_llm(
+            args.src, scan_layers=args.scan_layers, dtype=_dtype(args.dtype), progress=log
+        )
+        info = {"tower": "llm", "source": os.path.abspath(args.src)}
+    else:
+        cfg, params, report = openclip.import_openclip(
+            args.src,
+            heads=args.heads,
+            scan_layers=args.scan_layers,
+            dtype=_dtype(args.dtype),
+            progress=log,
+        )
+        info = {"tower": "vit", "source": os.path.abspath(args.src), **report}
+    log(f"saving to {args.out}")
+    save_params(args.out, params, cfg)
+    qwen_llm.write_tower_json(args.out, info)
     log(f"done in {time.time() - t0:.1f} s")
     return 0
 

@@ -106,6 +106,7 @@ def import_tensors(
     *,
     scan_layers: bool = False,
     dtype: Any = None,
+    only: Callable[[mapping.Rule], bool] | None = None,
 ) -> dict:
     """Map (hf_key, array, source) triples onto our parameter tree.
 
@@ -114,6 +115,7 @@ def import_tensors(
       cfg: the model config the checkpoint must match.
       scan_layers: build the stacked-layer layout instead of per-layer dicts.
       dtype: cast every tensor to this dtype (e.g. jnp.float32); None keeps the file's dtype.
+      only: keep only the rules it accepts (a partial tree, e.g. one tower); None keeps all.
 
     Returns:
       the pure nested dict of numpy arrays.
@@ -121,7 +123,7 @@ def import_tensors(
     Raises:
       CheckpointMismatchError: unexpected, duplicated, missing or mis-shaped keys (all listed).
     """
-    by_key = {r.hf_key: r for r in mapping.rules(cfg)}
+    by_key = {r.hf_key: r for r in mapping.rules(cfg) if only is None or only(r)}
     counts = mapping.layer_counts(cfg)
     seen: dict[str, str] = {}
     problems: list[str] = []
@@ -175,6 +177,7 @@ def import_hf(
     scan_layers: bool = False,
     dtype: Any = None,
     progress: Progress = None,
+    only: Callable[[mapping.Rule], bool] | None = None,
 ) -> tuple[QWenConfig, dict]:
     """Read an HF Qwen-VL checkpoint (directory or single weight file) into our parameter tree.
 
@@ -185,6 +188,7 @@ def import_hf(
       scan_layers: return the stacked-layer layout.
       dtype: cast to this dtype; None keeps the stored dtype (bf16 for the published weights).
       progress: called with one line per shard.
+      only: keep only the rules it accepts (see `import_tensors`).
 
     Returns:
       (config, pure nested dict of numpy arrays).
@@ -208,7 +212,7 @@ def import_hf(
                     f" {nbytes / 2**20:.1f} MiB, {time.time() - t0:.1f} s"
                 )
 
-    return config, import_tensors(stream(), config, scan_layers=scan_layers, dtype=dtype)
+    return config, import_tensors(stream(), config, scan_layers=scan_layers, dtype=dtype, only=only)
 
 
 # ----------------------------------------------------------------------------- export

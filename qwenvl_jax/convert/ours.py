@@ -41,13 +41,29 @@ def _map_layer_lists(params: Mapping, fn) -> dict:
 
     out = params
     for path in LAYER_LISTS:
-        out = rec(out, path)
+        if _lookup(out, path) is not None:  # a one-tower tree lacks the other list
+            out = rec(out, path)
     return out
 
 
+def _lookup(tree: Mapping, path: tuple):
+    for k in path:
+        if not isinstance(tree, Mapping) or k not in tree:
+            return None
+        tree = tree[k]
+    return tree
+
+
 def is_stacked(params: Mapping) -> bool:
-    """True when the decoder layers are one stacked dict (scan_layers layout)."""
-    return not any(_is_layer_key(k) for k in params["transformer"]["h"])
+    """True when the layers are stacked dicts (scan_layers layout).
+
+    Looks at the decoder layers, or at the ViT blocks for a ViT-only tree (a stage-1 tower).
+    """
+    for path in LAYER_LISTS:
+        node = _lookup(params, path)
+        if node is not None:
+            return not any(_is_layer_key(k) for k in node)
+    raise ValueError("the parameters hold neither transformer.h nor visual resblocks")
 
 
 def stack_layers(params: Mapping) -> dict:
