@@ -126,11 +126,24 @@ def finalize(c: mlc.ConfigDict) -> mlc.ConfigDict:
     return c
 
 
+VARIANT_KEYS = ("tiny", "res")
+
+
 def parse_arg(arg: str | None) -> dict:
-    """`tiny,res=224` -> {"tiny": True, "res": "224"}."""
+    """`tiny,res=224` -> {"tiny": True, "res": "224"}.
+
+    Raises:
+        ValueError: on a key other than VARIANT_KEYS (a typo such as `tiyn` would otherwise
+        silently select the full 7B stage).
+    """
     out = {}
     for part in (arg or "").split(","):
         if part:
             k, _, v = part.partition("=")
             out[k.strip()] = v.strip() if v else True
+    unknown = sorted(set(out) - set(VARIANT_KEYS))
+    if unknown:
+        raise ValueError(
+            f"config string {arg!r}: unknown variant key(s) {unknown}; known: {list(VARIANT_KEYS)}"
+        )
     return out

@@ -234,3 +234,10 @@ def test_total_steps_follows_steps_override():
     c = load_config("multitask")
     c.steps = 123
     assert c.optim.total_steps == 123
+
+
+@pytest.mark.parametrize("stage", sorted(TABLE8))
+def test_unknown_config_variant_is_an_error(stage):
+    assert load_config(stage, "tiny,res=112").data.image_size == 112
+    with pytest.raises(ValueError, match=r"unknown variant key\(s\) \['tiyn'\]"):
+        load_config(stage, "tiyn")
