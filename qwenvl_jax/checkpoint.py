@@ -308,7 +308,13 @@ def latest_params(workdir: str, scan_layers: bool = False) -> tuple[Any, dict]:
 
     cfg = config_lib.load_hf_json(os.path.join(workdir, "config.json"))
     mngr = ocp.CheckpointManager(
-        epath.Path(workdir) / CKPT_DIR, item_names=("params", "opt_state", "meta")
+        epath.Path(workdir) / CKPT_DIR,
+        item_names=("params", "opt_state", "meta"),
+        item_handlers={
+            "params": ocp.PyTreeCheckpointHandler(),
+            "opt_state": ocp.PyTreeCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        },
     )
     steps = sorted(mngr.all_steps())
     if not steps:
@@ -316,10 +322,18 @@ def latest_params(workdir: str, scan_layers: bool = False) -> tuple[Any, dict]:
     last_err = None
     for step in reversed(steps):
         try:
+            # Read every array whole into host memory as numpy, on each process: restoring onto
+            # the saved shardings would need the saving run's devices, and arrays spanning other
+            # hosts cannot be fetched.
+            md = mngr.item_metadata(step)["params"]
+            as_numpy = jax.tree.map(
+                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), getattr(md, "tree", md)
+            )
             out = mngr.restore(
                 step,
                 args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
+                    params=ocp.args.PyTreeRestore(restore_args=as_numpy),
+                    meta=ocp.args.JsonRestore(),
                 ),
             )
             break

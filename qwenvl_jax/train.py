@@ -537,8 +537,9 @@ def _initial_params(s: Setup) -> tuple[Any, str]:
         loaded = _load_our_checkpoint(init.checkpoint, scan)
         desc = f"checkpoint {init.checkpoint}"
     elif towers:
-        base = jax.device_get(init_params(s, int(s.cfg.seed)))
-        loaded = base
+        # Fresh leaves stay sharded jax arrays: on a pod they span other hosts' devices and
+        # cannot be fetched to this host.
+        loaded = init_params(s, int(s.cfg.seed))
         if init.get("vit_checkpoint"):
             vit = _load_our_checkpoint(init.vit_checkpoint, scan)
             loaded = _subtree_merge(loaded, vit, "vit", _VIT_FRESH_IF_ABSENT)
@@ -555,7 +556,13 @@ def _initial_params(s: Setup) -> tuple[Any, str]:
         return init_params(s, int(s.cfg.seed)), "random init"
     _check_same_tree(desc, loaded, s.abstract_params)
     params = jax.tree.map(
-        lambda x, a: jax.device_put(np.asarray(x, a.dtype), a.sharding), loaded, s.abstract_params
+        lambda x, a: (
+            x
+            if isinstance(x, jax.Array) and x.sharding == a.sharding
+            else jax.device_put(np.asarray(x, a.dtype), a.sharding)
+        ),
+        loaded,
+        s.abstract_params,
     )
     return params, desc
 

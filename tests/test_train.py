@@ -498,3 +498,60 @@ def test_bad_init_path_and_dtype_name_the_config_key(tmp_path):
     c.model.dtype = "bf16"
     with pytest.raises(ValueError, match="config.model.dtype='bf16'"):
         train.build(c, jax.devices()[:1])
+
+
+_MULTIHOST_INIT = """
+import sys
+import jax
+import numpy as np
+pid, port, wd, ours_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+sys.path.insert(0, "tests")
+from test_train import _flat, _flat_arrays, tiny
+from qwenvl_jax import checkpoint as ckpt_lib
+from qwenvl_jax import train
+want = ckpt_lib.stack_layers(ckpt_lib.latest_params(wd, scan_layers=False)[1])
+for key, path in (("workdir", wd), ("vit_checkpoint", ours_dir)):
+    c = tiny(steps=4)
+    c.mesh.data, c.mesh.fsdp, c.mesh.model = 1, 4, 1
+    c.init[key] = path
+    got, _ = train.initial_params(train.build(c))
+    for (p, g), (_, w) in zip(_flat_arrays(got), _flat(want), strict=True):
+        if key == "workdir" or p.startswith("transformer.visual.transformer."):
+            for shard in g.addressable_shards:
+                np.testing.assert_array_equal(np.asarray(shard.data), w[shard.index], err_msg=p)
+print("MULTIHOST_INIT_OK", pid)
+"""
+
+
+def _flat_arrays(tree):
+    out = []
+    from qwenvl_jax.optim import map_with_path_str
+
+    map_with_path_str(lambda p, x: out.append((p, x)), tree)
+    return out
+
+
+def test_init_sources_on_two_processes(reference, tmp_path):
+    """A previous workdir and a tower checkpoint load onto a mesh spanning two processes (each
+    process holds only its shards; nothing may fetch arrays from the other host)."""
+    from qwenvl_jax.convert import ours
+
+    wd, _ = reference
+    mcfg, prev = ckpt_lib.latest_params(wd, scan_layers=False)
+    ours.save_params(str(tmp_path / "ckpt"), prev, mcfg)
+    port = str(21000 + os.getpid() % 20000)
+    code = _MULTIHOST_INIT
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+        cmd = [sys.executable, "-c", code, str(pid), port, wd, str(tmp_path / "ckpt")]
+        procs.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        )
+    outs = [p.communicate(timeout=300) for p in procs]
+    for pid, (p, (out, err)) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 0 and f"MULTIHOST_INIT_OK {pid}" in out.decode(), err.decode()[
+            -3000:
+        ]
