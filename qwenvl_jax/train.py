@@ -856,6 +856,8 @@ def train(
         ckpt.close()
         writer.close()
         preempt.uninstall()
+        if hasattr(data, "close"):  # stops Grain worker processes and prefetch threads
+            data.close()
     return history
 
 
