@@ -30,6 +30,12 @@ from etils import epath
 
 from qwenvl_jax.optim import map_with_path_str
 
+
+def _absolute(path: str) -> str:
+    """Orbax wants absolute paths; local relative ones are resolved, URLs (gs://...) kept."""
+    return path if "://" in path else os.path.abspath(path)
+
+
 CKPT_DIR = "checkpoints"
 QUARANTINE_DIR = "checkpoints_quarantine"
 
@@ -97,7 +103,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
         self.workdir = workdir
-        self.directory = epath.Path(workdir) / CKPT_DIR
+        self.directory = epath.Path(_absolute(workdir)) / CKPT_DIR
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
@@ -306,6 +312,7 @@ def latest_params(workdir: str, scan_layers: bool = False) -> tuple[Any, dict]:
     """
     from qwenvl_jax import config as config_lib
 
+    workdir = _absolute(workdir)
     cfg = config_lib.load_hf_json(os.path.join(workdir, "config.json"))
     mngr = ocp.CheckpointManager(
         epath.Path(workdir) / CKPT_DIR,

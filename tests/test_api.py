@@ -237,19 +237,20 @@ def test_sentencepiece_tokenizer_with_a_random_tiny_model(tmp_path, monkeypatch)
         QwenVL(vl.model, tk.QWenTokenizer())
 
 
-def test_from_training_workdir(model, tmp_path):
+def test_from_training_workdir(model, tmp_path, monkeypatch):
     from flax import nnx
 
     from qwenvl_jax import checkpoint
 
-    workdir = tmp_path / "run"
-    workdir.mkdir()
-    model.config.save_hf_json(str(workdir))
+    # Relative paths, as a user types them: Orbax itself only accepts absolute ones.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    model.config.save_hf_json("run")
     params = nnx.to_pure_dict(nnx.state(model.model, nnx.Param))
-    ckpt = checkpoint.Checkpointer(str(workdir), async_save=False)
+    ckpt = checkpoint.Checkpointer("run", async_save=False)
     ckpt.save(7, params, {"count": np.zeros((), np.int32)}, {"scan_layers": False}, wait=True)
     ckpt.close()
-    assert checkpoint_kind(str(workdir)) == "workdir"
-    loaded = QwenVL.from_pretrained(str(workdir))
+    assert checkpoint_kind("run") == "workdir"
+    loaded = QwenVL.from_pretrained("run")
     text = "Hello"
     np.testing.assert_array_equal(loaded.logits(text), model.logits(text))
