@@ -404,8 +404,16 @@ def make_data_iterator(cfg, mcfg: QWenConfig, batch_size_per_host: int):
     if cfg.data.kind != "pipeline":
         raise ValueError(f"config.data.kind={cfg.data.kind!r}; use 'random' or 'pipeline'")
     from qwenvl_jax.data.pipeline import make_train_iterator
-    from qwenvl_jax.tokenizer import load_tokenizer
+    from qwenvl_jax.tokenizer import IMG_TOKEN_SPAN, load_tokenizer
 
+    if mcfg.visual.n_queries != IMG_TOKEN_SPAN:
+        # The tokenizer writes every <img>...</img> span with 256 inner positions (as the
+        # published tokenizer does), so real data needs one adapter output per position.
+        raise ValueError(
+            f"config.model.overrides.visual.n_queries={mcfg.visual.n_queries}, but data.kind="
+            f"'pipeline' tokenizes images into {IMG_TOKEN_SPAN} positions: set it to"
+            f" {IMG_TOKEN_SPAN} (the tiny variants use 16 only with data.kind='random')"
+        )
     tokenizer = load_tokenizer(cfg.data.get("tokenizer") or None)
     return make_train_iterator(
         cfg.data.spec,

@@ -555,3 +555,11 @@ def test_init_sources_on_two_processes(reference, tmp_path):
         assert p.returncode == 0 and f"MULTIHOST_INIT_OK {pid}" in out.decode(), err.decode()[
             -3000:
         ]
+
+
+def test_pipeline_data_with_non_256_queries_names_the_config_key():
+    c = tiny(steps=4)  # the tiny variants use 16 adapter queries with random batches
+    c.data.kind = "pipeline"
+    s = train.build(c, jax.devices()[:1])
+    with pytest.raises(ValueError, match=r"config.model.overrides.visual.n_queries=16"):
+        train.make_data_iterator(c, s.mcfg, 4)
