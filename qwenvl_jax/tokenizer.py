@@ -19,6 +19,7 @@ truncation); `decode_chatml` cuts a generation as the published `chat()` does.
 
 from __future__ import annotations
 
+import abc
 import base64
 import hashlib
 import importlib.util
@@ -130,7 +131,7 @@ class ImageSpanError(ValueError):
         self.reason = reason
 
 
-class _QwenTokenizerBase:
+class _QwenTokenizerBase(abc.ABC):
     """Special tokens, image-span expansion and decoding shared by both backends.
 
     A backend sets `special_tokens` (str -> id) and implements `_encode_ordinary(text)`,
@@ -163,11 +164,13 @@ class _QwenTokenizerBase:
         self._id_to_byte = {i: b for b, i in enumerate(self._byte_id)}
 
     # ------------------------------------------------------------------ backend hooks
+    @abc.abstractmethod
     def _encode_ordinary(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Ids of `text` with no special-token parsing."""
 
+    @abc.abstractmethod
     def _ordinary_bytes(self, ids: Sequence[int]) -> bytes:
-        raise NotImplementedError
+        """The raw bytes of ordinary (non-special) ids."""
 
     # ------------------------------------------------------------------ sizes
     def __len__(self) -> int:
