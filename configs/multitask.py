@@ -5,14 +5,7 @@ stage 1's workdir (`--config.init.workdir=...`). `--config=configs/multitask.py:
 variant.
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "qwenvl_configs_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-)
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from qwenvl_jax import stage_config as common
 
 
 def get_config(arg=None):

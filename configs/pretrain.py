@@ -3,14 +3,7 @@
 Frozen LLM; the ViT (OpenCLIP ViT-bigG init) and the randomly initialised adapter are trained at 224
 px on image-text pairs. `--config=configs/pretrain.py:tiny` is the CPU variant."""
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "qwenvl_configs_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-)
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from qwenvl_jax import stage_config as common
 
 
 def get_config(arg=None):

@@ -4,14 +4,7 @@ ChatML dialogues; the ViT is frozen, the LLM and adapter are trained; initialise
 workdir (`--config.init.workdir=...`) or a converted Qwen-VL checkpoint
 (`--config.init.checkpoint=...`). `--config=configs/sft.py:tiny` is the CPU variant."""
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "qwenvl_configs_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-)
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from qwenvl_jax import stage_config as common
 
 
 def get_config(arg=None):

@@ -165,7 +165,7 @@ def configs_dir() -> str:
     """The repository's `configs/` directory (next to the package)."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.path.join(here, "configs")
-    if not os.path.isfile(os.path.join(path, "common.py")):
+    if not os.path.isfile(os.path.join(path, "multitask.py")):
         raise FileNotFoundError(
             f"the stage configs are not at {path}: run the demo from a checkout of the repository"
             " (pip install -e .), which has configs/ next to qwenvl_jax/"
