@@ -8,10 +8,11 @@
     response, history = model.chat("Picture 1: <img>a.jpg</img>\\nWhat is this?")
     model.save_pretrained(out_dir)                         # HF / PyTorch format
 
-Text may hold `<img>path</img>` spans: the tokenizer expands them to 258 ids carrying the path, the
-images are loaded with the published preprocessing at `config.visual.image_size`, and their
-features replace the 256 inner positions. As in the published code at inference, dynamic NTK and
-logn attention scaling are active (identity for prompts up to `seq_length` = 2048 tokens).
+Text may hold `<img>path</img>` spans: the tokenizer expands them to n_queries + 2 ids carrying the
+path (258 as published), the images are loaded with the published preprocessing at
+`config.visual.image_size`, and their features replace the n_queries inner positions. As in the
+published code at inference, dynamic NTK and logn attention scaling are active (identity for prompts
+up to `seq_length` = 2048 tokens).
 """
 
 from __future__ import annotations
@@ -169,6 +170,9 @@ class QwenVL:
       generation_config: defaults for `generate`/`chat` (from the checkpoint's
         generation_config.json when it has one, else greedy with max_new_tokens=512).
       allow_urls: whether `<img>https://...</img>` may be fetched.
+      image_root: directory that relative image paths in `<img>` spans are read from (default: the
+        current directory). Short relative paths matter for models whose spans are short
+        (`n_queries` - 1 bytes at most).
     """
 
     def __init__(
@@ -178,10 +182,15 @@ class QwenVL:
         *,
         generation_config: dict | None = None,
         allow_urls: bool = False,
+        image_root: str | None = None,
     ):
         self.model = model
+        self.image_root = image_root
         self.config = model.config
-        self.tokenizer = tokenizer if tokenizer is not None else tok_lib.QWenTokenizer()
+        n_queries = self.config.visual.n_queries
+        if tokenizer is None:
+            tokenizer = tok_lib.QWenTokenizer(image_span=n_queries)
+        self.tokenizer = tokenizer
         if self.tokenizer.n_vocab > self.config.vocab_size:
             raise ValueError(
                 f"tokenizer has {self.tokenizer.n_vocab} tokens but the model's vocab_size is"
@@ -191,6 +200,12 @@ class QwenVL:
             raise ValueError(
                 f"tokenizer's <img> id {self.tokenizer.img_start_id} !="
                 f" config.visual.image_start_id {self.config.visual.image_start_id}"
+            )
+        if self.tokenizer.image_span != n_queries:
+            raise ValueError(
+                f"tokenizer's <img> spans hold {self.tokenizer.image_span} positions but the model"
+                f" emits config.visual.n_queries={n_queries} features per image; load the"
+                f" tokenizer with image_span={n_queries}"
             )
         self.generation_config = dict(DEFAULT_GENERATION)
         self.generation_config.update(generation_config or {})
@@ -206,6 +221,7 @@ class QwenVL:
         tokenizer: Any = None,
         attn_impl: str = "xla",
         allow_urls: bool = False,
+        image_root: str | None = None,
     ) -> QwenVL:
         """Load a checkpoint.
 
@@ -219,6 +235,7 @@ class QwenVL:
             files in `path` if any, else the published vocabulary.
           attn_impl: attention implementation passed to the model.
           allow_urls: let `<img>` spans hold http(s) URLs that are fetched.
+          image_root: directory for relative image paths (default: the current directory).
         """
         jdtype = _dtype(dtype)
         cfg, params = load_params(path)
@@ -228,13 +245,15 @@ class QwenVL:
             tok_path = tokenizer
             if tok_path is None and _has(path, "qwen.tiktoken", tok_lib.SP_MODEL_NAME):
                 tok_path = path
-            tokenizer = tok_lib.load_tokenizer(tok_path)
+            tokenizer = tok_lib.load_tokenizer(tok_path, image_span=cfg.visual.n_queries)
         gen = None
         gen_file = os.path.join(path, "generation_config.json")
         if os.path.isfile(gen_file):
             with open(gen_file) as f:
                 gen = {k: v for k, v in json.load(f).items() if k in GENERATION_KEYS + CHAT_KEYS}
-        return cls(model, tokenizer, generation_config=gen, allow_urls=allow_urls)
+        return cls(
+            model, tokenizer, generation_config=gen, allow_urls=allow_urls, image_root=image_root
+        )
 
     @classmethod
     def random(
@@ -249,7 +268,7 @@ class QwenVL:
         cfg = config_lib.get_preset(config) if isinstance(config, str) else config
         model = build_model(cfg, None, _dtype(dtype), seed=seed)
         if isinstance(tokenizer, str):
-            tokenizer = tok_lib.load_tokenizer(tokenizer)
+            tokenizer = tok_lib.load_tokenizer(tokenizer, image_span=cfg.visual.n_queries)
         return cls(model, tokenizer)
 
     # ------------------------------------------------------------------ inputs
@@ -275,6 +294,8 @@ class QwenVL:
         if not paths:
             return {"input_ids": input_ids, "images": None, "image_token_index": None}
         size = self.config.visual.image_size
+        if self.image_root:
+            paths = [_resolve(p, self.image_root) for p in paths]
         images = image_lib.load_images(paths, size, allow_urls=self.allow_urls)[None]
         index, _ = image_token_index(
             input_ids, self.config.visual.image_start_id, self.config.visual.n_queries
@@ -425,3 +446,10 @@ class QwenVL:
         """Write qwenvl_jax's own format (config.json + Orbax params/) plus the tokenizer files."""
         convert.save_params(out_dir, self.model, self.config)
         self.tokenizer.save_vocabulary(out_dir)
+
+
+def _resolve(path: str, root: str) -> str:
+    """`path` if absolute or a URL, else `root/path`."""
+    if os.path.isabs(path) or "://" in path:
+        return path
+    return os.path.join(root, path)

@@ -14,8 +14,8 @@
 
 Re-running resumes: finished stages are skipped by the trainer (it restores the last checkpoint),
 an interrupted stage continues from its last checkpoint. Settings: `quick` (CI, a minute or two),
-`default` (about ten minutes on 2 idle CPU cores), `medium` (3x the stage-2 steps), `long` (for
-the accuracy goals of issue 5; not yet measured).
+`default` (about ten minutes on 2 idle CPU cores), `long` (about an hour; meant for the accuracy
+goals of issue 5, not yet measured).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class Stage:
         steps: optimizer steps.
         lr: peak learning rate (warm-up then cosine decay to lr / 10).
         image_size: the stage's resolution in pixels.
-        seq_len: tokens per (packed) row; one image takes 258.
+        seq_len: tokens per (packed) row; one image takes n_queries + 2.
         max_images: image slots per row.
     """
 
@@ -83,7 +83,9 @@ class Setting:
     warmup_steps: int = 20
 
 
-def _model(d: int, layers: int, vit_width: int = 64, vit_layers: int = 2) -> dict:
+def _model(
+    d: int, layers: int, vit_width: int = 64, vit_layers: int = 2, n_queries: int = 36
+) -> dict:
     return {
         "hidden_size": d,
         "num_hidden_layers": layers,
@@ -97,23 +99,25 @@ def _model(d: int, layers: int, vit_width: int = 64, vit_layers: int = 2) -> dic
             "mlp_ratio": 2.0,
             "output_dim": d,
             "patch_size": 14,
-            # The tokenizer and the data pipeline expand every image to 256 positions.
-            "n_queries": 256,
+            # Adapter queries = positions of an <img> span (the tokenizer is made to match): a
+            # 6 x 6 grid of features summarises the 8 x 8 patches of a 112 px picture (the paper:
+            # 16 x 16 for 32 x 32). Picture paths must then be at most 35 bytes (relative ones).
+            "n_queries": n_queries,
         },
     }
 
 
-def _stages(s1: int, s2: int, s3: int, lr: float = 2e-3) -> tuple[Stage, ...]:
-    # Rows: stage 1 holds one image-text pair (<= ~450 tokens), stage 2 packs two samples of the
-    # mix, stage 3 holds a dialogue or a two-picture question (~620 tokens).
+def _stages(s1: int, s2: int, s3: int, lr: float = 2e-3, seq_len: int = 512) -> tuple[Stage, ...]:
+    # A sample is 110-220 tokens (a 38-token picture, the ChatML frame, the turns), so a 512-token
+    # row packs two to four of them.
     # Stage 1 keeps the paper's peak LR (Table 8: 2e-4). Its decoder is frozen, and here it is a
     # random one: at 10x that LR the ViT and adapter learn within 100 steps to emit one constant
     # feature for every picture (measured: the between-picture spread of the adapter output fell
     # from 18% to 0.03%), which stage 2 then has to undo.
     return (
-        Stage("stage1", "pretrain.py", "stage1", s1, 2e-4, 56, 480, 1),
-        Stage("stage2", "multitask.py", "stage2", s2, lr, 112, 768, 2),
-        Stage("stage3", "sft.py", "stage3", s3, lr / 2, 112, 640, 2),
+        Stage("stage1", "pretrain.py", "stage1", s1, 2e-4, 56, seq_len, 4),
+        Stage("stage2", "multitask.py", "stage2", s2, lr, 112, seq_len, 4),
+        Stage("stage3", "sft.py", "stage3", s3, lr / 2, 112, seq_len, 4),
     )
 
 
@@ -130,30 +134,21 @@ SETTINGS = {
     ),
     "default": Setting(
         n_train=3000,
-        n_heldout=100,
-        vocab_size=400,
-        model=_model(128, 2),
-        stages=_stages(30, 450, 150),
-        batch_size=8,
-        eval_per_task=50,
-    ),
-    "medium": Setting(
-        n_train=3000,
-        n_heldout=100,
-        vocab_size=400,
-        model=_model(128, 2),
-        stages=_stages(30, 1400, 250),
-        batch_size=8,
-        eval_per_task=50,
-    ),
-    "long": Setting(
-        n_train=10000,
         n_heldout=200,
         vocab_size=400,
         model=_model(128, 2),
-        stages=_stages(30, 3000, 600),
+        stages=_stages(100, 1200, 200),
         batch_size=8,
         eval_per_task=100,
+    ),
+    "long": Setting(
+        n_train=10000,
+        n_heldout=400,
+        vocab_size=400,
+        model=_model(128, 2),
+        stages=_stages(300, 8000, 1000),
+        batch_size=8,
+        eval_per_task=200,
     ),
 }
 
@@ -226,17 +221,18 @@ def stage_config(
     return c
 
 
-def build_tokenizer(corpus: str, out_dir: str, vocab_size: int):
-    """Trains (or loads) the SentencePiece tokenizer of the demo in `out_dir/tokenizer.model`."""
+def build_tokenizer(corpus: str, out_dir: str, vocab_size: int, image_span: int):
+    """Trains (or loads) the SentencePiece tokenizer of the demo in `out_dir/tokenizer.model`;
+    its `<img>` spans hold `image_span` positions (the model's n_queries)."""
     from qwenvl_jax import tokenizer as tok_lib
 
     model_file = os.path.join(out_dir, tok_lib.SP_MODEL_NAME)
-    if os.path.isfile(model_file):
-        return tok_lib.SentencePieceQWenTokenizer(model_file)
-    with open(corpus) as f:
-        texts = [line.rstrip("\n") for line in f if line.strip()]
-    prefix = os.path.join(out_dir, os.path.splitext(tok_lib.SP_MODEL_NAME)[0])
-    return tok_lib.train_sentencepiece(texts, prefix, vocab_size)
+    if not os.path.isfile(model_file):
+        with open(corpus) as f:
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+        prefix = os.path.join(out_dir, os.path.splitext(tok_lib.SP_MODEL_NAME)[0])
+        tok_lib.train_sentencepiece(texts, prefix, vocab_size)
+    return tok_lib.SentencePieceQWenTokenizer(model_file, image_span=image_span)
 
 
 def chat_answer_fn(qwen, *, max_new_tokens: int = 48) -> evaluate.AnswerFn:
@@ -282,16 +278,22 @@ def evaluate_workdir(
     *,
     per_task: int | None = None,
     batch_size: int = 16,
+    prior_from: Sequence[str] = (),
     progress: Callable[[str], None] | None = print,
 ) -> dict:
     """Greedy held-out evaluation of a trained workdir; writes predictions.json and boxes.png.
+
+    Args:
+      prior_from: training JSON files; when given, the metrics also hold "blind_prior", the
+        scores of `evaluate.prior_predictions` (answers chosen without looking at the picture).
 
     Returns:
       the metrics of `evaluate.score`.
     """
     from qwenvl_jax.api import QwenVL
 
-    qwen = QwenVL.from_pretrained(os.path.abspath(model_dir))
+    image_root = os.path.dirname(os.path.abspath(eval_file))
+    qwen = QwenVL.from_pretrained(os.path.abspath(model_dir), image_root=image_root)
     records = evaluate.load_records(eval_file, per_task=per_task)
     predictions: list[str | None] = [None] * len(records)
     for task in synthetic.EVAL_TASKS:
@@ -307,11 +309,16 @@ def evaluate_workdir(
             if progress is not None:
                 progress(f"  eval {task}: {min(start + batch_size, len(idx))}/{len(idx)}")
     metrics = evaluate.score(records, predictions)
+    if prior_from:
+        prior = evaluate.score(records, evaluate.prior_predictions(prior_from, records))
+        metrics["blind_prior"] = {k: v for k, v in prior.items() if not k.startswith("n_")}
     evaluate.save_json(
         os.path.join(out_dir, "predictions.json"),
         [dict(r, prediction=p) for r, p in zip(records, predictions, strict=True)],
     )
-    evaluate.plot_boxes(records, predictions, os.path.join(out_dir, "boxes.png"))
+    evaluate.plot_boxes(
+        records, predictions, os.path.join(out_dir, "boxes.png"), image_root=image_root
+    )
     return metrics
 
 
@@ -366,7 +373,9 @@ def run_demo(
 
     t = time.time()
     tok_dir = os.path.join(workdir, "tokenizer")
-    tok = build_tokenizer(manifest["files"]["corpus"], tok_dir, cfg.vocab_size)
+    tok = build_tokenizer(
+        manifest["files"]["corpus"], tok_dir, cfg.vocab_size, cfg.model["visual"]["n_queries"]
+    )
     vocab = -(-tok.n_vocab // 64) * 64
     progress(f"[demo] 2/5 SentencePiece vocabulary: {tok.n_vocab} tokens (model vocab {vocab})")
     times["tokenizer"] = time.time() - t
@@ -415,13 +424,17 @@ def run_demo(
             manifest["files"]["eval"],
             workdir,
             per_task=cfg.eval_per_task,
+            prior_from=[manifest["files"][f"{s.data}_train"] for s in cfg.stages],
             progress=progress,
         )
         times["eval"] = time.time() - t
         files["boxes"] = os.path.join(workdir, "boxes.png")
         files["predictions"] = os.path.join(workdir, "predictions.json")
         result["metrics"] = metrics
-        progress(evaluate.format_table(metrics, title=f"held-out evaluation ({name})"))
+        table = evaluate.format_table(
+            metrics, title=f"held-out evaluation ({name})", baseline=metrics.get("blind_prior")
+        )
+        progress(table + "\n(blind prior: the most frequent training answer to the same prompt)")
     times["total"] = time.time() - t0
     result["files"] = files
     result["shuffle_labels"] = shuffle_labels
@@ -451,3 +464,23 @@ def _copy_tokenizer(src: str, dst: str) -> None:
     for f in os.listdir(src):
         if f.endswith((".model", ".vocab")):
             shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m qwenvl_jax.demo [--setting long] [--workdir DIR] [--shuffle_labels]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m qwenvl_jax.demo", description=__doc__)
+    parser.add_argument("--setting", default="default", choices=sorted(SETTINGS))
+    parser.add_argument("--workdir", default=None, help="default: ./qwenvl_demo_<setting>")
+    parser.add_argument(
+        "--shuffle_labels", action="store_true", help="train on permuted answers (the control)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    workdir = args.workdir or f"qwenvl_demo_{args.setting}"
+    run_demo(workdir, setting=args.setting, shuffle_labels=args.shuffle_labels, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -177,6 +177,41 @@ def score(records: Sequence[dict], predictions: Sequence[str]) -> dict:
     return out
 
 
+def prior_predictions(train_files: Sequence[str], records: Sequence[dict]) -> list[str]:
+    """A blind baseline: what a model that never looks at the picture would answer best.
+
+    For each record, the most frequent training answer to the same prompt (single-picture turns of
+    `train_files`, official fine-tuning JSON); for grounding, the phrase with the coordinate-wise
+    median of the training boxes of that phrase. Scoring these predictions gives the
+    question-only prior a trained model must beat to have learned to see.
+    """
+    answers: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    boxes: dict[str, list] = collections.defaultdict(list)
+    for path in train_files:
+        with open(path) as f:
+            samples = json.load(f)
+        for s in samples:
+            conv = s["conversations"]
+            for user, assistant in zip(conv[0::2], conv[1::2], strict=False):
+                prompt = synthetic.strip_images(user["value"])
+                if user["value"].count("<img>") > 1:
+                    continue
+                answers[prompt][assistant["value"]] += 1
+                if prompt.startswith("<ref>") and "<box>" in assistant["value"]:
+                    boxes[prompt].append(parse_first_box(assistant["value"]))
+    out = []
+    for r in records:
+        prompt = r["prompt"]
+        if r["task"] == "grounding" and boxes.get(prompt):
+            x1, y1, x2, y2 = (int(v) for v in np.median(np.asarray(boxes[prompt]), axis=0))
+            out.append(f"{prompt}<box>({x1},{y1}),({x2},{y2})</box>")
+        elif answers.get(prompt):
+            out.append(answers[prompt].most_common(1)[0][0])
+        else:
+            out.append("")
+    return out
+
+
 # ----------------------------------------------------------------------------------- running
 def load_records(path: str, *, per_task: int | None = None) -> list[dict]:
     """Evaluation records from a JSON list, keeping the first `per_task` of each task."""
@@ -228,8 +263,11 @@ def run(
     return score(records, predictions), predictions
 
 
-def format_table(metrics: dict, *, title: str = "held-out evaluation") -> str:
-    """A short fixed-width table of the headline metrics."""
+def format_table(
+    metrics: dict, *, title: str = "held-out evaluation", baseline: dict | None = None
+) -> str:
+    """A short fixed-width table of the headline metrics; `baseline` (e.g. the scores of
+    `prior_predictions`) adds a column to compare with."""
     rows = [
         ("grounding acc (IoU>=0.5)", "grounding_acc", "n_grounding"),
         ("VQA accuracy", "vqa_acc", "n_vqa"),
@@ -237,10 +275,16 @@ def format_table(metrics: dict, *, title: str = "held-out evaluation") -> str:
         ("caption exact match", "caption_em", "n_caption"),
         ("caption CIDEr-D", "caption_cider", "n_caption"),
     ]
-    lines = [title, f"{'metric':<26}{'value':>8}{'n':>6}"]
+    head = f"{'metric':<26}{'value':>8}"
+    if baseline is not None:
+        head += f"{'blind prior':>13}"
+    lines = [title, head + f"{'n':>6}"]
     for name, key, n in rows:
         if key in metrics:
-            lines.append(f"{name:<26}{metrics[key]:>8.3f}{int(metrics.get(n, 0)):>6}")
+            line = f"{name:<26}{metrics[key]:>8.3f}"
+            if baseline is not None:
+                line += f"{baseline[key]:>13.3f}" if key in baseline else f"{'-':>13}"
+            lines.append(line + f"{int(metrics.get(n, 0)):>6}")
     return "\n".join(lines)
 
 
@@ -281,7 +325,12 @@ def plot_loss_curves(curves: dict[str, Sequence[tuple[int, float]]], path: str) 
 
 
 def plot_boxes(
-    records: Sequence[dict], predictions: Sequence[str], path: str, *, max_images: int = 8
+    records: Sequence[dict],
+    predictions: Sequence[str],
+    path: str,
+    *,
+    max_images: int = 8,
+    image_root: str | None = None,
 ) -> str:
     """Writes a PNG grid of held-out grounding images with the true and the predicted box.
 
@@ -292,6 +341,7 @@ def plot_boxes(
       predictions: the model's answers, aligned with records.
       path: the PNG to write.
       max_images: how many images to show.
+      image_root: directory of relative image paths (default: the current directory).
     """
     from matplotlib.figure import Figure
     from PIL import Image
@@ -308,7 +358,7 @@ def plot_boxes(
         ax.axis("off")
     for ax, (r, p) in zip(axes.flat, pairs, strict=False):
         # Upscaled so that the labels of grounding.draw_boxes stay readable on small pictures.
-        img = Image.open(r["images"][0]).convert("RGB")
+        img = Image.open(os.path.join(image_root or "", r["images"][0])).convert("RGB")
         img = img.resize((max(img.size[0], 336), max(img.size[1], 336)), Image.NEAREST)
         pred = parse_first_box(p)
         x1, y1, x2, y2 = r["box"]

@@ -57,7 +57,7 @@ OCR_PROMPT = "What is the word in the image? Answer:"
 OCR_QUAD_PROMPT = "Read the text in the image with its position:"
 TASKS = ("caption", "vqa", "grounding", "grounded_caption", "ocr", "ocr_quad")
 EVAL_TASKS = ("grounding", "vqa", "ocr", "caption")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,8 +357,10 @@ def _shuffle_answers(samples: list[dict], rng: np.random.Generator) -> None:
             samples[i]["conversations"][j]["value"] = values[k]
 
 
-def _image_path(out_dir: str, split: str, index: int) -> str:
-    return os.path.join(out_dir, "images", split, f"{index:06d}.png")
+def _image_path(split: str, index: int) -> str:
+    """A picture's path relative to the dataset directory (short: it must fit an `<img>` span of
+    a tiny model, `n_queries` - 1 bytes)."""
+    return f"images/{split}/{index:06d}.png"
 
 
 def _scene_rng(seed: int, split: str, index: int, stream: int) -> np.random.Generator:
@@ -388,10 +390,12 @@ def generate(
 ) -> dict[str, Any]:
     """Writes the synthetic dataset into `out_dir` (reusing it when its manifest matches).
 
-    Each picture gives one sample per stage: stage 1 a caption or grounding pair, stage 2 one task
-    of the multi-task mix (cycling through the tasks the picture supports), stage 3 a dialogue, a
-    single-turn task or (every fourth picture) a question about it and the next picture. Picture
-    paths are absolute.
+    Each picture gives stage 1 a caption, a grounding pair and a grounded caption; stage 2 one
+    sample of every task of the multi-task mix it supports (a random question or object where the
+    task has several); stage 3 one dialogue, single-turn task or (every fourth picture) a question
+    about it and the next picture. Picture
+    paths are relative to `out_dir` (where the JSON files are, so the data pipeline resolves them;
+    pass `image_root=out_dir` to `QwenVL` to chat about them).
 
     Args:
         out_dir: the dataset directory (created).
@@ -428,8 +432,8 @@ def generate(
         scenes, paths = [], []
         for i in range(n):
             scene = make_scene(_scene_rng(seed, split, i, 0), world)
-            path = _image_path(out_dir, split, i)
-            render(scene).save(path, format="PNG")
+            path = _image_path(split, i)
+            render(scene).save(os.path.join(out_dir, path), format="PNG")
             scenes.append(scene)
             paths.append(path)
         stages = _stage_samples(split, scenes, paths, seed)
@@ -444,6 +448,9 @@ def generate(
         if split == "train":
             files["corpus"] = os.path.join(out_dir, "corpus.txt")
             with open(files["corpus"], "w") as f:
+                # The ChatML frame's words (make_context's default system prompt and the roles)
+                # are in every sample: give them pieces of their own.
+                f.write("system\nYou are a helpful assistant.\nuser\nassistant\n" * 50)
                 for samples in stages.values():
                     for s in samples:
                         for m in s["conversations"]:
@@ -463,13 +470,13 @@ def _stage_samples(split: str, scenes: list[Scene], paths: list[str], seed: int)
     for i, (scene, path) in enumerate(zip(scenes, paths, strict=True)):
         rng = _scene_rng(seed, split, i, 1)
         pic = picture([path])
-        task = ("caption", "grounding", "grounded_caption")[i % 3]
-        q, a, _ = task_sample(task, scene, rng)
-        stage1.append(_conv(f"{split}-{task}-{i:06d}", [(pic + q, a)]))
+        for task in ("caption", "grounding", "grounded_caption"):
+            q, a, _ = task_sample(task, scene, rng)
+            stage1.append(_conv(f"{split}-{task}-{i:06d}", [(pic + q, a)]))
         tasks = _tasks_for(scene)
-        task = tasks[(i // 3) % len(tasks)]
-        q, a, _ = task_sample(task, scene, rng)
-        stage2.append(_conv(f"{split}-{task}-{i:06d}", [(pic + q, a)]))
+        for task in tasks:
+            q, a, _ = task_sample(task, scene, rng)
+            stage2.append(_conv(f"{split}-{task}-{i:06d}", [(pic + q, a)]))
         kind = i % 4
         pair = None
         if kind == 3:

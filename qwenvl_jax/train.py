@@ -404,17 +404,13 @@ def make_data_iterator(cfg, mcfg: QWenConfig, batch_size_per_host: int):
     if cfg.data.kind != "pipeline":
         raise ValueError(f"config.data.kind={cfg.data.kind!r}; use 'random' or 'pipeline'")
     from qwenvl_jax.data.pipeline import make_train_iterator
-    from qwenvl_jax.tokenizer import IMG_TOKEN_SPAN, load_tokenizer
+    from qwenvl_jax.tokenizer import load_tokenizer
 
-    if mcfg.visual.n_queries != IMG_TOKEN_SPAN:
-        # The tokenizer writes every <img>...</img> span with 256 inner positions (as the
-        # published tokenizer does), so real data needs one adapter output per position.
-        raise ValueError(
-            f"config.model.overrides.visual.n_queries={mcfg.visual.n_queries}, but data.kind="
-            f"'pipeline' tokenizes images into {IMG_TOKEN_SPAN} positions: set it to"
-            f" {IMG_TOKEN_SPAN} (the tiny variants use 16 only with data.kind='random')"
-        )
-    tokenizer = load_tokenizer(cfg.data.get("tokenizer") or None)
+    # Every <img>...</img> span gets one position per adapter query (256 as published; a smaller
+    # model with fewer queries gets a tokenizer with shorter spans).
+    tokenizer = load_tokenizer(
+        cfg.data.get("tokenizer") or None, image_span=int(mcfg.visual.n_queries)
+    )
     return make_train_iterator(
         cfg.data.spec,
         tokenizer,
@@ -875,6 +871,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Stage config file, e.g. configs/multitask.py:tiny", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (local or gs://).")
+_DEMO_SETTING = flags.DEFINE_string(
+    "demo_setting", "default", "Without --config: the demo setting (quick, default or long)."
+)
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Print config, mesh, per-device bytes (and AOT-compile for aot.topology)."
 )
@@ -902,7 +901,7 @@ def main(argv) -> None:
                 f"no --config given and the built-in demo is unavailable ({e}). Run a stage with"
                 " --config=configs/multitask.py:tiny --workdir=/tmp/qwenvl_tiny"
             )
-        run_demo(workdir)
+        run_demo(workdir, setting=_DEMO_SETTING.value)
         return
     if _DRY_RUN.value:
         dry_run(cfg)
@@ -914,4 +913,7 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    # `python -m qwenvl_jax.train` runs this file as __main__; the demo (and anything else) that
+    # imports qwenvl_jax.train must get this module, not a second copy that redefines the flags.
+    sys.modules.setdefault("qwenvl_jax.train", sys.modules[__name__])
     app.run(main)

@@ -236,6 +236,25 @@ def test_sentencepiece_tokenizer_with_a_random_tiny_model(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match=f"vocab_size is {sp.n_vocab}"):
         QwenVL(vl.model, tk.QWenTokenizer())
 
+    # A model with 16 adapter queries needs a tokenizer whose <img> spans hold 16 positions.
+    over = tk.config_overrides(sp, multiple_of=1)
+    over["visual"]["n_queries"] = 16
+    cfg16 = get_preset("tiny", **over)
+    with pytest.raises(ValueError, match="load the tokenizer with image_span=16"):
+        QwenVL.random(cfg16, tokenizer=sp)
+    sp16 = tk.SentencePieceQWenTokenizer(sp.model_file, image_span=16)
+    vl16 = QwenVL.random(cfg16, tokenizer=sp16, seed=3)
+    # image_root: a relative path (short enough for a 16-position span) is read from there.
+    query = tk.from_list_format([{"image": "img_a.png"}, {"text": "What is this?"}])
+    rooted = QwenVL(vl16.model, sp16, image_root=str(REF))
+    monkeypatch.chdir(tmp_path)
+    got = rooted.logits(query)
+    with pytest.raises(FileNotFoundError):
+        vl16.logits(query)  # no img_a.png in the current directory
+    monkeypatch.chdir(REF)
+    np.testing.assert_array_equal(got, vl16.logits(query))
+    assert len(sp16.encode(query)) == len(sp.encode(query)) - 240
+
 
 def test_from_training_workdir(model, tmp_path, monkeypatch):
     from flax import nnx

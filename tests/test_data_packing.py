@@ -234,3 +234,39 @@ def test_bad_span_raises():
     ex = Example(np.array([1, IMG, 2, 3], np.int32), np.ones(4, bool), ["x"], "s", 0)
     with pytest.raises(ValueError, match="image span"):
         packing.pack_row([ex], 10, 1, **IDS)
+
+
+def test_short_image_spans():
+    # Spans of a model with Q = 9 adapter queries: <img> + 9 + </img>.
+    q = 9
+    span9 = [IMG] + [100] * 2 + [PAD_IMG] * 7 + [IMG_END]
+
+    def ex(index, n_images, n_text):
+        ids = [1, 2] + span9 * n_images + [7] * n_text
+        labels = [i >= len(ids) - n_text for i in range(len(ids))]
+        images = [f"img{index}_{k}" for k in range(n_images)]
+        return Example(np.asarray(ids, np.int32), np.asarray(labels, bool), images, "s", index)
+
+    a, b = ex(0, 2, 3), ex(1, 1, 4)
+    row = packing.pack_row([a, b], 48, 4, **IDS, n_queries=q)
+    iti = row["image_token_index"]
+    # Slot m's interior holds m * 9 + 0..8, in order of appearance across the packed samples.
+    assert iti[3:12].tolist() == list(range(0, 9)) and iti[14:23].tolist() == list(range(9, 18))
+    start_b = len(a.ids)
+    assert iti[start_b + 3 : start_b + 12].tolist() == list(range(18, 27))
+    assert (iti >= 0).sum() == 27 and row["image_valid"].tolist() == [True, True, True, False]
+    # Truncation respects the short span: a cut inside the second span moves before its <img>.
+    out, ev = packing.fit_example(ex(2, 2, 20), 20, 4, IMG, IMG_END, "truncate", n_queries=q)
+    assert (out, ev) == (None, "dropped_no_loss")  # labels only on the trailing text: none left
+    long_text = Example(
+        np.asarray([1, 2] + span9 * 2 + [7] * 5, np.int32),
+        np.asarray([False, True] + [False] * 22 + [True] * 5, bool),
+        ["x", "y"],
+        "s",
+        3,
+    )
+    out, ev = packing.fit_example(long_text, 20, 4, IMG, IMG_END, "truncate", n_queries=q)
+    assert ev == "truncated" and len(out) == 13 and out.images == ["x"]
+    # A 256-position reading of these spans is an error, not a silent misplacement.
+    with pytest.raises(ValueError, match="does not open a 258-token image span"):
+        packing.pack_row([a], 48, 4, **IDS)

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -35,17 +37,26 @@ def test_stage_configs_follow_the_paper(tmp_path):
     for k, c in enumerate(cfgs, 1):
         assert c.data.kind == "pipeline" and c.data.tokenizer == "/tok"
         assert c.data.spec.sources[f"stage{k}"].path == f"/d/stage{k}_train.json"
-        assert c.model.overrides.visual.n_queries == 256
+        assert c.model.overrides.visual.n_queries == setting.model["visual"]["n_queries"]
         assert c.model.overrides.visual.image_start_id == 614
-        # One image span is 258 tokens; a row must hold the stage's longest sample.
-        assert c.data.seq_len >= 258 * c.data.max_images
-    assert cfgs[1].data.max_images == 2  # stage 2 packs two samples per row
+        # A row packs several samples, each at most ~230 tokens with one 38-token image span.
+        assert c.data.seq_len >= 2 * 230 and c.data.max_images >= 2
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    # The README's first command, on the quick setting, in a fresh process.
     workdir = str(tmp_path_factory.mktemp("demo"))
-    return workdir, demo.run_demo(workdir, quick=True, progress=lambda s: None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    )
+    cmd = [sys.executable, "-m", "qwenvl_jax.train", f"--workdir={workdir}", "--demo_setting=quick"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "held-out evaluation (quick)" in proc.stdout and "blind prior" in proc.stdout
+    with open(os.path.join(workdir, "results.json")) as f:
+        return workdir, json.load(f)
 
 
 @pytest.mark.slow
@@ -61,8 +72,7 @@ def test_quick_demo_learns_and_writes_outputs(quick_run):
     m = result["metrics"]
     for key in ("grounding_acc", "vqa_acc", "ocr_em", "caption_em", "caption_cider"):
         assert 0.0 <= m[key] <= (10.0 if key == "caption_cider" else 1.0)
-    with open(os.path.join(workdir, "results.json")) as f:
-        assert json.load(f)["metrics"] == m
+    assert set(m["blind_prior"]) >= {"grounding_acc", "vqa_acc", "ocr_em", "caption_cider"}
     for name in ("loss.png", "boxes.png"):
         with Image.open(os.path.join(workdir, name)) as im:
             assert im.size[0] >= 300 and im.size[1] >= 200
@@ -83,7 +93,9 @@ def test_resumed_stage_continues_exactly(quick_run, tmp_path):
     setting = demo.SETTINGS["quick"]
     with open(os.path.join(workdir, "data", "manifest.json")) as f:
         files = json.load(f)["files"]
-    tok = tok_lib.load_tokenizer(os.path.join(workdir, "tokenizer"))
+    tok = tok_lib.load_tokenizer(
+        os.path.join(workdir, "tokenizer"), image_span=setting.model["visual"]["n_queries"]
+    )
     cfg = demo.stage_config(
         setting.stages[1],
         setting,
@@ -109,7 +121,10 @@ def test_trained_workdir_chats(quick_run):
     from qwenvl_jax import QwenVL
 
     workdir, _ = quick_run
-    qwen = QwenVL.from_pretrained(os.path.join(workdir, "stage3"))
+    # Picture paths in the data are relative to the data directory.
+    qwen = QwenVL.from_pretrained(
+        os.path.join(workdir, "stage3"), image_root=os.path.join(workdir, "data")
+    )
     with open(os.path.join(workdir, "data", "eval.json")) as f:
         records = json.load(f)[:3]
     query = f"Picture 1: <img>{records[0]['images'][0]}</img>\n{records[0]['prompt']}"

@@ -155,3 +155,33 @@ def test_plots(tmp_path):
     assert Image.open(out).size[0] > 100
     with pytest.raises(ValueError, match="no grounding"):
         evaluate.plot_boxes(recs[1:], ["red"], str(tmp_path / "c.png"))
+
+
+def test_prior_predictions_by_hand(tmp_path):
+    def conv(user, assistant):
+        turns = [{"from": "user", "value": user}, {"from": "assistant", "value": assistant}]
+        return {"id": "x", "conversations": turns}
+
+    pic = "Picture 1: <img>images/train/000001.png</img>\n"
+    two = pic + "Picture 2: <img>images/train/000002.png</img>\n"
+    q = "What colour is the circle? Answer:"
+    ref = "<ref>the red circle</ref>"
+    train = [
+        conv(pic + q, "red"), conv(pic + q, "blue"), conv(pic + q, "red"),
+        conv(two + q, "blue"), conv(two + q, "blue"),  # two-picture turns are not counted
+        conv(pic + ref, ref + "<box>(0,0),(100,100)</box>"),
+        conv(pic + ref, ref + "<box>(10,20),(300,50)</box>"),
+        conv(pic + ref, ref + "<box>(20,10),(200,90)</box>"),
+    ]  # fmt: skip
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(train))
+    records = [
+        {"task": "vqa", "prompt": q, "answer": "blue", "images": ["a.png"]},
+        {"task": "grounding", "prompt": ref, "answer": "", "box": [0, 0, 1, 1], "images": ["a"]},
+        {"task": "ocr", "prompt": "never seen", "answer": "cat", "images": ["a.png"]},
+    ]
+    got = evaluate.prior_predictions([str(path)], records)
+    # The most frequent answer (red 2 : blue 1), the coordinate-wise median box, "" when unseen.
+    assert got == ["red", ref + "<box>(10,10),(200,90)</box>", ""]
+    table = evaluate.format_table({"vqa_acc": 0.5, "n_vqa": 4}, baseline={"vqa_acc": 0.25})
+    assert table.splitlines()[-1].split() == ["VQA", "accuracy", "0.500", "0.250", "4"]

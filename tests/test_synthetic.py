@@ -93,9 +93,12 @@ def test_official_format(data):
             assert [m["from"] for m in conv] == ["user", "assistant"] * (len(conv) // 2)
             paths = re.findall(r"Picture (\d+): <img>(.*?)</img>\n", conv[0]["value"])
             assert paths and [int(k) for k, _ in paths] == list(range(1, len(paths) + 1))
+            root = os.path.dirname(data["files"][name])
             for _, p in paths:
-                assert os.path.isabs(p) and os.path.exists(p)
-                assert len(p.encode()) < 256
+                # Relative to the JSON file's directory, and short enough for the demo model's
+                # 36-position <img> spans.
+                assert not os.path.isabs(p) and os.path.exists(os.path.join(root, p))
+                assert len(p.encode()) <= 35
             for m in conv[1:]:
                 assert "<img>" not in m["value"]
 
@@ -106,7 +109,8 @@ def test_grounding_answers_match_scene(data):
     for s in _load(data, "stage1_train"):
         conv = s["conversations"]
         path = re.search(r"<img>(.*?)</img>", conv[0]["value"]).group(1)
-        pix = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        root = os.path.dirname(data["files"]["stage1_train"])
+        pix = np.asarray(Image.open(os.path.join(root, path)).convert("RGB")).astype(int)
         size = pix.shape[0]
         for phrase, *box in BOX_RE.findall(conv[1]["value"]):
             words = phrase.split()
@@ -125,7 +129,8 @@ def test_eval_records(data):
     tasks = {r["task"] for r in records}
     assert tasks == set(synthetic.EVAL_TASKS)
     for r in records:
-        assert os.path.exists(r["images"][0]) and "heldout" in r["images"][0]
+        root = os.path.dirname(data["files"]["eval"])
+        assert os.path.exists(os.path.join(root, r["images"][0])) and "heldout" in r["images"][0]
         if r["task"] == "grounding":
             x1, y1, x2, y2 = r["box"]
             assert r["answer"] == f"<ref>{r['phrase']}</ref><box>({x1},{y1}),({x2},{y2})</box>"
@@ -179,3 +184,22 @@ def test_bad_world_config():
         synthetic.WorldConfig(grid=1)
     with pytest.raises(ValueError, match="unknown task"):
         synthetic.task_sample("nope", synthetic.make_scene(np.random.default_rng(0)), None)
+
+
+def test_every_picture_gives_every_task(data):
+    # Stage 1: caption, grounding and grounded caption of each picture; stage 2: each task the
+    # picture supports (the OCR tasks only where it holds a word).
+    for stage, want in (("stage1", {"caption", "grounding", "grounded_caption"}), ("stage2", None)):
+        tasks: dict = {}
+        for s in _load(data, f"{stage}_train"):
+            _, task, index = s["id"].split("-")
+            tasks.setdefault(index, []).append(task)
+        assert len(tasks) == 40
+        for got in tasks.values():
+            assert len(got) == len(set(got))
+            if want is not None:
+                assert set(got) == want
+            else:
+                has_word = "ocr" in got
+                assert set(got) == set(synthetic.TASKS if has_word else synthetic.TASKS[:4])
+    assert 0 < sum("-ocr-" in s["id"] for s in _load(data, "stage2_train")) < 40

@@ -264,3 +264,24 @@ def test_load_tokenizer_errors(tmp_path):
         tk.load_tokenizer(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="nope"):
         tk.load_tokenizer(str(tmp_path / "nope"))
+
+
+def test_short_image_span(sp_tok):
+    # A tokenizer for a model with 36 adapter queries: spans of 36 inner positions.
+    short = tk.SentencePieceQWenTokenizer(sp_tok.model_file, image_span=36)
+    path = "images/heldout/000012.png"
+    ids = short.encode(f"Picture 1: <img>{path}</img>\nhi")
+    ((a, b),) = short.image_spans(ids)
+    assert b - a == 37
+    assert ids[a + 1 + len(path) : b] == [short.img_pad_id] * (36 - len(path))
+    assert short.image_paths(ids) == [path]
+    # The text around the span is what the 256-position tokenizer gives.
+    long_ids = sp_tok.encode(f"Picture 1: <img>{path}</img>\nhi")
+    assert ids[:a] == long_ids[:a] and ids[b + 1 :] == long_ids[a + 258 :]
+    assert short.encode("<img>" + "x" * 35 + "</img>")[-2] == short.img_pad_id
+    with pytest.raises(ValueError, match="36 UTF-8 bytes, more than 35 fit in an <img> span of 36"):
+        short.encode("<img>" + "x" * 36 + "</img>")
+    with pytest.raises(ValueError, match="image_span must be an int >= 2"):
+        tk.SentencePieceQWenTokenizer(sp_tok.model_file, image_span=1)
+    loaded = tk.load_tokenizer(sp_tok.model_file, image_span=36)
+    assert loaded.encode(f"<img>{path}</img>") == short.encode(f"<img>{path}</img>")

@@ -557,9 +557,31 @@ def test_init_sources_on_two_processes(reference, tmp_path):
         ]
 
 
-def test_pipeline_data_with_non_256_queries_names_the_config_key():
-    c = tiny(steps=4)  # the tiny variants use 16 adapter queries with random batches
+def test_pipeline_batches_follow_the_adapter_query_count(tmp_path):
+    # A model with 16 adapter queries gets 16-position image spans from the real data pipeline.
+    from PIL import Image
+
+    from qwenvl_jax.data import pipeline
+
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "a.png")
+    turns = [{"from": "user", "value": "Picture 1: <img>a.png</img>\nWhat colour is it?"},
+             {"from": "assistant", "value": "red"}]  # fmt: skip
+    (tmp_path / "d.json").write_text(json.dumps([{"id": str(k), "conversations": turns}
+                                                 for k in range(6)]))  # fmt: skip
+    c = tiny(steps=4)
+    c.model.overrides.vocab_size = 151936  # the published tokenizer's ids
+    c.model.overrides.visual = {"n_queries": 16, "image_start_id": 151857}
     c.data.kind = "pipeline"
+    c.data.seq_len = 64
+    c.data.max_images = 2
+    c.data.spec = pipeline.default_data_config()
+    c.data.spec.sources["d"] = pipeline.source_config(kind="json", path=str(tmp_path / "d.json"))
     s = train.build(c, jax.devices()[:1])
-    with pytest.raises(ValueError, match=r"config.model.overrides.visual.n_queries=16"):
-        train.make_data_iterator(c, s.mcfg, 4)
+    batch = next(iter(train.make_data_iterator(c, s.mcfg, 2)))
+    for row, index in zip(batch["input_ids"], batch["image_token_index"], strict=True):
+        starts = np.flatnonzero(row == 151857)
+        assert len(starts) >= 1
+        for m, a in enumerate(starts):
+            assert row[a + 17] == 151858  # </img> right after 16 inner positions
+            assert index[a + 1 : a + 17].tolist() == list(range(16 * m, 16 * m + 16))
+        assert (index >= 0).sum() == 16 * len(starts)

@@ -3,9 +3,10 @@
 A packed row of length T with M image slots holds (see docs/architecture.md, "Batches"):
 `input_ids`, `targets` (the next token of the same sample, 0 elsewhere), `loss_mask` (the target
 is a supervised label), `segment_ids` (1.. per sample, 0 = padding), `positions` (restart at 0 per
-sample), `image_token_index` (m * 256 + q on the 256 positions inside the m-th image's
-`<img>...</img>`, -1 elsewhere), plus the image sources of the M slots (loaded later, after
-packing, so the packer's buffer and checkpoint state hold only indices).
+sample), `image_token_index` (m * Q + q on the Q positions inside the m-th image's
+`<img>...</img>`, -1 elsewhere; Q = `n_queries`, the tokenizer's `image_span`, 256 as published),
+plus the image sources of the M slots (loaded later, after packing, so the packer's buffer and
+checkpoint state hold only indices).
 
 `PackIterDataset` packs first-fit into a bounded number of open rows. Its state is the next record
 index and the record indices held by the open rows, so it restores exactly by re-reading those
@@ -22,8 +23,7 @@ import numpy as np
 
 from qwenvl_jax.data.tasks import Example, Skip
 
-IMG_SPAN = 258  # <img> + 256 + </img>
-N_QUERIES = 256
+N_QUERIES = 256  # inner positions of an image span as published (functions take n_queries)
 
 # Metrics counters, per source. The first ones count samples; the rest count skipped or converted
 # records by reason (tasks.BadSample reasons, image loading problems).
@@ -56,16 +56,19 @@ def reason_index(reason: str) -> int:
     return REASON_INDEX.get(reason, REASON_INDEX["other"])
 
 
-def image_spans(ids: np.ndarray, img_start_id: int, img_end_id: int) -> list[int]:
-    """Start positions of the `<img>` tokens of well-formed 258-token image spans.
+def image_spans(
+    ids: np.ndarray, img_start_id: int, img_end_id: int, n_queries: int = N_QUERIES
+) -> list[int]:
+    """Start positions of the `<img>` tokens of well-formed (n_queries + 2)-token image spans.
 
     Raises:
-      ValueError: an `<img>` not followed by `</img>` 257 tokens later.
+      ValueError: an `<img>` not followed by `</img>` n_queries + 1 tokens later.
     """
+    span = n_queries + 2
     starts = np.flatnonzero(ids == img_start_id)
     for a in starts:
-        if a + IMG_SPAN - 1 >= len(ids) or ids[a + IMG_SPAN - 1] != img_end_id:
-            raise ValueError(f"<img> at token {a} does not open a {IMG_SPAN}-token image span")
+        if a + span - 1 >= len(ids) or ids[a + span - 1] != img_end_id:
+            raise ValueError(f"<img> at token {a} does not open a {span}-token image span")
     n_end = int(np.sum(ids == img_end_id))
     if n_end != len(starts):
         raise ValueError(f"{len(starts)} <img> but {n_end} </img> tokens")
@@ -79,6 +82,7 @@ def fit_example(
     img_start_id: int,
     img_end_id: int,
     too_long: str = "truncate",
+    n_queries: int = N_QUERIES,
 ) -> tuple[Example | None, str | None]:
     """Make `ex` fit one row: at most `seq_len` tokens and `max_images` images.
 
@@ -90,14 +94,15 @@ def fit_example(
       (example or None, event): event is "truncated", "dropped_too_long" or "dropped_no_loss" (None
       when the sample fit as it was).
     """
-    starts = image_spans(ex.ids, img_start_id, img_end_id)
+    span = n_queries + 2
+    starts = image_spans(ex.ids, img_start_id, img_end_id, n_queries)
     cut = len(ex.ids)
     if cut > seq_len:
         cut = seq_len
     if len(starts) > max_images:
         cut = min(cut, starts[max_images])
     for a in starts:
-        if a < cut < a + IMG_SPAN:
+        if a < cut < a + span:
             cut = a
     event = None
     if cut < len(ex.ids):
@@ -105,7 +110,7 @@ def fit_example(
             return None, "dropped_too_long"
         if too_long != "truncate":
             raise ValueError(f"too_long must be 'truncate' or 'drop', got {too_long!r}")
-        n_img = sum(1 for a in starts if a + IMG_SPAN <= cut)
+        n_img = sum(1 for a in starts if a + span <= cut)
         ex = Example(
             ids=ex.ids[:cut],
             labels=ex.labels[:cut],
@@ -128,6 +133,7 @@ def pack_row(
     pad_id: int,
     img_start_id: int,
     img_end_id: int,
+    n_queries: int = N_QUERIES,
 ) -> dict:
     """Pack examples (each already fitting, together at most seq_len tokens / max_images images).
 
@@ -157,7 +163,7 @@ def pack_row(
         loss_mask[pos : pos + n - 1] = ex.labels[1:]
         segment_ids[sl] = seg
         positions[sl] = np.arange(n, dtype=np.int32)
-        starts = image_spans(ex.ids, img_start_id, img_end_id)
+        starts = image_spans(ex.ids, img_start_id, img_end_id, n_queries)
         if len(starts) != len(ex.images):
             raise ValueError(
                 f"{ex.source}[{ex.index}]: {len(starts)} image spans but {len(ex.images)} images"
@@ -165,8 +171,8 @@ def pack_row(
         for a, src in zip(starts, ex.images, strict=True):
             if m >= M:
                 raise ValueError(f"examples hold more than max_images={M} images")
-            inner = slice(pos + a + 1, pos + a + 1 + N_QUERIES)
-            image_token_index[inner] = m * N_QUERIES + np.arange(N_QUERIES, dtype=np.int32)
+            inner = slice(pos + a + 1, pos + a + 1 + n_queries)
+            image_token_index[inner] = m * n_queries + np.arange(n_queries, dtype=np.int32)
             image_valid[m] = True
             image_segment[m] = seg
             srcs[m] = src
@@ -213,6 +219,7 @@ class PackIterDataset(grain.IterDataset):
       seq_len: T, tokens per row.
       max_images: M, image slots per row.
       pad_id, img_start_id, img_end_id: token ids from the tokenizer.
+      n_queries: inner positions of an image span (the tokenizer's `image_span`).
       source_names: the names of the sources; counters are kept per source in this order.
       num_open_rows: how many rows are filled at once (the bounded buffer); when a sample fits none,
         the oldest row is emitted.
@@ -238,12 +245,15 @@ class PackIterDataset(grain.IterDataset):
         shard_index: int = 0,
         shard_count: int = 1,
         row_transform: Callable[[dict], dict] | None = None,
+        n_queries: int = N_QUERIES,
     ):
         super().__init__()
         if too_long not in ("truncate", "drop"):
             raise ValueError(f"too_long must be 'truncate' or 'drop', got {too_long!r}")
-        if seq_len < IMG_SPAN + 2 and max_images > 0:
-            raise ValueError(f"seq_len={seq_len} cannot hold an image span of {IMG_SPAN} tokens")
+        if seq_len < n_queries + 4 and max_images > 0:
+            raise ValueError(
+                f"seq_len={seq_len} cannot hold an image span of {n_queries + 2} tokens"
+            )
         if not 0 <= shard_index < shard_count:
             raise ValueError(f"shard_index={shard_index} not in [0, {shard_count})")
         self._parents_ds = [parents] if isinstance(parents, grain.MapDataset) else list(parents)
@@ -253,6 +263,7 @@ class PackIterDataset(grain.IterDataset):
         self.seq_len = seq_len
         self.max_images = max_images
         self.ids = dict(pad_id=pad_id, img_start_id=img_start_id, img_end_id=img_end_id)
+        self.n_queries = n_queries
         self.source_names = list(source_names)
         self.num_open_rows = max(1, num_open_rows)
         self.too_long = too_long
@@ -307,6 +318,7 @@ class _PackIterator(grain.DatasetIterator):
             self._d.ids["img_start_id"],
             self._d.ids["img_end_id"],
             self._d.too_long,
+            self._d.n_queries,
         )
         return (el, event) if ex is None else (ex, event)
 
@@ -320,6 +332,7 @@ class _PackIterator(grain.DatasetIterator):
             pad_id=self._d.ids["pad_id"],
             img_start_id=self._d.ids["img_start_id"],
             img_end_id=self._d.ids["img_end_id"],
+            n_queries=self._d.n_queries,
         )
         for ex in exs:
             self._count(ex.source, "samples")

@@ -254,6 +254,7 @@ def make_train_dataset(
         pad_id=tokenizer.eod_id,
         img_start_id=tokenizer.img_start_id,
         img_end_id=tokenizer.img_end_id,
+        n_queries=tokenizer.image_span,
         source_names=names,
         num_open_rows=int(data_config.num_open_rows),
         too_long=str(data_config.too_long),

@@ -70,7 +70,7 @@ class Example:
     """One tokenized sample.
 
     Attributes:
-      ids: int32 [n] token ids (image spans expanded to 258 ids).
+      ids: int32 [n] token ids (image spans expanded to the tokenizer's image_span + 2 ids).
       labels: bool [n]; True where token i is supervised (predicted from position i - 1).
       images: one image source per `<img>` span, in order: a path/URL str or encoded image bytes.
       source: the name of the data source.
