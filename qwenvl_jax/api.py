@@ -295,7 +295,7 @@ class QwenVL:
             return {"input_ids": input_ids, "images": None, "image_token_index": None}
         size = self.config.visual.image_size
         if self.image_root:
-            paths = [_resolve(p, self.image_root) for p in paths]
+            paths = [image_lib.resolve_path(p, self.image_root) for p in paths]
         images = image_lib.load_images(paths, size, allow_urls=self.allow_urls)[None]
         index, _ = image_token_index(
             input_ids, self.config.visual.image_start_id, self.config.visual.n_queries
@@ -446,10 +446,3 @@ class QwenVL:
         """Write qwenvl_jax's own format (config.json + Orbax params/) plus the tokenizer files."""
         convert.save_params(out_dir, self.model, self.config)
         self.tokenizer.save_vocabulary(out_dir)
-
-
-def _resolve(path: str, root: str) -> str:
-    """`path` if absolute or a URL, else `root/path`."""
-    if os.path.isabs(path) or "://" in path:
-        return path
-    return os.path.join(root, path)

@@ -206,18 +206,22 @@ def from_hf_dict(d: dict) -> QWenConfig:
     return QWenConfig(**kwargs)
 
 
-def load_hf_json(path: str) -> QWenConfig:
-    """Read `config.json` (path may be the checkpoint directory)."""
+def read_config_json(path: str) -> dict:
+    """The dict in `config.json` (path may be the checkpoint directory); errors name the file."""
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
     try:
         with open(path) as f:
-            d = json.load(f)
+            return json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"no config.json at {path}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
-    return from_hf_dict(d)
+
+
+def load_hf_json(path: str) -> QWenConfig:
+    """Read `config.json` (path may be the checkpoint directory)."""
+    return from_hf_dict(read_config_json(path))
 
 
 PRESETS = {

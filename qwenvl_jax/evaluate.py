@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from qwenvl_jax import grounding, synthetic
+from qwenvl_jax import image as image_lib
 
 AnswerFn = Callable[[Sequence[Sequence[str]], Sequence[str]], list[str]]
 """(images per query, prompt per query) -> one response per query."""
@@ -358,7 +359,7 @@ def plot_boxes(
         ax.axis("off")
     for ax, (r, p) in zip(axes.flat, pairs, strict=False):
         # Upscaled so that the labels of grounding.draw_boxes stay readable on small pictures.
-        img = Image.open(os.path.join(image_root or "", r["images"][0])).convert("RGB")
+        img = Image.open(image_lib.resolve_path(r["images"][0], image_root)).convert("RGB")
         img = img.resize((max(img.size[0], 336), max(img.size[1], 336)), Image.NEAREST)
         pred = parse_first_box(p)
         x1, y1, x2, y2 = r["box"]

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import io
 import os
+import posixpath
+import re
 import urllib.request
 from collections.abc import Sequence
 from typing import Union
@@ -30,6 +32,19 @@ CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), dtype=np.float32)
 CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), dtype=np.float32)
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+
+
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def resolve_path(path: str, root: str | None) -> str:
+    """`path` if absolute or a URL (gs://, http://), else `root/path` (the data pipeline's and
+    `QwenVL(image_root=...)`'s rule for relative image paths)."""
+    if root is None or _URL.match(path) or path.startswith("/"):
+        return path
+    if _URL.match(root):
+        return posixpath.join(root, path)
+    return os.path.join(root, path)
 
 
 def is_url(src: object) -> bool:

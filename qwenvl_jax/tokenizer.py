@@ -67,7 +67,6 @@ SPECIAL_TOKENS = (ENDOFTEXT, IMSTART, IMEND) + EXTRAS + IMAGE_ST
 # Inner positions of an image span (the published default): the number of image features the
 # resampler emits. A path needs at least one <imgpad> after it, which marks the end of the path.
 IMG_TOKEN_SPAN = 256
-MAX_IMAGE_PATH_BYTES = IMG_TOKEN_SPAN - 1
 
 AllowedSpecial = Literal["all"] | Collection[str]
 

@@ -18,6 +18,7 @@ import json
 import os
 from typing import Any
 
+from qwenvl_jax import config as config_lib
 from qwenvl_jax.config import QWenConfig, VisualConfig
 from qwenvl_jax.convert import hf, mapping
 
@@ -84,14 +85,7 @@ def import_qwen_llm(
     if not os.path.isdir(path):
         raise ValueError(f"{path}: expected the Qwen-7B directory (config.json + weights)")
     cfg_path = os.path.join(path, "config.json")
-    try:
-        with open(cfg_path) as f:
-            d = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no config.json in {path}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
-    cfg = llm_config(d, source=cfg_path)
+    cfg = llm_config(config_lib.read_config_json(cfg_path), source=cfg_path)
     _, params = hf.import_hf(
         path, config=cfg, scan_layers=scan_layers, dtype=dtype, progress=progress, only=is_llm_rule
     )

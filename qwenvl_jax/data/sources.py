@@ -33,22 +33,11 @@ import numpy as np
 from etils import epath
 
 from qwenvl_jax.data import tasks
+from qwenvl_jax.image import resolve_path
 
 
 class DataError(RuntimeError):
     """A bad record or image met with `strict=True` (the message names source, index and reason)."""
-
-
-_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
-
-
-def resolve_path(path: str, root: str | None) -> str:
-    """`path` if absolute or a URL (gs://, http://), else `root/path`."""
-    if root is None or _URL.match(path) or path.startswith("/"):
-        return path
-    if _URL.match(root):
-        return posixpath.join(root, path)
-    return str(epath.Path(root) / path)
 
 
 def get_field(record: Mapping, key: str) -> Any:
