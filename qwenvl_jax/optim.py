@@ -22,6 +22,10 @@ Decisions (documented here because the paper does not state them):
   The scale multiplies the whole AdamW update (weight decay included), as a per-parameter LR would.
   For stacked layers the scale is a [L, 1, ..., 1] array, so each layer's slice of the update gets
   its own factor.
+- **Group LR scales** (`optim.lr_scale`, not in the paper): a mapping from a group name or regex
+  to a positive multiplier of that group's update, e.g. `{"adapter": 0.1}`; the first matching
+  entry wins and it multiplies the layer-wise decay. From-scratch training of tiny models needs
+  it: a freshly initialised adapter trained at the decoder's LR collapses (see demo.py).
 - **Freezing**: a frozen parameter gets no optimizer state at all (`optax.multi_transform` with
   `optax.set_to_zero()` on the frozen partition, whose inner optimizer only sees `MaskedNode`s), and
   its update is exactly zero, so it stays bit-identical. The trainer also stops its gradient so XLA
@@ -148,6 +152,37 @@ def vit_lr_scales(params: Any, decay: float) -> Any:
     return map_with_path_str(scale, params)
 
 
+def group_lr_scales(params: Any, scales: Mapping[str, float]) -> Any:
+    """Per-leaf LR multipliers from `{group name or regex: multiplier}` (first match wins, else 1).
+
+    Raises:
+        ValueError: if a multiplier is not positive (use `optim.freeze` to stop a group) or a
+        pattern matches no parameter.
+    """
+    pats = []
+    for name, mult in scales.items():
+        if not float(mult) > 0:
+            raise ValueError(
+                f"optim.lr_scale[{name!r}] = {mult}: multipliers must be > 0 (to stop a group"
+                " from training, list it in optim.freeze)"
+            )
+        pats.append((name, _resolve(name), float(mult)))
+    used = set()
+
+    def scale(path, _):
+        for name, rx, mult in pats:
+            if rx.search(path):
+                used.add(name)
+                return mult
+        return 1.0
+
+    out = map_with_path_str(scale, params)
+    unused = [p for p, _, _ in pats if p not in used]
+    if unused:
+        raise ValueError(f"optim.lr_scale patterns {unused} match no parameter path")
+    return out
+
+
 def scale_by_tree(scales: Any) -> optax.GradientTransformation:
     """Multiplies each update leaf by the matching leaf of `scales` (floats or broadcastable
     arrays)."""
@@ -195,8 +230,8 @@ def make_optimizer(cfg: Mapping, params: Any) -> tuple[optax.GradientTransformat
 
     Args:
         cfg: the `optim` section: lr, min_lr, warmup_steps, total_steps, b1, b2, eps, weight_decay,
-            grad_clip (0 disables), vit_lr_decay (1.0 or None disables), freeze (group
-            names/regexes).
+            grad_clip (0 disables), vit_lr_decay (1.0 or None disables), lr_scale (optional
+            {group name or regex: multiplier}), freeze (group names/regexes).
         params: pure nested dict of parameters.
 
     Returns:
@@ -213,6 +248,9 @@ def make_optimizer(cfg: Mapping, params: Any) -> tuple[optax.GradientTransformat
     decay = cfg.get("vit_lr_decay")
     if decay and decay != 1.0:
         chain.append(scale_by_tree(vit_lr_scales(params, decay)))
+    lr_scale = dict(cfg.get("lr_scale") or {})
+    if lr_scale:
+        chain.append(scale_by_tree(group_lr_scales(params, lr_scale)))
     chain.append(optax.scale_by_learning_rate(schedule))
     train = optax.chain(*chain)
     tx = optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)

@@ -65,6 +65,7 @@ def base() -> mlc.ConfigDict:
     c.optim.grad_clip = 1.0
     c.optim.vit_lr_decay = 0.95
     c.optim.freeze = ()  # qwenvl_jax.optim.GROUPS names or path regexes
+    c.optim.lr_scale = mlc.ConfigDict()  # {group name or regex: LR multiplier}, e.g. adapter=0.1
 
     c.mesh = mlc.ConfigDict(dict(data=1, fsdp=-1, model=1))
     c.sharding = mlc.ConfigDict()

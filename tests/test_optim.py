@@ -161,6 +161,36 @@ def test_vit_layerwise_lr_follows_decay_power(stacked):
         np.testing.assert_allclose(np.asarray(leaf), base, rtol=1e-6)
 
 
+def test_group_lr_scale_multiplies_the_layerwise_decay():
+    L = 2
+    params = fake_params(L, stacked=True)
+    cfg = base_cfg()
+    cfg["lr_scale"] = {"adapter": 0.1, r"^transformer\.visual\.transformer\.": 0.5}
+    tx, _, _ = optim.make_optimizer(cfg, params)
+    grads = jax.tree.map(np.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    base = -1e-3 / (1 + 1e-6)
+    vis = updates["transformer"]["visual"]
+    for leaf in jax.tree.leaves(vis["attn_pool"]):
+        np.testing.assert_allclose(np.asarray(leaf), base * 0.1, rtol=1e-6)
+    blocks = vis["transformer"]["resblocks"]
+    for k in range(L):
+        for leaf in jax.tree.leaves(jax.tree.map(lambda x, k=k: x[k], blocks)):
+            np.testing.assert_allclose(np.asarray(leaf), base * 0.5 * 0.95 ** (L - k), rtol=1e-6)
+    np.testing.assert_allclose(vis["proj"], base, rtol=1e-6)
+    np.testing.assert_allclose(updates["lm_head"]["kernel"], base, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "scale, match", [({"adapter": 0.0}, "must be > 0"), ({"adaptr": 0.5}, "match no")]
+)
+def test_bad_group_lr_scale_is_an_error(scale, match):
+    cfg = base_cfg()
+    cfg["lr_scale"] = scale
+    with pytest.raises(ValueError, match=match):
+        optim.make_optimizer(cfg, fake_params(2))
+
+
 def test_frozen_params_have_no_state_and_zero_update():
     params = fake_params(2, stacked=True)
     tx, labels, _ = optim.make_optimizer(base_cfg(freeze=("llm", "adapter_pos_embed")), params)
