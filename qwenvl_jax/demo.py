@@ -47,6 +47,7 @@ class Stage:
         image_size: the stage's resolution in pixels.
         seq_len: tokens per (packed) row; one image takes n_queries + 2.
         max_images: image slots per row.
+        adapter_lr_scale: the adapter's LR multiplier (`optim.lr_scale`).
     """
 
     name: str
@@ -57,6 +58,7 @@ class Stage:
     image_size: int
     seq_len: int
     max_images: int
+    adapter_lr_scale: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +204,8 @@ def stage_config(
     c.optim.lr = stage.lr
     c.optim.min_lr = stage.lr / 10
     c.optim.warmup_steps = min(setting.warmup_steps, max(stage.steps // 2, 1))
+    if stage.adapter_lr_scale != 1.0:
+        c.optim.lr_scale = ml_collections.ConfigDict({"adapter": stage.adapter_lr_scale})
     c.init.workdir = init_workdir
     c.init.allow_random = not init_workdir
     data = pipeline.default_data_config()

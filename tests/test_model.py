@@ -522,3 +522,54 @@ def test_bfloat16_compute_is_close_to_float32(small_model):
     # bf16 keeps 8 mantissa bits; through 2+2 blocks the logits drift by a few percent of range.
     err = np.abs(np.asarray(out, np.float32) - ref).max() / np.abs(ref).max()
     assert err < 0.05
+
+
+def test_random_init_follows_the_published_initializer():
+    """A fresh model is initialised as the published code does it (HF `_init_weights` with
+    `initializer_range`, c_proj at std / sqrt(2 L), torch defaults where HF's init does not
+    reach): the expected spreads are typed from those formulas, and checked statistically."""
+    import dataclasses
+
+    std, L = 0.1, TINY.num_hidden_layers
+    cfg = dataclasses.replace(TINY, initializer_range=std)
+    p = _flat_params(QWenLMHeadModel(cfg, rngs=nnx.Rngs(0)))
+    p = {k: np.asarray(v.get_value() if hasattr(v, "get_value") else v.value) for k, v in p.items()}
+    d, w = cfg.hidden_size, cfg.visual.width
+
+    def check_std(key, want):
+        got = p[key].std()
+        assert abs(got / want - 1) < 0.1, f"{key}: std {got:.4g}, published init {want:.4g}"
+
+    for key in [
+        "transformer.wte.embedding",
+        "transformer.h.0.attn.c_attn.kernel",
+        "transformer.h.1.mlp.w1.kernel",
+        "transformer.h.1.mlp.w2.kernel",
+        "lm_head.kernel",
+        "transformer.visual.transformer.resblocks.0.attn.in_proj.kernel",
+        "transformer.visual.transformer.resblocks.1.attn.out_proj.kernel",
+        "transformer.visual.transformer.resblocks.0.mlp.c_fc.kernel",
+        "transformer.visual.attn_pool.attn.out_proj.kernel",
+    ]:
+        check_std(key, std)
+    for key in [
+        "transformer.h.0.attn.c_proj.kernel",
+        "transformer.h.1.mlp.c_proj.kernel",
+        "transformer.visual.transformer.resblocks.1.mlp.c_proj.kernel",
+    ]:
+        check_std(key, std / math.sqrt(2 * L))
+    # torch defaults: Conv2d U(+-1/sqrt(fan_in)); MultiheadAttention in_proj xavier_uniform on
+    # the [3D, D] matrix, U(+-sqrt(6 / (4 D))).
+    patch = cfg.visual.patch_size
+    check_std("transformer.visual.conv1.kernel", 1 / math.sqrt(3 * 3 * patch * patch))
+    check_std(
+        "transformer.visual.attn_pool.attn.in_proj.kernel", math.sqrt(6 / (4 * d)) / math.sqrt(3)
+    )
+    assert np.abs(p["transformer.visual.conv1.kernel"]).max() <= 1 / math.sqrt(3 * patch * patch)
+    # Own spreads, independent of initializer_range: query trunc_normal(0.02), width^-0.5 tables.
+    check_std("transformer.visual.attn_pool.query", 0.02)
+    check_std("transformer.visual.positional_embedding", w**-0.5)
+    check_std("transformer.visual.proj", cfg.visual.output_dim**-0.5)
+    for key, v in p.items():
+        if key.endswith(".bias"):
+            assert (v == 0).all(), key

@@ -126,6 +126,21 @@ zeros = nnx.initializers.zeros
 ones = nnx.initializers.ones
 
 
+def uniform(bound: float) -> Initializer:
+    """U(-bound, bound), e.g. PyTorch's default Linear/Conv init with bound 1/sqrt(fan_in)."""
+
+    def init(key, shape, dtype):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def c_proj_std(init_std: float, num_llm_layers: int) -> float:
+    """The published init of every `c_proj` weight (decoder and ViT): std / sqrt(2 L), L the
+    decoder's layer count (QWenPreTrainedModel._init_weights)."""
+    return init_std / math.sqrt(2 * num_llm_layers)
+
+
 def constant(array: np.ndarray) -> Initializer:
     """An initializer that returns a fixed (precomputed) array."""
 
@@ -266,10 +281,11 @@ class Embed(nnx.Module):
         rngs: nnx.Rngs,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
+        init_std: float = 0.02,
     ):
         self.dtype = dtype
         self.embedding = param(
-            rngs, normal(0.02), (num_embeddings, features), ("vocab", "embed"), param_dtype
+            rngs, normal(init_std), (num_embeddings, features), ("vocab", "embed"), param_dtype
         )
 
     def __call__(self, ids: jax.Array) -> jax.Array:

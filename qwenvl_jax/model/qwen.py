@@ -105,6 +105,7 @@ class QWenAttention(nnx.Module):
         self.head_dim = h
         self.attn_impl = attn_impl
         self.dtype = dtype
+        std = cfg.initializer_range
         # [Wq; Wk; Wv], each head-major: kernel [D, 3, N, H]. c_attn has a bias even with no_bias.
         self.c_attn = layers.Einsum(
             "btd,dsnh->btsnh",
@@ -112,6 +113,7 @@ class QWenAttention(nnx.Module):
             ("embed", "qkv", "heads", "head_dim"),
             bias_shape=(3, n, h),
             bias_names=("qkv", "heads", "head_dim"),
+            kernel_init=layers.normal(std),
             rngs=rngs,
             dtype=dtype,
             param_dtype=param_dtype,
@@ -122,6 +124,7 @@ class QWenAttention(nnx.Module):
             ("heads", "head_dim", "embed"),
             bias_shape=None if cfg.no_bias else (d,),
             bias_names=("embed",),
+            kernel_init=layers.normal(layers.c_proj_std(std, cfg.num_hidden_layers)),
             rngs=rngs,
             dtype=dtype,
             param_dtype=param_dtype,
@@ -193,9 +196,13 @@ class QWenMLP(nnx.Module):
     def __init__(self, cfg: QWenConfig, *, rngs, dtype, param_dtype):
         d, f = cfg.hidden_size, cfg.mlp_width
         kw = dict(use_bias=not cfg.no_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.w1 = layers.Linear(d, f, ("embed", "mlp"), **kw)
-        self.w2 = layers.Linear(d, f, ("embed", "mlp"), **kw)
-        self.c_proj = layers.Linear(f, d, ("mlp", "embed"), **kw)
+        std = cfg.initializer_range
+        self.w1 = layers.Linear(d, f, ("embed", "mlp"), kernel_init=layers.normal(std), **kw)
+        self.w2 = layers.Linear(d, f, ("embed", "mlp"), kernel_init=layers.normal(std), **kw)
+        out_std = layers.c_proj_std(std, cfg.num_hidden_layers)
+        self.c_proj = layers.Linear(
+            f, d, ("mlp", "embed"), kernel_init=layers.normal(out_std), **kw
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # QWEN-QUIRK: w2 is the gate (through SiLU) and w1 the up projection.

@@ -117,7 +117,9 @@ class QWenModel(nnx.Module):
         self.scan_layers = scan_layers
         self.remat = layers.check_remat(remat)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.wte = layers.Embed(cfg.vocab_size, cfg.hidden_size, **kw)
+        self.wte = layers.Embed(
+            cfg.vocab_size, cfg.hidden_size, init_std=cfg.initializer_range, **kw
+        )
 
         def make(r):
             return QWenBlock(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype, attn_impl=attn_impl)
@@ -132,6 +134,8 @@ class QWenModel(nnx.Module):
             scan_layers=scan_layers,
             remat=remat if visual_remat is None else visual_remat,
             attn_impl=attn_impl,
+            init_std=cfg.initializer_range,
+            c_proj_std=layers.c_proj_std(cfg.initializer_range, cfg.num_hidden_layers),
             **kw,
         )
 
@@ -258,6 +262,7 @@ class QWenLMHeadModel(nnx.Module):
             config.vocab_size,
             ("embed", "vocab"),
             use_bias=False,
+            kernel_init=layers.normal(config.initializer_range),
             rngs=rngs,
             dtype=dtype,
             param_dtype=param_dtype,

@@ -44,7 +44,9 @@ def sincos_2d(dim: int, grid_size: int) -> np.ndarray:
 class MultiheadAttention(nnx.Module):
     """torch.nn.MultiheadAttention: separate query/key/value inputs, packed q/k/v weights."""
 
-    def __init__(self, embed_dim: int, num_heads: int, *, rngs, dtype, param_dtype, attn_impl):
+    def __init__(
+        self, embed_dim: int, num_heads: int, *, rngs, dtype, param_dtype, attn_impl, init_std=0.02
+    ):
         head_dim = embed_dim // num_heads
         self.scale = 1.0 / math.sqrt(head_dim)
         self.attn_impl = attn_impl
@@ -55,6 +57,8 @@ class MultiheadAttention(nnx.Module):
             ("embed", "qkv", "heads", "head_dim"),
             bias_shape=(3, num_heads, head_dim),
             bias_names=("qkv", "heads", "head_dim"),
+            # torch's in_proj_weight [3D, D] keeps xavier_uniform (HF's init only visits Linear).
+            kernel_init=layers.uniform(math.sqrt(6.0 / (embed_dim + 3 * embed_dim))),
             rngs=rngs,
             dtype=dtype,
             param_dtype=param_dtype,
@@ -65,6 +69,7 @@ class MultiheadAttention(nnx.Module):
             ("heads", "head_dim", "embed"),
             bias_shape=(embed_dim,),
             bias_names=("embed",),
+            kernel_init=layers.normal(init_std),
             rngs=rngs,
             dtype=dtype,
             param_dtype=param_dtype,
@@ -110,6 +115,7 @@ class Resampler(nnx.Module):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         attn_impl: str = "xla",
+        init_std: float = 0.02,
     ):
         self.dtype = dtype
         n_queries = grid_size * grid_size
@@ -133,6 +139,7 @@ class Resampler(nnx.Module):
                 embed_dim,
                 ("vit_embed", "embed"),
                 use_bias=False,
+                kernel_init=layers.normal(init_std),
                 rngs=rngs,
                 dtype=dtype,
                 param_dtype=param_dtype,
@@ -140,7 +147,9 @@ class Resampler(nnx.Module):
         else:
             self.kv_proj = None
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.attn = MultiheadAttention(embed_dim, num_heads, attn_impl=attn_impl, **kw)
+        self.attn = MultiheadAttention(
+            embed_dim, num_heads, attn_impl=attn_impl, init_std=init_std, **kw
+        )
         self.ln_q = layers.LayerNorm(embed_dim, eps=eps, **kw)
         self.ln_kv = layers.LayerNorm(embed_dim, eps=eps, **kw)
 

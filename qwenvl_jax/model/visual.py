@@ -24,7 +24,17 @@ __all__ = ["VisionTransformer", "bicubic_matrix", "pos_resize_matrix", "resize_p
 class VisualAttention(nnx.Module):
     """ViT self-attention with a fused, per-head interleaved q/k/v projection."""
 
-    def __init__(self, width: int, heads: int, *, rngs: nnx.Rngs, dtype, param_dtype, attn_impl):
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        *,
+        rngs: nnx.Rngs,
+        dtype,
+        param_dtype,
+        attn_impl,
+        init_std=0.02,
+    ):
         head_dim = width // heads
         self.scale = 1.0 / math.sqrt(head_dim)
         self.attn_impl = attn_impl
@@ -36,6 +46,7 @@ class VisualAttention(nnx.Module):
             ("vit_embed", "vit_heads", "qkv", "head_dim"),
             bias_shape=(heads, 3, head_dim),
             bias_names=("vit_heads", "qkv", "head_dim"),
+            kernel_init=layers.normal(init_std),
             rngs=rngs,
             dtype=dtype,
             param_dtype=param_dtype,
@@ -46,6 +57,7 @@ class VisualAttention(nnx.Module):
             ("vit_heads", "head_dim", "vit_embed"),
             bias_shape=(width,),
             bias_names=("vit_embed",),
+            kernel_init=layers.normal(init_std),
             rngs=rngs,
             dtype=dtype,
             param_dtype=param_dtype,
@@ -63,10 +75,25 @@ class VisualAttention(nnx.Module):
 class VisualMLP(nnx.Module):
     """c_fc -> exact (erf) GELU -> c_proj, both with bias."""
 
-    def __init__(self, width: int, mlp_width: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+    def __init__(
+        self,
+        width: int,
+        mlp_width: int,
+        *,
+        rngs: nnx.Rngs,
+        dtype,
+        param_dtype,
+        init_std=0.02,
+        c_proj_std=0.02,
+    ):
         kw = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.c_fc = layers.Linear(width, mlp_width, ("vit_embed", "vit_mlp"), **kw)
-        self.c_proj = layers.Linear(mlp_width, width, ("vit_mlp", "vit_embed"), **kw)
+        fc_init, proj_init = layers.normal(init_std), layers.normal(c_proj_std)
+        self.c_fc = layers.Linear(
+            width, mlp_width, ("vit_embed", "vit_mlp"), kernel_init=fc_init, **kw
+        )
+        self.c_proj = layers.Linear(
+            mlp_width, width, ("vit_mlp", "vit_embed"), kernel_init=proj_init, **kw
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = jax.nn.gelu(self.c_fc(x), approximate=False)
@@ -77,13 +104,27 @@ class VisualMLP(nnx.Module):
 class VisualAttentionBlock(nnx.Module):
     """Pre-norm ViT block: x + attn(ln_1(x)), then x + mlp(ln_2(x)). No mask, no layer scale."""
 
-    def __init__(self, cfg: VisualConfig, *, rngs: nnx.Rngs, dtype, param_dtype, attn_impl):
+    def __init__(
+        self,
+        cfg: VisualConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype,
+        param_dtype,
+        attn_impl,
+        init_std=0.02,
+        c_proj_std=0.02,
+    ):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         eps = cfg.layer_norm_epsilon
         self.ln_1 = layers.LayerNorm(cfg.width, eps=eps, **kw)
-        self.attn = VisualAttention(cfg.width, cfg.heads, attn_impl=attn_impl, **kw)
+        self.attn = VisualAttention(
+            cfg.width, cfg.heads, attn_impl=attn_impl, init_std=init_std, **kw
+        )
         self.ln_2 = layers.LayerNorm(cfg.width, eps=eps, **kw)
-        self.mlp = VisualMLP(cfg.width, cfg.mlp_width, **kw)
+        self.mlp = VisualMLP(
+            cfg.width, cfg.mlp_width, init_std=init_std, c_proj_std=c_proj_std, **kw
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.attn(self.ln_1(x))
@@ -95,14 +136,30 @@ class TransformerBlock(nnx.Module):
     """The ViT trunk; `resblocks` is an nnx.List, or one stacked module when scan_layers."""
 
     def __init__(
-        self, cfg: VisualConfig, *, rngs, dtype, param_dtype, scan_layers, remat, attn_impl
+        self,
+        cfg: VisualConfig,
+        *,
+        rngs,
+        dtype,
+        param_dtype,
+        scan_layers,
+        remat,
+        attn_impl,
+        init_std=0.02,
+        c_proj_std=0.02,
     ):
         self.scan_layers = scan_layers
         self.remat = layers.check_remat(remat)
 
         def make(r):
             return VisualAttentionBlock(
-                cfg, rngs=r, dtype=dtype, param_dtype=param_dtype, attn_impl=attn_impl
+                cfg,
+                rngs=r,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                attn_impl=attn_impl,
+                init_std=init_std,
+                c_proj_std=c_proj_std,
             )
 
         if scan_layers:
@@ -130,6 +187,10 @@ class VisionTransformer(nnx.Module):
       scan_layers: stack the blocks (leading `layers` axis) and run them with `jax.lax.scan`.
       remat: a `layers.REMAT_POLICIES` name applied per block.
       attn_impl: `dot_product_attention` implementation.
+      init_std / c_proj_std: the normal init of the Linear layers / of the MLP's c_proj: the
+        published code's `initializer_range` and `initializer_range / sqrt(2 L_llm)` (HF's
+        `_init_weights` reaches the visual tower too). conv1 keeps PyTorch's Conv2d default
+        U(+-1/sqrt(fan_in)); `positional_embedding` and `proj` their own width^-0.5 randn.
     """
 
     def __init__(
@@ -142,8 +203,11 @@ class VisionTransformer(nnx.Module):
         scan_layers: bool = False,
         remat: str = "none",
         attn_impl: str = "xla",
+        init_std: float = 0.02,
+        c_proj_std: float | None = None,
     ):
         self.cfg = cfg
+        c_proj_std = init_std if c_proj_std is None else c_proj_std
         self.dtype = dtype
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         p, w = cfg.patch_size, cfg.width
@@ -151,7 +215,7 @@ class VisionTransformer(nnx.Module):
             "bghijc,ijcw->bghw",
             (p, p, 3, w),
             ("patch", "patch", "channels", "vit_embed"),
-            kernel_init=layers.normal(0.02),
+            kernel_init=layers.uniform(1.0 / math.sqrt(p * p * 3)),
             **kw,
         )
         self.positional_embedding = layers.param(
@@ -163,7 +227,13 @@ class VisionTransformer(nnx.Module):
         )
         self.ln_pre = layers.LayerNorm(w, eps=cfg.layer_norm_epsilon, **kw)
         self.transformer = TransformerBlock(
-            cfg, scan_layers=scan_layers, remat=remat, attn_impl=attn_impl, **kw
+            cfg,
+            scan_layers=scan_layers,
+            remat=remat,
+            attn_impl=attn_impl,
+            init_std=init_std,
+            c_proj_std=c_proj_std,
+            **kw,
         )
         self.attn_pool = Resampler(
             grid_size=math.isqrt(cfg.n_queries),
@@ -172,6 +242,7 @@ class VisionTransformer(nnx.Module):
             kv_dim=w,
             eps=cfg.layer_norm_epsilon,
             attn_impl=attn_impl,
+            init_std=init_std,
             **kw,
         )
         self.ln_post = layers.LayerNorm(cfg.output_dim, eps=cfg.layer_norm_epsilon, **kw)
