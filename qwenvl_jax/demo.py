@@ -94,6 +94,10 @@ def _model(
         "num_attention_heads": d // 32,
         "kv_channels": 32,
         "intermediate_size": 4 * d,
+        # The published initializer_range (0.02) is sized for d = 4096; at d = 128 it leaves the
+        # attention logits ~20x smaller than a fan-in init and the decoder learned no look-ups
+        # within 800 steps (measured: the same plateau with oracle picture features). ~1/sqrt(d).
+        "initializer_range": 0.08,
         "visual": {
             "width": vit_width,
             "layers": vit_layers,
@@ -109,6 +113,12 @@ def _model(
     }
 
 
+# The adapter learns at a tenth of the LR in stages 2 and 3: at the full LR its queries all
+# learned to attend to the same patch (measured), and stage 2 with the adapter frozen did better
+# (VQA 0.52 vs 0.36 at 800 steps); 0.1 keeps "stage 2 trains everything" of the paper.
+ADAPTER_LR_SCALE = 0.1
+
+
 def _stages(s1: int, s2: int, s3: int, lr: float = 2e-3, seq_len: int = 512) -> tuple[Stage, ...]:
     # A sample is 110-220 tokens (a 38-token picture, the ChatML frame, the turns), so a 512-token
     # row packs two to four of them.
@@ -118,8 +128,8 @@ def _stages(s1: int, s2: int, s3: int, lr: float = 2e-3, seq_len: int = 512) -> 
     # from 18% to 0.03%), which stage 2 then has to undo.
     return (
         Stage("stage1", "pretrain.py", "stage1", s1, 2e-4, 56, seq_len, 4),
-        Stage("stage2", "multitask.py", "stage2", s2, lr, 112, seq_len, 4),
-        Stage("stage3", "sft.py", "stage3", s3, lr / 2, 112, seq_len, 4),
+        Stage("stage2", "multitask.py", "stage2", s2, lr, 112, seq_len, 4, ADAPTER_LR_SCALE),
+        Stage("stage3", "sft.py", "stage3", s3, lr / 2, 112, seq_len, 4, ADAPTER_LR_SCALE),
     )
 
 
@@ -139,7 +149,7 @@ SETTINGS = {
         n_heldout=200,
         vocab_size=400,
         model=_model(128, 2),
-        stages=_stages(100, 1200, 200),
+        stages=_stages(100, 1500, 200),
         batch_size=8,
         eval_per_task=100,
     ),
@@ -148,7 +158,7 @@ SETTINGS = {
         n_heldout=400,
         vocab_size=400,
         model=_model(128, 2),
-        stages=_stages(300, 8000, 1000),
+        stages=_stages(200, 5000, 500),
         batch_size=8,
         eval_per_task=200,
     ),

@@ -436,6 +436,44 @@ def test_vit_layer_lr_scales_on_the_real_stacked_model():
     assert scales["transformer"]["visual"]["attn_pool"]["query"] == 1.0
 
 
+def test_group_lr_scale_reaches_the_train_step():
+    """optim.lr_scale multiplies the adapter's first Adam step by exactly its factor and leaves
+    every other parameter's step as it is."""
+    setups = []
+    for scale in ({}, {"adapter": 0.25}):
+        c = tiny(steps=4, batch_size=2)
+        c.optim.weight_decay = 0.0
+        c.optim.lr_scale = scale
+        setups.append((train.build(c, jax.devices()[:1]), c))
+    (s0, c0), (s1, _) = setups
+    local = next(train.RandomBatches(c0, s0.mcfg, 2, 0))
+    assert local["images"].any()
+    p0 = jax.device_get(train.init_params(s0, 0))
+    deltas = []
+    for s in (s0, s1):
+        params = jax.device_put(p0, s.param_sharding)
+        opt = jax.jit(s.tx.init, out_shardings=s.opt_sharding)(params)
+        p, _, _ = train.make_train_step(s)(params, opt, train.to_step_batch(local, s))
+        deltas.append(
+            jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), jax.device_get(p), p0)
+        )
+    flat0 = dict(jax.tree_util.tree_flatten_with_path(deltas[0])[0])
+    flat1 = dict(jax.tree_util.tree_flatten_with_path(deltas[1])[0])
+    n_adapter = 0
+    for path, d0 in flat0.items():
+        name = jax.tree_util.keystr(path)
+        factor = 0.25 if "attn_pool" in name and "pos_embed" not in name else 1.0
+        n_adapter += factor != 1.0
+        np.testing.assert_allclose(
+            flat1[path],
+            factor * d0,
+            rtol=1e-4,
+            atol=3e-7,
+            err_msg=name,  # f32 rounding of params near 1
+        )  # params ~0.1: f32 rounding
+    assert n_adapter >= 8  # query, kv_proj, ln_q, ln_kv, in/out projections
+
+
 def test_grad_accumulation_normalises_by_all_supervised_tokens():
     """Loss and update = the mean over every supervised token of the global batch, whatever the
     split into micro-batches; the micro-batches here hold 60 and 3 supervised tokens, so a mean of
