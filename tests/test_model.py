@@ -533,7 +533,7 @@ def test_random_init_follows_the_published_initializer():
     std, L = 0.1, TINY.num_hidden_layers
     cfg = dataclasses.replace(TINY, initializer_range=std)
     p = _flat_params(QWenLMHeadModel(cfg, rngs=nnx.Rngs(0)))
-    p = {k: np.asarray(v.get_value() if hasattr(v, "get_value") else v.value) for k, v in p.items()}
+    p = {k: np.asarray(v.get_value()) for k, v in p.items()}
     d, w = cfg.hidden_size, cfg.visual.width
 
     def check_std(key, want):

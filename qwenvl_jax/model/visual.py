@@ -204,10 +204,9 @@ class VisionTransformer(nnx.Module):
         remat: str = "none",
         attn_impl: str = "xla",
         init_std: float = 0.02,
-        c_proj_std: float | None = None,
+        c_proj_std: float = 0.02,
     ):
         self.cfg = cfg
-        c_proj_std = init_std if c_proj_std is None else c_proj_std
         self.dtype = dtype
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         p, w = cfg.patch_size, cfg.width
