@@ -62,6 +62,14 @@ def iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def centre_inside(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Whether box a is non-empty and its centre lies in box b (the "pointing game" hit)."""
+    if not (a[2] > a[0] and a[3] > a[1]):
+        return False
+    cx, cy = (a[0] + a[2]) / 2, (a[1] + a[3]) / 2
+    return b[0] <= cx <= b[2] and b[1] <= cy <= b[3]
+
+
 def normalize_answer(text: str) -> str:
     """Lower-case, drop punctuation and articles, squeeze spaces (VQA-style normalisation)."""
     text = text.lower().translate(str.maketrans("", "", string.punctuation))
@@ -141,7 +149,8 @@ def score(records: Sequence[dict], predictions: Sequence[str]) -> dict:
 
     Returns:
       {"grounding_acc", "vqa_acc", "ocr_em", "caption_em", "caption_cider", "n_<task>"} for the
-      tasks present, plus "mean_iou".
+      tasks present, plus "mean_iou" and "grounding_point_acc" (the predicted box's centre lies in
+      the true box: the object was found, however loose the box).
     """
     if len(records) != len(predictions):
         raise ValueError(f"{len(records)} records but {len(predictions)} predictions")
@@ -152,16 +161,19 @@ def score(records: Sequence[dict], predictions: Sequence[str]) -> dict:
         by_task[r["task"]].append((r, p))
     out: dict[str, float] = {}
     if "grounding" in by_task:
-        ious = []
+        ious, points = [], []
         for r, p in by_task["grounding"]:
             box = r.get("box")
             if not (isinstance(box, list) and len(box) == 4):
                 raise ValueError(
                     f"eval record {r.get('id')!r}: 'box' must be 4 numbers, got {box!r}"
                 )
-            ious.append(iou(parse_first_box(p), box))
+            pred = parse_first_box(p)
+            ious.append(iou(pred, box))
+            points.append(centre_inside(pred, box))
         out["grounding_acc"] = float(np.mean(np.asarray(ious) >= 0.5))
         out["mean_iou"] = float(np.mean(ious))
+        out["grounding_point_acc"] = float(np.mean(points))
     if "vqa" in by_task:
         hits = [normalize_answer(p) == normalize_answer(r["answer"]) for r, p in by_task["vqa"]]
         out["vqa_acc"] = float(np.mean(hits))
@@ -271,6 +283,7 @@ def format_table(
     `prior_predictions`) adds a column to compare with."""
     rows = [
         ("grounding acc (IoU>=0.5)", "grounding_acc", "n_grounding"),
+        ("grounding centre in box", "grounding_point_acc", "n_grounding"),
         ("VQA accuracy", "vqa_acc", "n_vqa"),
         ("OCR exact match", "ocr_em", "n_ocr"),
         ("caption exact match", "caption_em", "n_caption"),

@@ -97,6 +97,8 @@ def test_score():
     m = evaluate.score(_records(), preds)
     assert m["grounding_acc"] == 0.5
     assert m["mean_iou"] == pytest.approx(0.5)
+    # Both predicted boxes are centred inside the true one: found, however loose.
+    assert m["grounding_point_acc"] == 1.0
     assert m["vqa_acc"] == 0.5
     assert m["ocr_em"] == 0.0
     assert m["caption_em"] == 0.5
@@ -108,6 +110,15 @@ def test_score():
     bad[0]["box"] = [1, 2]
     with pytest.raises(ValueError, match="'g0'.*box"):
         evaluate.score(bad, preds)
+
+
+def test_centre_inside():
+    box = [0, 0, 100, 100]
+    assert evaluate.centre_inside((40, 40, 60, 60), box)  # IoU 0.04, but on the object
+    assert evaluate.centre_inside((0, 0, 100, 100), box)
+    assert not evaluate.centre_inside((90, 0, 300, 100), box)  # centre x 195
+    assert not evaluate.centre_inside((0, 0, 0, 0), box)  # nothing parsed
+    assert not evaluate.centre_inside((60, 60, 40, 40), box)  # inverted: not a box
 
 
 def test_run_and_table():
@@ -124,7 +135,7 @@ def test_run_and_table():
     assert m["grounding_acc"] == m["vqa_acc"] == m["ocr_em"] == m["caption_em"] == 1.0
     assert len(preds) == len(recs)
     table = evaluate.format_table(m)
-    assert "grounding acc" in table and "1.000" in table
+    assert "grounding acc" in table and "centre in box" in table and "1.000" in table
     with pytest.raises(ValueError, match="answers"):
         evaluate.run(lambda i, p: [], recs, progress=None)
 
