@@ -32,6 +32,13 @@ def test_stage_configs_follow_the_paper(tmp_path):
     assert "llm" not in cfgs[1].optim.freeze and "vit" not in cfgs[1].optim.freeze
     assert "vit" in cfgs[2].optim.freeze and "llm" not in cfgs[2].optim.freeze
     assert cfgs[0].init.allow_random and not cfgs[0].init.workdir
+    # With stage 0 (the pre-trained visual tower), stage 1 starts from its checkpoint instead.
+    from_stage0 = demo.stage_config(
+        setting.stages[0], setting, data_files=files, tokenizer_dir="/tok", vocab_size=640,
+        image_start_id=614, init_workdir="", init_checkpoint="/w/stage0",
+    )  # fmt: skip
+    assert from_stage0.init.checkpoint == "/w/stage0" and not from_stage0.init.allow_random
+    assert all(not c.init.checkpoint for c in cfgs)
     assert [c.init.workdir for c in cfgs[1:]] == ["/w/stage1", "/w/stage2"]
     assert cfgs[0].data.image_size < cfgs[1].data.image_size == cfgs[2].data.image_size
     for k, c in enumerate(cfgs, 1):
@@ -62,6 +69,8 @@ def quick_run(tmp_path_factory):
 @pytest.mark.slow
 def test_quick_demo_learns_and_writes_outputs(quick_run):
     workdir, result = quick_run
+    assert result["workdirs"]["stage0"] == os.path.join(workdir, "stage0")
+    assert set(result["stage0_held_aside"]) >= {"object", "shape", "colour", "word", "box_px"}
     for stage in ("stage1", "stage2", "stage3"):
         losses = [v for _, v in evaluate.read_metrics(os.path.join(workdir, stage))]
         assert len(losses) == demo.SETTINGS["quick"].stages[int(stage[-1]) - 1].steps
