@@ -15,9 +15,10 @@
    `results.json`, `predictions.json`, `boxes.png` (true vs predicted boxes) and `loss.png`.
 
 Re-running resumes: finished stages are skipped by the trainer (it restores the last checkpoint),
-an interrupted stage continues from its last checkpoint. Settings: `quick` (CI, a minute or two),
-`default` (about ten minutes on 2 idle CPU cores), `long` (about an hour; meant for the accuracy
-goals of issue 5, not yet measured).
+an interrupted stage continues from its last checkpoint (stage 0, minutes long and without
+checkpoints, is rerun from its start). Settings: `quick` (CI, a minute or two), `default` (about
+twelve minutes on 2 idle CPU cores), `long` (about 45-55 minutes; the README has the measured
+numbers of both).
 """
 
 from __future__ import annotations
