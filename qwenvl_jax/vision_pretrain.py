@@ -52,7 +52,6 @@ class PretrainSettings:
         steps: Adam steps.
         batch_size: pictures per step.
         lr: peak learning rate (warm-up, then cosine decay to lr / 10).
-        image_size: picture side in pixels (the resolution the later stages use most).
         n_eval: held-aside pictures scored at every log line.
         log_every: steps between log lines.
     """
@@ -60,7 +59,6 @@ class PretrainSettings:
     steps: int
     batch_size: int = 32
     lr: float = 1e-3
-    image_size: int = 112
     n_eval: int = 256
     log_every: int = 500
 
@@ -196,8 +194,8 @@ def pretrain_visual(
     an unfinished earlier run (no checkpoint) is run again from its start, which is said.
 
     Args:
-        mcfg: the model config of the later stages (the visual tower's sizes; the picture side
-            must be a multiple of the patch size).
+        mcfg: the model config of the later stages: the visual tower's sizes and the resolution
+            stage 0 trains at (`visual.image_size`).
         out_dir: where the checkpoint and `stage0_metrics.json` go.
         settings: steps, batch, LR, resolution.
         seed: initialisation and picture stream seed.
@@ -225,6 +223,7 @@ def pretrain_visual(
         return done
     if os.path.exists(out_dir):
         say(f"  stage0: {out_dir} holds no finished checkpoint; running stage 0 from its start")
+    size = mcfg.visual.image_size
     grid = math.isqrt(mcfg.visual.n_queries)
     if grid * grid != mcfg.visual.n_queries:
         raise ValueError(f"stage 0 needs a square number of adapter queries, got {mcfg.visual}")
@@ -239,17 +238,15 @@ def pretrain_visual(
     opt = nnx.Optimizer(m, optax.adamw(schedule), wrt=nnx.Param)
     # Streams of their own: [seed, 90] for training pictures, [seed, 91] for the scored ones.
     rng = np.random.default_rng([seed, 90])
-    held = make_batch(
-        np.random.default_rng([seed, 91]), settings.n_eval, grid, settings.image_size, world
-    )
+    held = make_batch(np.random.default_rng([seed, 91]), settings.n_eval, grid, size, world)
     curve: list[list] = []
     metrics: dict[str, float] = {}
     for step in range(1, settings.steps + 1):
-        batch = make_batch(rng, settings.batch_size, grid, settings.image_size, world)
+        batch = make_batch(rng, settings.batch_size, grid, size, world)
         loss, _ = _train_step(m, opt, batch)
         if step == 1 or step % settings.log_every == 0 or step == settings.steps:
             curve.append([step, float(loss)])
-            metrics = score(m, held, settings.image_size)
+            metrics = score(m, held, size)
             say(
                 f"  stage0 step {step}/{settings.steps} | loss {float(loss):.3f} | held-aside "
                 + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())

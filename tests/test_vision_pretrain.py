@@ -48,7 +48,7 @@ def test_stage0_learns_trains_only_the_visual_tower_and_is_reused(tmp_path):
     cfg = _tiny_cfg()
     out = str(tmp_path / "stage0")
     settings = vision_pretrain.PretrainSettings(
-        steps=150, batch_size=16, lr=3e-3, image_size=56, n_eval=64, log_every=50
+        steps=150, batch_size=16, lr=3e-3, n_eval=64, log_every=50
     )
     lines = []
     got = vision_pretrain.pretrain_visual(cfg, out, settings, seed=3, progress=lines.append)
@@ -89,7 +89,7 @@ def test_unfinished_stage0_is_rerun_and_says_so(tmp_path):
     out = tmp_path / "stage0"
     out.mkdir()
     (out / "leftover.txt").write_text("an interrupted run")
-    settings = vision_pretrain.PretrainSettings(steps=2, batch_size=2, image_size=56, n_eval=4)
+    settings = vision_pretrain.PretrainSettings(steps=2, batch_size=2, n_eval=4)
     lines = []
     vision_pretrain.pretrain_visual(_tiny_cfg(), str(out), settings, progress=lines.append)
     assert "holds no finished checkpoint" in lines[0]
