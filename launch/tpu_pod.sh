@@ -12,7 +12,9 @@ set -euo pipefail
 TPU=$1 ZONE=$2 CONFIG=$3 WORKDIR=$4
 shift 4
 REPO=${REPO:?set REPO to the git URL of your qwenvl_jax checkout (cloned on every host)}
-CMD="set -e; [ -d qwenvl_jax ] || git clone -q $REPO qwenvl_jax; cd qwenvl_jax; \
+# The command runs in a remote shell: quote every argument for it (flags may hold spaces).
+ARGS=$(printf ' %q' "--config=$CONFIG" "--workdir=$WORKDIR" --distributed "$@")
+CMD="set -e; [ -d qwenvl_jax ] || git clone -q $(printf %q "$REPO") qwenvl_jax; cd qwenvl_jax; \
 pip install -q -e '.[tpu]'; \
-python -m qwenvl_jax.train --config=$CONFIG --workdir=$WORKDIR --distributed $*"
+python -m qwenvl_jax.train$ARGS"
 gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command "$CMD"
