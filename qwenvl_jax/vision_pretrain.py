@@ -197,7 +197,7 @@ def pretrain_visual(
         mcfg: the model config of the later stages: the visual tower's sizes and the resolution
             stage 0 trains at (`visual.image_size`).
         out_dir: where the checkpoint and `stage0_metrics.json` go.
-        settings: steps, batch, LR, resolution.
+        settings: steps, batch, LR, evaluation and logging (the resolution is the config's).
         seed: initialisation and picture stream seed.
         world: the synthetic layout of the pictures (default: `synthetic.WorldConfig()`).
         progress: receives log lines (None: silent).
