@@ -1,4 +1,4 @@
-"""The demo end to end on the quick setting: the three stages learn, resume exactly, and chat."""
+"""The demo end to end on the quick setting: the stages learn, resume exactly, and chat."""
 
 import json
 import os
@@ -15,7 +15,9 @@ from qwenvl_jax import demo, evaluate
 def test_stage_configs_follow_the_paper(tmp_path):
     # Which towers each stage freezes, what it starts from and its resolution (Qwen-VL section 3).
     setting = demo.SETTINGS["quick"]
-    files = {f"stage{k}_train": f"/d/stage{k}_train.json" for k in (1, 2, 3)}
+    names = ["stage1", "stage2", "drill", "stage3"]
+    assert [st.name for st in setting.stages] == names
+    files = {f"{n}_train": f"/d/{n}_train.json" for n in names}
     cfgs = [
         demo.stage_config(
             st,
@@ -24,13 +26,14 @@ def test_stage_configs_follow_the_paper(tmp_path):
             tokenizer_dir="/tok",
             vocab_size=640,
             image_start_id=614,
-            init_workdir=f"/w/stage{k}" if k else "",
+            init_workdir=f"/w/{names[k - 1]}" if k else "",
         )
         for k, st in enumerate(setting.stages)
     ]
     assert "llm" in cfgs[0].optim.freeze and "vit" not in cfgs[0].optim.freeze
     assert "llm" not in cfgs[1].optim.freeze and "vit" not in cfgs[1].optim.freeze
-    assert "vit" in cfgs[2].optim.freeze and "llm" not in cfgs[2].optim.freeze
+    for c in cfgs[2:]:  # the drill and stage 3
+        assert "vit" in c.optim.freeze and "llm" not in c.optim.freeze
     assert cfgs[0].init.allow_random and not cfgs[0].init.workdir
     # With stage 0 (the pre-trained visual tower), stage 1 starts from its checkpoint instead.
     from_stage0 = demo.stage_config(
@@ -39,11 +42,11 @@ def test_stage_configs_follow_the_paper(tmp_path):
     )  # fmt: skip
     assert from_stage0.init.checkpoint == "/w/stage0" and not from_stage0.init.allow_random
     assert all(not c.init.checkpoint for c in cfgs)
-    assert [c.init.workdir for c in cfgs[1:]] == ["/w/stage1", "/w/stage2"]
-    assert cfgs[0].data.image_size < cfgs[1].data.image_size == cfgs[2].data.image_size
-    for k, c in enumerate(cfgs, 1):
+    assert [c.init.workdir for c in cfgs[1:]] == ["/w/stage1", "/w/stage2", "/w/drill"]
+    assert cfgs[0].data.image_size < cfgs[1].data.image_size == cfgs[3].data.image_size
+    for n, c in zip(names, cfgs, strict=True):
         assert c.data.kind == "pipeline" and c.data.tokenizer == "/tok"
-        assert c.data.spec.sources[f"stage{k}"].path == f"/d/stage{k}_train.json"
+        assert c.data.spec.sources[n].path == f"/d/{n}_train.json"
         assert c.model.overrides.visual.n_queries == setting.model["visual"]["n_queries"]
         assert c.model.overrides.visual.image_start_id == 614
         # A row packs several samples, each at most ~230 tokens with one 38-token image span.
@@ -71,9 +74,9 @@ def test_quick_demo_learns_and_writes_outputs(quick_run):
     workdir, result = quick_run
     assert result["workdirs"]["stage0"] == os.path.join(workdir, "stage0")
     assert set(result["stage0_held_aside"]) >= {"object", "shape", "colour", "word", "box_px"}
-    for stage in ("stage1", "stage2", "stage3"):
-        losses = [v for _, v in evaluate.read_metrics(os.path.join(workdir, stage))]
-        assert len(losses) == demo.SETTINGS["quick"].stages[int(stage[-1]) - 1].steps
+    for stage in demo.SETTINGS["quick"].stages:
+        losses = [v for _, v in evaluate.read_metrics(os.path.join(workdir, stage.name))]
+        assert len(losses) == stage.steps
         assert np.all(np.isfinite(losses))
     # Stage 2 trains everything: its loss must fall well below the first steps'.
     s2 = [v for _, v in evaluate.read_metrics(os.path.join(workdir, "stage2"))]

@@ -147,10 +147,28 @@ def test_corpus_has_no_paths(data):
     assert "<ref>" in text and "<quad>" in text and "Describe the image" in text
 
 
+def test_drill_asks_every_colour(data):
+    """The drill: one single-turn "What colour is the <shape>?" per shape of every picture, with
+    the shape's colour as the answer."""
+    man = data
+    world = synthetic.WorldConfig(**man["settings"]["world"])
+    drill = _load(data, "drill_train")
+    want = []
+    for i in range(man["settings"]["n_train"]):
+        scene = synthetic.make_scene(synthetic._scene_rng(3, "train", i, 0), world)
+        want += [(f"What colour is the {o.kind}? Answer:", o.colour) for o in scene.shapes]
+    got = []
+    for s in drill:
+        (user, assistant) = s["conversations"]
+        assert user["value"].startswith("Picture 1: <img>images/train/")
+        got.append((user["value"].split("\n", 1)[1], assistant["value"]))
+    assert got == want and man["counts"]["drill_train"] == len(want)
+
+
 def test_shuffle_labels(tmp_path, data):
     kw = dict(n_train=40, n_heldout=12, seed=3)
     shuf = synthetic.generate(str(tmp_path / "s"), shuffle_labels=True, **kw)
-    for stage in ("stage1", "stage2", "stage3"):
+    for stage in ("stage1", "stage2", "drill", "stage3"):
         true = _load(data, f"{stage}_train")
         fake = _load(shuf, f"{stage}_train")
 
