@@ -10,8 +10,9 @@
    (`configs/{pretrain,multitask,sft}.py:tiny`), each initialised from the previous stage:
    `stage1/` ViT + adapter trained, decoder frozen, low resolution, captions and grounding pairs;
    `stage2/` everything trained at the higher resolution on the packed multi-task mix;
-   `drill/` stage 3's config on single-turn "What colour is the <shape>?" questions alone (the
-   look-up by shape name that the mixed stage 2 does not learn here);
+   `drill/` then `drill_ground/`: stage 3's config on single-turn "What colour is the <shape>?"
+   questions alone, then on every object's referring phrase alone (the look-ups by name that the
+   mixed stage 2 does not learn here);
    `stage3/` chat fine-tuning (multi-turn, two-picture questions) with the ViT frozen;
 5. loads `stage3/` with `QwenVL.from_pretrained`, decodes the held-out questions greedily and writes
    `results.json`, `predictions.json`, `boxes.png` (true vs predicted boxes) and `loss.png`.
@@ -19,7 +20,7 @@
 Re-running resumes: finished stages are skipped by the trainer (it restores the last checkpoint),
 an interrupted stage continues from its last checkpoint (stage 0, minutes long and without
 checkpoints, is rerun from its start). Settings: `quick` (CI, a minute or two), `default` (about
-fifteen minutes on 2 idle CPU cores), `long` (about an hour; the README has the measured numbers
+twenty minutes on 2 idle CPU cores), `long` (about an hour; the README has the measured numbers
 of both).
 """
 
@@ -45,9 +46,9 @@ class Stage:
     """One training stage of the demo.
 
     Attributes:
-        name: the workdir subdirectory (stage1, stage2, drill, stage3).
+        name: the workdir subdirectory (stage1, stage2, drill, drill_ground, stage3).
         config: the config file in configs/ whose `tiny` variant it starts from.
-        data: the synthetic file it trains on (stage1, stage2, drill, stage3).
+        data: the synthetic file it trains on (stage1, stage2, drill, drill_ground, stage3).
         steps: optimizer steps.
         lr: peak learning rate (warm-up then cosine decay to lr / 10).
         image_size: the stage's resolution in pixels.
@@ -132,22 +133,25 @@ VISUAL_LR = 2e-5
 def _stages(
     s1: int, s2: int, drill: int, s3: int, lr: float = 2e-3, seq_len: int = 512
 ) -> tuple[Stage, ...]:
+    """Stages 1 and 2, the two drills (`drill` steps each) and stage 3."""
     # A sample is 110-220 tokens (a 38-token picture, the ChatML frame, the turns), so a 512-token
     # row packs two to four of them.
     # Stage 1 trains only the visual tower (its decoder is frozen, and here a random one), so its
     # LR is VISUAL_LR. Without stage 0, at 2e-3 the ViT and adapter learned within 100 steps to
     # emit one constant feature for every picture (measured: the between-picture spread of the
     # adapter output fell from 18% to 0.03%).
-    # The drill (stage 3's config on `drill_train.json`: every "What colour is the <shape>?" of
-    # every picture, single turn) sits between stages 2 and 3. In the mixed stage 2 the decoder
-    # never learned to look a shape up by its name (in a dozen measured runs it answered the
-    # colour of the first object listed; README, "The drill"); on these questions alone, at
-    # stage 3's LR, it learned that within ~120 steps, and the mixture afterwards kept it. (At
-    # stage 2's 2e-3 for 200 steps it did not.)
+    # Two drills (stage 3's config, single-turn samples) sit between stages 2 and 3: `drill`
+    # asks every "What colour is the <shape>?" of every picture, `drill_ground` grounds every
+    # object's referring phrase. In the mixed stage 2 the decoder never learned to look a shape
+    # up by its name (in a dozen measured runs it answered the colour of the first object
+    # listed; README, "The drills"); on these questions alone, at stage 3's LR, it learned that
+    # within ~120 steps, and the mixture afterwards kept it. (At stage 2's 2e-3 for 200 steps it
+    # did not, nor in one drill holding both tasks.)
     return (
         Stage("stage1", "pretrain.py", "stage1", s1, VISUAL_LR, 56, seq_len, 4),
         Stage("stage2", "multitask.py", "stage2", s2, lr, 112, seq_len, 4, VISUAL_LR),
         Stage("drill", "sft.py", "drill", drill, lr / 2, 112, seq_len, 4, VISUAL_LR),
+        Stage("drill_ground", "sft.py", "drill_ground", drill, lr / 2, 112, seq_len, 4, VISUAL_LR),
         Stage("stage3", "sft.py", "stage3", s3, lr / 2, 112, seq_len, 4, VISUAL_LR),
     )
 

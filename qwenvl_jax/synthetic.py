@@ -14,12 +14,13 @@ JSON files in the official Qwen-VL fine-tuning format (`{"id", "conversations": 
 - `stage1_{split}.json`: captions and grounding pairs (the pre-training stage).
 - `stage2_{split}.json`: the multi-task mix (all single-turn tasks).
 - `stage3_{split}.json`: chat (multi-turn dialogue, the two-picture question, single-turn tasks).
-- `drill_{split}.json`: "What colour is the <shape>?" for every shape of every picture, single
-  turn (the demo's drill between stages 2 and 3; `qwenvl_jax.demo`).
+- `drill_{split}.json`: "What colour is the <shape>?" for every shape of every picture, and
+  `drill_ground_{split}.json`: the referring phrase (`<ref>the red circle</ref>`) of every object
+  of every picture, single turn (the demo's two drills between stages 2 and 3; `qwenvl_jax.demo`).
 - `eval.json`: the held-out evaluation records (`task`, `images`, `prompt`, `answer`, and `box`
   for grounding), read by `qwenvl_jax.evaluate`.
 - `corpus.txt`: the training texts without image paths, for the SentencePiece vocabulary (the
-  drill repeats stage-2 questions and is left out).
+  drills repeat stage-2 prompts and are left out).
 - `manifest.json`: the generation settings; `generate` reuses a directory whose manifest matches.
 
 Boxes are integers normalised to [0, 1000) (`int(x / width * 1000)`), written
@@ -60,7 +61,7 @@ OCR_PROMPT = "What is the word in the image? Answer:"
 OCR_QUAD_PROMPT = "Read the text in the image with its position:"
 TASKS = ("caption", "vqa", "grounding", "grounded_caption", "ocr", "ocr_quad")
 EVAL_TASKS = ("grounding", "vqa", "ocr", "caption")
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -396,7 +397,8 @@ def generate(
     Each picture gives stage 1 a caption, a grounding pair and a grounded caption; stage 2 one
     sample of every task of the multi-task mix it supports (a random question or object where the
     task has several); stage 3 one dialogue, single-turn task or (every fourth picture) a question
-    about it and the next picture; the drill every colour question of it. Picture paths are
+    about it and the next picture; the drills every colour question and every referring phrase
+    of it. Picture paths are
     relative to `out_dir` (where the JSON files are, so the data pipeline resolves them;
     pass `image_root=out_dir` to `QwenVL` to chat about them).
 
@@ -468,17 +470,20 @@ def generate(
     return manifest
 
 
-SHUFFLE_STREAM = {"stage1": 1, "stage2": 2, "stage3": 3, "drill": 4}
+SHUFFLE_STREAM = {"stage1": 1, "stage2": 2, "stage3": 3, "drill": 4, "drill_ground": 5}
 
 
 def _stage_samples(split: str, scenes: list[Scene], paths: list[str], seed: int) -> dict:
-    stage1, stage2, stage3, drill = [], [], [], []
+    stage1, stage2, stage3, drill, drill_ground = [], [], [], [], []
     for i, (scene, path) in enumerate(zip(scenes, paths, strict=True)):
         rng = _scene_rng(seed, split, i, 1)
         pic = picture([path])
         for k, o in enumerate(scene.shapes):
             q = f"What colour is the {o.kind}? Answer:"
             drill.append(_conv(f"{split}-vqa{k}-{i:06d}", [(pic + q, o.colour)]))
+        for k, o in enumerate(scene.objects):
+            turn = (pic + f"<ref>{o.phrase}</ref>", grounding_answer(o, scene.size))
+            drill_ground.append(_conv(f"{split}-grounding{k}-{i:06d}", [turn]))
         for task in ("caption", "grounding", "grounded_caption"):
             q, a, _ = task_sample(task, scene, rng)
             stage1.append(_conv(f"{split}-{task}-{i:06d}", [(pic + q, a)]))
@@ -499,7 +504,13 @@ def _stage_samples(split: str, scenes: list[Scene], paths: list[str], seed: int)
             task = tasks[(i // 4 + kind) % len(tasks)]
             q, a, _ = task_sample(task, scene, rng)
             stage3.append(_conv(f"{split}-{task}-{i:06d}", [(pic + q, a)]))
-    return {"stage1": stage1, "stage2": stage2, "stage3": stage3, "drill": drill}
+    return {
+        "stage1": stage1,
+        "stage2": stage2,
+        "stage3": stage3,
+        "drill": drill,
+        "drill_ground": drill_ground,
+    }
 
 
 def eval_records(scenes: list[Scene], paths: list[str], seed: int) -> list[dict]:

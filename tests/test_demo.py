@@ -15,7 +15,7 @@ from qwenvl_jax import demo, evaluate
 def test_stage_configs_follow_the_paper(tmp_path):
     # Which towers each stage freezes, what it starts from and its resolution (Qwen-VL section 3).
     setting = demo.SETTINGS["quick"]
-    names = ["stage1", "stage2", "drill", "stage3"]
+    names = ["stage1", "stage2", "drill", "drill_ground", "stage3"]
     assert [st.name for st in setting.stages] == names
     files = {f"{n}_train": f"/d/{n}_train.json" for n in names}
     cfgs = [
@@ -32,7 +32,7 @@ def test_stage_configs_follow_the_paper(tmp_path):
     ]
     assert "llm" in cfgs[0].optim.freeze and "vit" not in cfgs[0].optim.freeze
     assert "llm" not in cfgs[1].optim.freeze and "vit" not in cfgs[1].optim.freeze
-    for c in cfgs[2:]:  # the drill and stage 3
+    for c in cfgs[2:]:  # the drills and stage 3
         assert "vit" in c.optim.freeze and "llm" not in c.optim.freeze
     assert cfgs[0].init.allow_random and not cfgs[0].init.workdir
     # With stage 0 (the pre-trained visual tower), stage 1 starts from its checkpoint instead.
@@ -42,7 +42,7 @@ def test_stage_configs_follow_the_paper(tmp_path):
     )  # fmt: skip
     assert from_stage0.init.checkpoint == "/w/stage0" and not from_stage0.init.allow_random
     assert all(not c.init.checkpoint for c in cfgs)
-    assert [c.init.workdir for c in cfgs[1:]] == ["/w/stage1", "/w/stage2", "/w/drill"]
+    assert [c.init.workdir for c in cfgs[1:]] == [f"/w/{n}" for n in names[:-1]]
     assert cfgs[0].data.image_size < cfgs[1].data.image_size == cfgs[3].data.image_size
     for n, c in zip(names, cfgs, strict=True):
         assert c.data.kind == "pipeline" and c.data.tokenizer == "/tok"

@@ -147,28 +147,29 @@ def test_corpus_has_no_paths(data):
     assert "<ref>" in text and "<quad>" in text and "Describe the image" in text
 
 
-def test_drill_asks_every_colour(data):
-    """The drill: one single-turn "What colour is the <shape>?" per shape of every picture, with
-    the shape's colour as the answer."""
+def test_drills_ask_every_colour_and_every_object(data):
+    """The drills: one single-turn "What colour is the <shape>?" per shape of every picture (its
+    colour the answer), and one referring phrase per object (its box the answer)."""
     man = data
     world = synthetic.WorldConfig(**man["settings"]["world"])
-    drill = _load(data, "drill_train")
-    want = []
+    colours, grounds = [], []
     for i in range(man["settings"]["n_train"]):
         scene = synthetic.make_scene(synthetic._scene_rng(3, "train", i, 0), world)
-        want += [(f"What colour is the {o.kind}? Answer:", o.colour) for o in scene.shapes]
-    got = []
-    for s in drill:
-        (user, assistant) = s["conversations"]
-        assert user["value"].startswith("Picture 1: <img>images/train/")
-        got.append((user["value"].split("\n", 1)[1], assistant["value"]))
-    assert got == want and man["counts"]["drill_train"] == len(want)
+        pic = f"Picture 1: <img>images/train/{i:06d}.png</img>\n"
+        colours += [(pic + f"What colour is the {o.kind}? Answer:", o.colour) for o in scene.shapes]
+        for o in scene.objects:
+            x1, y1, x2, y2 = (min(int(v / scene.size * 1000), 999) for v in o.box)
+            ref = f"<ref>{o.phrase}</ref>"
+            grounds.append((pic + ref, f"{ref}<box>({x1},{y1}),({x2},{y2})</box>"))
+    for name, want in (("drill_train", colours), ("drill_ground_train", grounds)):
+        got = [tuple(m["value"] for m in s["conversations"]) for s in _load(data, name)]
+        assert got == want and man["counts"][name] == len(want)
 
 
 def test_shuffle_labels(tmp_path, data):
     kw = dict(n_train=40, n_heldout=12, seed=3)
     shuf = synthetic.generate(str(tmp_path / "s"), shuffle_labels=True, **kw)
-    for stage in ("stage1", "stage2", "drill", "stage3"):
+    for stage in ("stage1", "stage2", "drill", "drill_ground", "stage3"):
         true = _load(data, f"{stage}_train")
         fake = _load(shuf, f"{stage}_train")
 
