@@ -263,9 +263,19 @@ def grounding_answer(o: Obj, size: int) -> str:
     return f"<ref>{o.phrase}</ref>{box_text(o.box, size)}"
 
 
+def colour_question(o: Obj) -> tuple[str, str]:
+    """("What colour is the <shape>? Answer:", its colour)."""
+    return f"What colour is the {o.kind}? Answer:", o.colour
+
+
+def grounding_pair(o: Obj, size: int) -> tuple[str, str]:
+    """(`<ref>phrase</ref>`, the same with the object's box): a referring-grounding turn."""
+    return f"<ref>{o.phrase}</ref>", grounding_answer(o, size)
+
+
 def vqa_pairs(scene: Scene) -> list[tuple[str, str]]:
     """Every (question, one-word answer) the scene supports."""
-    qa = [(f"What colour is the {o.kind}? Answer:", o.colour) for o in scene.shapes]
+    qa = [colour_question(o) for o in scene.shapes]
     qa += [(f"What shape is the {o.colour} object? Answer:", o.kind) for o in scene.shapes]
     qa.append(("How many shapes are there? Answer:", NUMBERS[len(scene.shapes)]))
     return qa
@@ -292,11 +302,8 @@ def task_sample(task: str, scene: Scene, rng: np.random.Generator) -> tuple[str,
         return q, a, {}
     if task == "grounding":
         o = scene.objects[int(rng.integers(len(scene.objects)))]
-        return (
-            f"<ref>{o.phrase}</ref>",
-            grounding_answer(o, scene.size),
-            {"box": list(norm_box(o.box, scene.size)), "phrase": o.phrase},
-        )
+        q, a = grounding_pair(o, scene.size)
+        return q, a, {"box": list(norm_box(o.box, scene.size)), "phrase": o.phrase}
     if task in ("ocr", "ocr_quad"):
         w = scene.word
         if w is None:
@@ -315,8 +322,8 @@ def chat_sample(scene: Scene, path: str, rng: np.random.Generator) -> list[tuple
     """A 2-3 turn dialogue about one picture: [(user, assistant), ...]; the picture is in turn 1."""
     turns = [("What is in the picture?", f"I see {caption(scene)}.")]
     o = scene.shapes[int(rng.integers(len(scene.shapes)))]
-    turns.append((f"What colour is the {o.kind}? Answer:", o.colour))
-    turns.append((f"<ref>{o.phrase}</ref>", grounding_answer(o, scene.size)))
+    turns.append(colour_question(o))
+    turns.append(grounding_pair(o, scene.size))
     n = int(rng.integers(2, 4))
     turns = turns[:1] + turns[1 + (3 - n) :]
     return [(picture([path]) + turns[0][0], turns[0][1])] + turns[1:]
@@ -398,9 +405,8 @@ def generate(
     sample of every task of the multi-task mix it supports (a random question or object where the
     task has several); stage 3 one dialogue, single-turn task or (every fourth picture) a question
     about it and the next picture; the drills every colour question and every referring phrase
-    of it. Picture paths are
-    relative to `out_dir` (where the JSON files are, so the data pipeline resolves them;
-    pass `image_root=out_dir` to `QwenVL` to chat about them).
+    of it. Picture paths are relative to `out_dir` (where the JSON files are, so the data
+    pipeline resolves them; pass `image_root=out_dir` to `QwenVL` to chat about them).
 
     Args:
         out_dir: the dataset directory (created).
@@ -479,11 +485,11 @@ def _stage_samples(split: str, scenes: list[Scene], paths: list[str], seed: int)
         rng = _scene_rng(seed, split, i, 1)
         pic = picture([path])
         for k, o in enumerate(scene.shapes):
-            q = f"What colour is the {o.kind}? Answer:"
-            drill.append(_conv(f"{split}-vqa{k}-{i:06d}", [(pic + q, o.colour)]))
+            q, a = colour_question(o)
+            drill.append(_conv(f"{split}-vqa{k}-{i:06d}", [(pic + q, a)]))
         for k, o in enumerate(scene.objects):
-            turn = (pic + f"<ref>{o.phrase}</ref>", grounding_answer(o, scene.size))
-            drill_ground.append(_conv(f"{split}-grounding{k}-{i:06d}", [turn]))
+            q, a = grounding_pair(o, scene.size)
+            drill_ground.append(_conv(f"{split}-grounding{k}-{i:06d}", [(pic + q, a)]))
         for task in ("caption", "grounding", "grounded_caption"):
             q, a, _ = task_sample(task, scene, rng)
             stage1.append(_conv(f"{split}-{task}-{i:06d}", [(pic + q, a)]))
