@@ -164,43 +164,65 @@ def test_bin_legacy_and_non_state_dict(tmp_path):
 
 
 # ----------------------------------------------------------------------------- safetensors
-def test_safetensors_writer_reader(tmp_path):
+def test_safetensors_write_read(tmp_path):
     arrays = {
         "a": np.arange(6, dtype=np.float32).reshape(2, 3),
         "b": (np.arange(5, dtype=np.float32) / 3).astype(ml_dtypes.bfloat16),
         "c": np.ones((0, 4), np.float16),
+        "t": np.arange(12, dtype=np.float32).reshape(3, 4).T,  # not C-contiguous
     }
     path = str(tmp_path / "x.safetensors")
-    w = tensor_io.SafetensorsWriter(path, [(k, v.shape, v.dtype) for k, v in arrays.items()])
-    for k, v in arrays.items():
-        w.write(k, v)
-    w.close()
+    assert tensor_io.save_safetensors(path, arrays) == sum(a.nbytes for a in arrays.values())
     got = dict(tensor_io.iter_safetensors(path))
-    same_hf(arrays, got)
-    # The header is standard: the safetensors package reads the float32 tensor too.
-    from safetensors import safe_open
+    assert set(got) == set(arrays)
+    same_hf({k: arrays[k] for k in got}, got)  # bf16 stays bf16, bit for bit
+    assert tensor_io.safetensors_shapes(path) == {k: a.shape for k, a in got.items()}
+    with pytest.raises(UnsupportedDtypeError, match=r"'i'.*int32"):
+        tensor_io.save_safetensors(str(tmp_path / "i.safetensors"), {"i": np.ones(2, np.int32)})
 
-    with safe_open(path, "np") as f:
-        np.testing.assert_array_equal(f.get_tensor("a"), arrays["a"])
+
+def test_safetensors_raw_fallback_is_bit_exact(tmp_path):
+    """The path for a safetensors release without numpy bf16 gives the same arrays."""
+    arrays = {
+        "b": (np.arange(7, dtype=np.float32) / 3).astype(ml_dtypes.bfloat16).reshape(7, 1),
+        "f": np.arange(3, dtype=np.float16),
+    }
+    path = str(tmp_path / "x.safetensors")
+    tensor_io.save_safetensors(path, arrays)
+    raw = tensor_io._raw_tensors(path)  # in no particular order
+    assert set(raw) == set(arrays)
+    same_hf(arrays, {k: raw[k] for k in arrays})
 
 
-def _write_st(path, tensors: dict):
-    w = tensor_io.SafetensorsWriter(str(path), [(k, v.shape, v.dtype) for k, v in tensors.items()])
-    for k, v in tensors.items():
-        w.write(k, v)
-    w.close()
+def test_safetensors_truncated_or_corrupt_names_the_file(tmp_path):
+    path = tmp_path / "model.safetensors"
+    tensor_io.save_safetensors(str(path), {"w": np.ones((4, 4), np.float32)})
+    raw = path.read_bytes()
+    for name, data in (("cut.safetensors", raw[:-5]), ("junk.safetensors", b"not a checkpoint")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(TensorFileError, match=name):
+            dict(tensor_io.iter_safetensors(str(tmp_path / name)))
 
 
 def test_safetensors_unsupported_dtype(tmp_path, mini):
     cfg, weights = mini
     path = tmp_path / "model.safetensors"
-    _write_st(path, {"transformer.wte.weight": weights["transformer.wte.weight"]})
-    # Rewrite the header's dtype code to F64 (same byte count as two F32 rows is not needed:
-    # the reader refuses the dtype before touching the data).
-    raw = path.read_bytes().replace(b'"dtype":"F32"', b'"dtype":"F64"')
-    path.write_bytes(raw)
+    from safetensors.numpy import save_file
+
+    save_file(
+        {"transformer.wte.weight": weights["transformer.wte.weight"].astype(np.float64)}, path
+    )
     with pytest.raises(UnsupportedDtypeError, match=r"transformer\.wte\.weight.*F64"):
         import_hf(str(path), config=cfg)
+
+
+def test_bin_truncated_names_the_file(tmp_path):
+    raw = open(os.path.join(REF, "bin_dtypes.bin"), "rb").read()
+    for n in (len(raw) // 2, len(raw) - 200):
+        path = tmp_path / f"cut{n}.bin"
+        path.write_bytes(raw[:n])
+        with pytest.raises(TensorFileError, match=f"{path.name}: a truncated"):
+            dict(tensor_io.iter_torch_bin(str(path)))
 
 
 # ----------------------------------------------------------------------------- round trips

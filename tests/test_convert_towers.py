@@ -80,10 +80,7 @@ def openclip_state(width=12, heads=3, patch=2, grid=4, layers=2, mlp=20, embed=6
 
 
 def write_st(path, sd):
-    w = tensor_io.SafetensorsWriter(str(path), [(k, v.shape, v.dtype) for k, v in sd.items()])
-    for k, v in sd.items():
-        w.write(k, np.asarray(v, order="C"))
-    w.close()
+    tensor_io.save_safetensors(str(path), sd)
     return str(path)
 
 

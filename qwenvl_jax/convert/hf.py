@@ -5,10 +5,11 @@ gives): string keys, integer keys for the layer lists `transformer.h` and
 `transformer.visual.transformer.resblocks` when `scan_layers=False`, or one stacked dict with a
 leading layer axis when `scan_layers=True`. Neither direction needs torch.
 
-Import streams the files shard by shard and tensor by tensor (memory maps; one tensor is converted
-at a time), so the host holds about one copy of the weights. Every key of the checkpoint must be
-consumed exactly once: a missing, unexpected, duplicated or mis-shaped key, or an unsupported dtype,
-raises `CheckpointMismatchError` / `UnsupportedDtypeError` naming it.
+Import streams the files shard by shard and tensor by tensor (one tensor is read and converted at a
+time), so the host holds about one copy of the weights; export holds one shard at a time. Every
+key of the checkpoint must be consumed exactly once: a missing, unexpected, duplicated or
+mis-shaped key, or an unsupported dtype, raises `CheckpointMismatchError` /
+`UnsupportedDtypeError` naming it.
 """
 
 from __future__ import annotations
@@ -353,21 +354,21 @@ def export_hf(
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         t0 = time.time()
-        w = tensor_io.SafetensorsWriter(
-            os.path.join(out_dir, name),
-            [(r.hf_key, r.hf_shape, dt) for r, dt, _ in shard],
-            metadata={"format": "pt"},
+        # One shard in memory at a time (at most one converted copy of each of its tensors).
+        tensors = {
+            r.hf_key: np.asarray(r.to_hf(_leaf(params, r, scanned)), dtype=dt, order="C")
+            for r, dt, _ in shard
+        }
+        nbytes = tensor_io.save_safetensors(
+            os.path.join(out_dir, name), tensors, metadata={"format": "pt"}
         )
-        for r, dt, _ in shard:
-            # At most one copy of this tensor (none when it is already C-ordered in dtype dt).
-            w.write(r.hf_key, np.asarray(r.to_hf(_leaf(params, r, scanned)), dtype=dt, order="C"))
-            weight_map[r.hf_key] = name
-        w.close()
-        total += w.nbytes
+        del tensors
+        weight_map.update({r.hf_key: name for r, _, _ in shard})
+        total += nbytes
         written.append(os.path.join(out_dir, name))
         if progress:
             progress(
-                f"[{i + 1}/{n}] {name}: {len(shard)} tensors, {w.nbytes / 2**20:.1f} MiB,"
+                f"[{i + 1}/{n}] {name}: {len(shard)} tensors, {nbytes / 2**20:.1f} MiB,"
                 f" {time.time() - t0:.1f} s"
             )
     index = os.path.join(out_dir, SAFETENSORS_INDEX)

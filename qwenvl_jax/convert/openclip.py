@@ -76,8 +76,7 @@ def openclip_file(path: str) -> str:
 def tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
     """Key -> shape of every tensor of a .safetensors or torch .bin file, reading no data."""
     if path.endswith(".safetensors"):
-        header, _ = tensor_io._read_st_header(path)
-        return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        return tensor_io.safetensors_shapes(path)
     if path.endswith((".bin", ".pt", ".pth")):
         return {k: tuple(t.shape) for k, t in tensor_io.read_torch_bin(path).items()}
     raise ValueError(f"{path}: unknown weight file type (expected .safetensors or .bin)")
@@ -86,7 +85,7 @@ def tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
 def _iter_visual(path: str) -> Iterator[tuple[str, np.ndarray]]:
     """(key, array) of the `visual.` tensors only (the text tower is never materialised)."""
     if path.endswith(".safetensors"):
-        for k, a in tensor_io.iter_safetensors(path):  # memory maps: nothing read until used
+        for k, a in tensor_io.iter_safetensors(path):  # one tensor read at a time
             if k.startswith(VISUAL):
                 yield k, a
         return

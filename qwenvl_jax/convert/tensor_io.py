@@ -1,10 +1,15 @@
-"""Tensor files without torch: safetensors (read and write, streamed) and PyTorch `.bin` (read).
+"""Tensor files without torch: safetensors (the `safetensors` library) and PyTorch `.bin` (read).
+
+Safetensors are read lazily with `safe_open(..., framework="numpy")`, one tensor at a time, and
+written shard by shard with `safetensors.numpy.save_file`; bf16 arrives and leaves as
+`ml_dtypes.bfloat16`, bit for bit. The library's errors are re-raised naming the file.
 
 `.bin` files are torch's zip format (`torch.save` since 1.6): a pickle `data.pkl` that describes
-tensors, plus one raw little-endian file per storage. The pickle is read by a restricted unpickler
-that only knows the records a state dict needs (`collections.OrderedDict`,
-`torch._utils._rebuild_tensor_v2`, `torch._utils._rebuild_parameter` and the typed storage classes);
-any other global (code a malicious pickle would run) is refused. Tensors are read lazily: a
+tensors, plus one raw little-endian file per storage. The reader is hand-written because no
+library reads them without torch and without running the pickle's code: a restricted unpickler
+knows only the records a state dict needs (`collections.OrderedDict`,
+`torch._utils._rebuild_tensor_v2`, `torch._utils._rebuild_parameter` and the typed storage classes)
+and refuses any other global (code a malicious pickle would run). Tensors are read lazily: a
 `LazyTensor` holds its storage's zip member and strides, and `.numpy()` materialises it.
 
 Supported dtypes: float32, bfloat16 (as `ml_dtypes.bfloat16`) and float16; anything else raises
@@ -14,17 +19,17 @@ Supported dtypes: float32, bfloat16 (as `ml_dtypes.bfloat16`) and float16; anyth
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pickle
 import struct
-import sys
 import zipfile
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 # safetensors dtype code <-> numpy dtype, for the dtypes a Qwen-VL checkpoint may hold.
@@ -59,120 +64,114 @@ class TensorFileError(ValueError):
 
 
 # ----------------------------------------------------------------------------- safetensors
-def _read_st_header(path: str) -> tuple[dict, int]:
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise TensorFileError(f"{path}: too short to be a safetensors file")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100_000_000:
-            raise TensorFileError(f"{path}: implausible safetensors header size {n}")
-        try:
-            header = json.loads(f.read(n))
-        except json.JSONDecodeError as e:
-            raise TensorFileError(f"{path}: safetensors header is not JSON ({e})") from None
-    return header, 8 + n
+def _open_st(path: str):
+    """`safe_open(path)` (numpy); a missing, truncated or corrupt file raises an error naming it."""
+    try:
+        return safetensors.safe_open(path, framework="numpy")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except (safetensors.SafetensorError, OSError) as e:
+        raise TensorFileError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _check_code(path: str, name: str, code: str) -> np.dtype:
+    if code not in ST_DTYPES:
+        raise UnsupportedDtypeError(
+            f"{path}: tensor {name!r} has dtype {code}; supported: {sorted(ST_DTYPES)}"
+        )
+    return ST_DTYPES[code]
 
 
 def safetensors_keys(path: str) -> list[str]:
-    """Tensor names of a safetensors file (reads only the header)."""
-    header, _ = _read_st_header(path)
-    return [k for k in header if k != "__metadata__"]
+    """Tensor names of a safetensors file, in file order (reads only the header)."""
+    return list(safetensors_shapes(path))
+
+
+def safetensors_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of each tensor of a safetensors file, in file order (reads only the header)."""
+    with _open_st(path) as f:
+        return {name: tuple(f.get_slice(name).get_shape()) for name in _file_order(f)}
+
+
+def _file_order(f) -> list[str]:
+    return f.offset_keys() if hasattr(f, "offset_keys") else f.keys()  # safetensors < 0.6
+
+
+def _raw_tensors(path: str) -> dict[str, np.ndarray]:
+    """Every tensor of a file through `safetensors.deserialize` (the whole file in memory).
+
+    Only for a safetensors release whose numpy reader cannot return bfloat16 (it has no numpy
+    dtype for BF16); the bytes are viewed as `ml_dtypes.bfloat16`, never converted.
+    """
+    with open(path, "rb") as fh:
+        data = fh.read()
+    try:
+        items = safetensors.deserialize(data)
+    except safetensors.SafetensorError as e:
+        raise TensorFileError(f"{path}: not a readable safetensors file ({e})") from None
+    return {
+        name: np.frombuffer(v["data"], _check_code(path, name, v["dtype"])).reshape(v["shape"])
+        for name, v in items
+    }
 
 
 def iter_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (name, array) in file order; arrays are read-only memory maps of the file.
+    """Yield (name, array) in file order, one tensor read at a time; bf16 as ml_dtypes.bfloat16.
 
     Raises:
       UnsupportedDtypeError: a tensor's dtype is not F32 / BF16 / F16 (names the tensor).
-      TensorFileError: a malformed header or a tensor whose byte range does not match its shape.
+      TensorFileError: a truncated or corrupt file (names it).
     """
-    header, start = _read_st_header(path)
-    size = os.path.getsize(path)
-    items = sorted(
-        ((k, v) for k, v in header.items() if k != "__metadata__"),
-        key=lambda kv: kv[1]["data_offsets"][0],
-    )
-    for name, info in items:
-        code = info.get("dtype")
-        if code not in ST_DTYPES:
+    raw = None
+    with _open_st(path) as f:
+        for name in _file_order(f):
+            dtype = _check_code(path, name, f.get_slice(name).get_dtype())
+            try:
+                arr = f.get_tensor(name)
+            except TypeError:
+                if dtype != BF16:
+                    raise
+                raw = raw if raw is not None else _raw_tensors(path)
+                arr = raw[name]
+            except safetensors.SafetensorError as e:
+                raise TensorFileError(f"{path}: tensor {name!r} is unreadable ({e})") from None
+            if arr.dtype != dtype:
+                raise TensorFileError(f"{path}: tensor {name!r} read as {arr.dtype}, not {dtype}")
+            yield name, arr
+
+
+def save_safetensors(
+    path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> int:
+    """Write one safetensors file (a shard: all its tensors are in memory together).
+
+    Args:
+      path: the file; replaced if it exists.
+      tensors: name -> float32 / bfloat16 / float16 array (any layout; written C-ordered).
+      metadata: the header's `__metadata__` strings (transformers wants {"format": "pt"}).
+
+    Returns:
+      the bytes of tensor data written.
+
+    Raises:
+      UnsupportedDtypeError: a tensor of another dtype (named).
+      TensorFileError: the file could not be written (names it).
+    """
+    arrays = {}
+    for name, a in tensors.items():
+        a = np.asarray(a)
+        if a.dtype not in ST_CODES:
             raise UnsupportedDtypeError(
-                f"{path}: tensor {name!r} has dtype {code}; supported: {sorted(ST_DTYPES)}"
+                f"{path}: cannot write tensor {name!r} as {a.dtype}; supported: float32,"
+                " bfloat16, float16"
             )
-        dtype = ST_DTYPES[code]
-        shape = tuple(int(s) for s in info["shape"])
-        begin, end = (int(o) for o in info["data_offsets"])
-        if (
-            end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            or start + end > size
-        ):
-            raise TensorFileError(f"{path}: tensor {name!r} byte range does not match {shape}")
-        if end == begin:
-            yield name, np.zeros(shape, dtype)
-            continue
-        arr = np.memmap(path, dtype=dtype, mode="r", offset=start + begin, shape=shape)
-        yield name, arr
-
-
-class SafetensorsWriter:
-    """Write one safetensors file tensor by tensor (header first, so only one tensor is in memory).
-
-    Usage::
-
-        w = SafetensorsWriter(path, [(name, shape, dtype), ...], metadata={"format": "pt"})
-        for name, array in ...: w.write(name, array)   # in the declared order
-        w.close()
-    """
-
-    def __init__(self, path: str, specs: list[tuple[str, tuple, np.dtype]], metadata=None):
-        self.path = path
-        header: dict = {"__metadata__": dict(metadata or {})}
-        offset = 0
-        self._order = []
-        for name, shape, dtype in specs:
-            dtype = np.dtype(dtype)
-            if dtype not in ST_CODES:
-                raise UnsupportedDtypeError(f"cannot write {name!r} as {dtype}")
-            n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            header[name] = {
-                "dtype": ST_CODES[dtype],
-                "shape": [int(s) for s in shape],
-                "data_offsets": [offset, offset + n],
-            }
-            self._order.append((name, tuple(int(s) for s in shape), dtype))
-            offset += n
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
-        self._f = open(path, "wb")
-        self._f.write(struct.pack("<Q", len(raw)))
-        self._f.write(raw)
-        self._next = 0
-        self.nbytes = offset
-
-    def write(self, name: str, array: np.ndarray) -> None:
-        want_name, shape, dtype = self._order[self._next]
-        if name != want_name:
-            raise ValueError(f"{self.path}: expected tensor {want_name!r} next, got {name!r}")
-        array = np.asarray(array)
-        if array.shape != shape or array.dtype != dtype:
-            raise ValueError(
-                f"{self.path}: tensor {name!r} is {array.shape} {array.dtype}; declared"
-                f" {shape} {dtype}"
-            )
-        if array.dtype.byteorder == ">" or (
-            array.dtype.byteorder == "=" and sys.byteorder == "big"
-        ):
-            array = array.astype(array.dtype.newbyteorder("<"))
-        # One C-order pass straight into the file: no intermediate bytes object.
-        self._f.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
-        self._next += 1
-
-    def close(self) -> None:
-        if self._next != len(self._order):
-            missing = [n for n, _, _ in self._order[self._next :]]
-            self._f.close()
-            raise ValueError(f"{self.path}: tensors never written: {missing[:5]}")
-        self._f.close()
+        # The library writes `nbytes` from the array's data pointer: it must be contiguous.
+        arrays[name] = np.ascontiguousarray(a)
+    try:
+        safetensors.numpy.save_file(arrays, path, metadata=dict(metadata or {}))
+    except (safetensors.SafetensorError, OSError) as e:
+        raise TensorFileError(f"{path}: could not write ({e})") from None
+    return sum(a.nbytes for a in arrays.values())
 
 
 # ----------------------------------------------------------------------------- torch .bin
@@ -234,6 +233,8 @@ def _member_array(zf: zipfile.ZipFile, member: str, dtype: np.dtype) -> np.ndarr
         raise TensorFileError(f"{zf.filename}: bad local header for {member}")
     name_len, extra_len = struct.unpack("<HH", local[26:30])
     start = info.header_offset + 30 + name_len + extra_len
+    if start + info.file_size > os.path.getsize(zf.filename):
+        raise TensorFileError(f"{zf.filename}: truncated (storage {member} ends past the file)")
     return np.memmap(
         zf.filename, dtype=dtype, mode="r", offset=start, shape=(info.file_size // dtype.itemsize,)
     )
@@ -295,17 +296,28 @@ def read_torch_bin(path: str) -> OrderedDict[str, LazyTensor]:
         anything but a flat dict of tensors, or a disallowed global.
     """
     if not zipfile.is_zipfile(path):
-        raise TensorFileError(
-            f"{path}: not a torch zip-format file (the legacy pre-1.6 torch.save format is not"
-            " supported; re-save it with torch>=1.6 or convert it to safetensors)"
-        )
-    zf = zipfile.ZipFile(path)
-    pkls = [n for n in zf.namelist() if n.endswith("data.pkl")]
-    if len(pkls) != 1:
-        raise TensorFileError(f"{path}: expected one data.pkl in the archive, found {pkls}")
-    prefix = pkls[0][: -len("data.pkl")]
-    with zf.open(pkls[0]) as f:
-        obj = _RestrictedUnpickler(f, prefix, path).load()
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic == b"PK\x03\x04":
+            raise TensorFileError(f"{path}: a truncated or corrupt zip file (no central directory)")
+        if magic[:1] == b"\x80":  # a pickle protocol opcode: torch.save before 1.6
+            raise TensorFileError(
+                f"{path}: not a torch zip-format file (the legacy pre-1.6 torch.save format is not"
+                " supported; re-save it with torch>=1.6 or convert it to safetensors)"
+            )
+        raise TensorFileError(f"{path}: not a torch checkpoint (neither a zip nor a pickle)")
+    try:
+        zf = zipfile.ZipFile(path)
+        pkls = [n for n in zf.namelist() if n.endswith("data.pkl")]
+        if len(pkls) != 1:
+            raise TensorFileError(f"{path}: expected one data.pkl in the archive, found {pkls}")
+        prefix = pkls[0][: -len("data.pkl")]
+        with zf.open(pkls[0]) as f:
+            obj = _RestrictedUnpickler(f, prefix, path).load()
+    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError) as e:
+        if isinstance(e, TensorFileError):
+            raise
+        raise TensorFileError(f"{path}: not a readable torch checkpoint ({e})") from None
     if not isinstance(obj, dict):
         raise TensorFileError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     out: OrderedDict[str, LazyTensor] = OrderedDict()
