@@ -7,8 +7,13 @@ assign_params(model, params)                            put a parameter dict int
 python -m qwenvl_jax.convert {import,export} --help     the command line
 """
 
-from qwenvl_jax.convert.hf import (
+from qwenvl_jax.convert.errors import (
+    CheckpointError,
     CheckpointMismatchError,
+    TensorFileError,
+    UnsupportedDtypeError,
+)
+from qwenvl_jax.convert.hf import (
     check_params,
     checkpoint_files,
     export_hf,
@@ -18,7 +23,6 @@ from qwenvl_jax.convert.hf import (
 )
 from qwenvl_jax.convert.mapping import hf_shapes, rules
 from qwenvl_jax.convert.ours import load_params, save_params, stack_layers, unstack_layers
-from qwenvl_jax.convert.tensor_io import TensorFileError, UnsupportedDtypeError
 
 
 def assign_params(model, params) -> None:
@@ -64,6 +68,7 @@ def assign_params(model, params) -> None:
 
 
 __all__ = [
+    "CheckpointError",
     "CheckpointMismatchError",
     "TensorFileError",
     "UnsupportedDtypeError",

@@ -28,6 +28,18 @@ import sys
 import time
 
 DTYPES = ("keep", "float32", "bfloat16", "float16")
+SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+class UsageError(Exception):
+    """A mistake in the command line (a path or a flag); printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line `error: ...` on stderr (exit 2), without the usage."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
 def _dtype(name: str):
@@ -40,16 +52,68 @@ def _dtype(name: str):
 
 
 def _size(text: str) -> int:
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    """`--max_shard_size`: bytes, or a number with a unit (2GiB, 500MB)."""
     t = text.strip().upper()
-    for u, m in sorted(units.items(), key=lambda kv: -len(kv[0])):
-        if t.endswith(u):
-            return int(float(t[: -len(u)]) * m)
-    return int(t)
+    try:
+        for u, m in sorted(SIZE_UNITS.items(), key=lambda kv: -len(kv[0])):
+            if t.endswith(u):
+                n = int(float(t[: -len(u)]) * m)
+                break
+        else:
+            n = int(t)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size: give bytes or a number with one of"
+            f" {', '.join(u.replace('I', 'i') for u in SIZE_UNITS)} (e.g. 2GiB)"
+        )
+    return n
+
+
+def _one_line(e: BaseException) -> str:
+    """An error's message on one line: the first line, then at most 5 of the listed problems."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
+    head, rest = lines[0], [x for x in lines[1:] if not x.startswith("... and")]
+    if not rest:
+        return head
+    more = f"; ... ({len(rest) - 5} more)" if len(rest) > 5 else ""
+    return f"{head}{'' if head.endswith(':') else ':'} {'; '.join(rest[:5])}{more}"
+
+
+def _check_out(out: str) -> None:
+    """The output directory: absent, or a directory without params/ (import never overwrites)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"output {out} is a file; give a directory")
+    if os.path.exists(os.path.join(out, "params")):
+        raise UsageError(f"output {out} already holds params/; choose a new or empty directory")
+
+
+def _kind(path: str) -> str | None:
+    """ "ours" / "workdir" / "hf" / None (neither) for an existing directory, else UsageError."""
+    from qwenvl_jax.convert import ours
+
+    if not os.path.exists(path):
+        raise UsageError(f"{path} does not exist")
+    if not os.path.isdir(path):
+        raise UsageError(f"{path} is a file, not a checkpoint directory")
+    if ours.is_ours(path):
+        return "ours"
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return "workdir"
+    if any(n.endswith((".safetensors", ".bin")) for n in os.listdir(path)):
+        return "hf"
+    return None
+
+
+def _contents(path: str) -> str:
+    """What a directory holds, for a message: `a, b/, c, ...` (at most 8 names)."""
+    names = sorted(n + "/" * os.path.isdir(os.path.join(path, n)) for n in os.listdir(path))
+    return ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") if names else "nothing"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m qwenvl_jax.convert",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -62,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     pe.add_argument("src", help="a directory written by `import` or by save_params")
     pe.add_argument("out", help="output HF directory")
     pe.add_argument("--dtype", choices=DTYPES, default="keep", help="cast the weights")
-    pe.add_argument("--max_shard_size", default="2GiB", help="e.g. 2GiB, 500MB, or bytes")
+    pe.add_argument(
+        "--max_shard_size", type=_size, default="2GiB", help="e.g. 2GiB, 500MB, or bytes"
+    )
     pe.add_argument("--no_tokenizer", action="store_true", help="write no tokenizer files")
     pe.add_argument(
         "--code_dir",
@@ -81,63 +147,121 @@ def main(argv: list[str] | None = None) -> int:
         imp.add_argument("--scan_layers", action="store_true", help="store stacked layers")
         imp.add_argument("--dtype", choices=DTYPES, default="keep", help="cast the weights")
     args = p.parse_args(argv)
-    if args.command in ("import-llm", "import-vit"):
-        return _import_tower(p, args)
 
-    from qwenvl_jax.convert import export_hf, import_hf, load_params, save_params
+    from qwenvl_jax.convert.errors import CheckpointError
 
-    def log(msg: str) -> None:
-        print(msg, flush=True)
+    run = {"import": _import, "export": _export}.get(args.command, _import_tower)
+    try:
+        return run(args)
+    except (UsageError, CheckpointError, OSError) as e:
+        msg = _one_line(e)
+        if not isinstance(e, UsageError) and args.src not in msg:
+            msg = f"{args.src}: {msg}"  # a library message that names only a key or a shard
+        print(f"error: {args.command}: {msg}", file=sys.stderr, flush=True)
+        return 2
 
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _import(args) -> int:
+    """`import`: an HF Qwen-VL directory -> our format."""
+    from qwenvl_jax.convert import hf, save_params
+
+    if os.path.isfile(args.src):
+        raise UsageError(
+            f"{args.src} is a file; `import` takes the HF checkpoint directory (config.json +"
+            " model*.safetensors or pytorch_model*.bin shards)"
+        )
+    kind = _kind(args.src)
+    if kind == "ours":
+        raise UsageError(f"{args.src} is already a qwenvl_jax checkpoint (params/); nothing to do")
+    if kind == "workdir":
+        raise UsageError(
+            f"{args.src} is a training workdir (checkpoints/<step>/), already in our format; use"
+            " `export` to write HF weights from it"
+        )
+    _check_out(args.out)
     t0 = time.time()
-    if args.command == "import":
-        if os.path.exists(os.path.join(args.out, "params")):
-            p.error(f"{args.out}/params exists; choose an empty output directory")
-        log(f"importing {args.src}")
-        cfg, params = import_hf(
-            args.src, scan_layers=args.scan_layers, dtype=_dtype(args.dtype), progress=log
-        )
-        log(f"saving to {args.out}")
-        save_params(args.out, params, cfg)
-    else:
-        log(f"loading {args.src}")
-        cfg, params = load_params(args.src)
-        log(f"exporting to {args.out}")
-        written = export_hf(
-            params,
-            cfg,
-            args.out,
-            dtype=_dtype(args.dtype),
-            max_shard_bytes=_size(args.max_shard_size),
-            tokenizer=None if args.no_tokenizer else "default",
-            progress=log,
-        )
-        if args.code_dir:
-            files = sorted(glob.glob(os.path.join(args.code_dir, "*.py")))
-            if not files:
-                p.error(f"--code_dir {args.code_dir} holds no .py files")
-            for f in files:
-                shutil.copy(f, args.out)
-            written += files
-        log(f"wrote {len(written)} files")
-    log(f"done in {time.time() - t0:.1f} s")
+    cfg = hf.read_config(args.src)
+    _log(f"importing {args.src}")
+    cfg, params = hf.import_hf(
+        args.src, config=cfg, scan_layers=args.scan_layers, dtype=_dtype(args.dtype), progress=_log
+    )
+    _log(f"saving to {args.out}")
+    save_params(args.out, params, cfg)
+    _log(f"done in {time.time() - t0:.1f} s")
     return 0
 
 
-def _import_tower(p: argparse.ArgumentParser, args) -> int:
+def _export(args) -> int:
+    """`export`: our format -> an HF directory."""
+    from qwenvl_jax.convert import export_hf, load_params
+
+    kind = _kind(args.src)
+    if kind == "hf":
+        raise UsageError(
+            f"{args.src} is an HF checkpoint (weight shards), already in HF format; `export`"
+            " takes a qwenvl_jax checkpoint (config.json + params/), which `import` makes"
+        )
+    if kind == "workdir":
+        raise UsageError(
+            f"{args.src} is a training workdir (checkpoints/<step>/); `export` takes a qwenvl_jax"
+            " checkpoint (config.json + params/)"
+        )
+    if kind is None:
+        raise UsageError(
+            f"{args.src} is not a qwenvl_jax checkpoint: it has no config.json + params/; it holds"
+            f" {_contents(args.src)}"
+        )
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"output {args.out} is a file; give a directory")
+    code = []
+    if args.code_dir:
+        code = sorted(glob.glob(os.path.join(args.code_dir, "*.py")))
+        if not code:
+            raise UsageError(f"--code_dir {args.code_dir} holds no .py files")
+    t0 = time.time()
+    _log(f"loading {args.src}")
+    cfg, params = load_params(args.src)
+    _log(f"exporting to {args.out}")
+    written = export_hf(
+        params,
+        cfg,
+        args.out,
+        dtype=_dtype(args.dtype),
+        max_shard_bytes=args.max_shard_size,
+        tokenizer=None if args.no_tokenizer else "default",
+        progress=_log,
+    )
+    for f in code:
+        shutil.copy(f, args.out)
+    written += code
+    _log(f"wrote {len(written)} files")
+    _log(f"done in {time.time() - t0:.1f} s")
+    return 0
+
+
+def _import_tower(args) -> int:
     """`import-llm` / `import-vit`: one stage-1 tower in our format, plus tower.json."""
     from qwenvl_jax.convert import openclip, qwen_llm, save_params
 
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-
-    if os.path.exists(os.path.join(args.out, "params")):
-        p.error(f"{args.out}/params exists; choose an empty output directory")
+    if not os.path.exists(args.src):
+        raise UsageError(f"{args.src} does not exist")
+    if args.command == "import-llm" and not os.path.isdir(args.src):
+        raise UsageError(
+            f"{args.src} is a file; import-llm takes the Qwen-7B directory (config.json +"
+            " weight shards)"
+        )
+    if args.command == "import-vit" and args.heads <= 0:
+        raise UsageError(f"--heads {args.heads}: give a positive head count (16 for ViT-bigG-14)")
+    _check_out(args.out)
     t0 = time.time()
-    log(f"importing {args.src}")
+    _log(f"importing {args.src}")
     if args.command == "import-llm":
         cfg, params = qwen_llm.import_qwen_llm(
-            args.src, scan_layers=args.scan_layers, dtype=_dtype(args.dtype), progress=log
+            args.src, scan_layers=args.scan_layers, dtype=_dtype(args.dtype), progress=_log
         )
         info = {"tower": "llm", "source": os.path.abspath(args.src)}
     else:
@@ -146,13 +270,13 @@ def _import_tower(p: argparse.ArgumentParser, args) -> int:
             heads=args.heads,
             scan_layers=args.scan_layers,
             dtype=_dtype(args.dtype),
-            progress=log,
+            progress=_log,
         )
         info = {"tower": "vit", "source": os.path.abspath(args.src), **report}
-    log(f"saving to {args.out}")
+    _log(f"saving to {args.out}")
     save_params(args.out, params, cfg)
     qwen_llm.write_tower_json(args.out, info)
-    log(f"done in {time.time() - t0:.1f} s")
+    _log(f"done in {time.time() - t0:.1f} s")
     return 0
 
 

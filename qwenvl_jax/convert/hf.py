@@ -26,6 +26,7 @@ import numpy as np
 from qwenvl_jax import config as config_lib
 from qwenvl_jax.config import QWenConfig
 from qwenvl_jax.convert import mapping, tensor_io
+from qwenvl_jax.convert.errors import CheckpointError, CheckpointMismatchError
 
 Progress = Callable[[str], None] | None
 
@@ -43,10 +44,6 @@ GENERATION_CONFIG = {
 }
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-
-
-class CheckpointMismatchError(ValueError):
-    """The checkpoint's keys or shapes do not match the config."""
 
 
 # ----------------------------------------------------------------------------- files
@@ -70,7 +67,7 @@ def checkpoint_files(path: str) -> list[str]:
                 try:
                     weight_map = json.load(f)["weight_map"]
                 except (json.JSONDecodeError, KeyError) as e:
-                    raise ValueError(f"{index}: not a valid index ({e!r})") from None
+                    raise CheckpointError(f"{index}: not a valid index ({e!r})") from None
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
             if missing:
@@ -85,13 +82,41 @@ def checkpoint_files(path: str) -> list[str]:
     )
 
 
+def read_config(path: str) -> QWenConfig:
+    """The config of a checkpoint directory (its config.json).
+
+    Raises:
+      FileNotFoundError: nothing at `path`.
+      CheckpointError: `path` is a file, or its config.json is missing, not JSON or not a Qwen-VL
+        config (the message names the file).
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: it does not exist")
+    if not os.path.isdir(path):
+        raise CheckpointError(
+            f"{path} is a file, not a checkpoint directory: a single weight file has no"
+            " config.json (pass the directory, or from Python config=QWenConfig(...))"
+        )
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(
+            f"{path} has no config.json (an HF checkpoint directory holds config.json and the"
+            " weight shards)"
+        )
+    try:
+        return config_lib.load_hf_json(path)
+    except (ValueError, TypeError, KeyError) as e:
+        msg = str(e)
+        raise CheckpointError(msg if cfg_path in msg else f"{cfg_path}: {msg}") from None
+
+
 def iter_file(path: str) -> Iterator[tuple[str, np.ndarray]]:
     """(key, array) of one weight file, one tensor at a time."""
     if path.endswith(".safetensors"):
         return tensor_io.iter_safetensors(path)
     if path.endswith(".bin") or path.endswith(".pt") or path.endswith(".pth"):
         return tensor_io.iter_torch_bin(path)
-    raise ValueError(f"{path}: unknown weight file type (expected .safetensors or .bin)")
+    raise CheckpointError(f"{path}: unknown weight file type (expected .safetensors or .bin)")
 
 
 # ----------------------------------------------------------------------------- import
@@ -193,11 +218,13 @@ def import_hf(
 
     Returns:
       (config, pure nested dict of numpy arrays).
+
+    Raises:
+      FileNotFoundError: no checkpoint, or no weight shards, at `path`.
+      CheckpointError: a bad config.json or weight file, or keys that do not match (named).
     """
     if config is None:
-        if not os.path.isdir(path):
-            raise ValueError(f"{path} is a single file: pass config= (it has no config.json)")
-        config = config_lib.load_hf_json(path)
+        config = read_config(path)
     files = checkpoint_files(path)
 
     def stream():

@@ -40,6 +40,7 @@ import numpy as np
 
 from qwenvl_jax.config import QWenConfig
 from qwenvl_jax.convert import hf, mapping, tensor_io
+from qwenvl_jax.convert.errors import CheckpointError
 
 VISUAL = "visual."
 OURS = "transformer.visual."
@@ -61,13 +62,13 @@ def openclip_file(path: str) -> str:
     if os.path.isfile(path):
         return path
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"no OpenCLIP checkpoint at {path}")
+        raise FileNotFoundError(f"no OpenCLIP checkpoint at {path}: it does not exist")
     for pattern in ("open_clip*.safetensors", "open_clip*.bin"):
         found = sorted(glob.glob(os.path.join(path, pattern)))
         if len(found) == 1:
             return found[0]
         if len(found) > 1:
-            raise ValueError(f"{path} holds several {pattern} files: {found}; name one")
+            raise CheckpointError(f"{path} holds several {pattern} files: {found}; name one")
     raise FileNotFoundError(
         f"{path} holds no open_clip_pytorch_model.bin or open_clip_model.safetensors"
     )
@@ -79,7 +80,7 @@ def tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
         return tensor_io.safetensors_shapes(path)
     if path.endswith((".bin", ".pt", ".pth")):
         return {k: tuple(t.shape) for k, t in tensor_io.read_torch_bin(path).items()}
-    raise ValueError(f"{path}: unknown weight file type (expected .safetensors or .bin)")
+    raise CheckpointError(f"{path}: unknown weight file type (expected .safetensors or .bin)")
 
 
 def _iter_visual(path: str) -> Iterator[tuple[str, np.ndarray]]:
@@ -141,7 +142,7 @@ def vit_config(
             f"{source}: missing key 'visual.transformer.resblocks.0.mlp.c_fc.weight'"
         )
     if width % heads:
-        raise ValueError(f"{source}: width {width} does not split into {heads} heads")
+        raise CheckpointError(f"{source}: width {width} does not split into {heads} heads")
     base = base or QWenConfig()
     return base.replace(
         visual=dict(

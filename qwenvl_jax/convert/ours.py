@@ -20,8 +20,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from qwenvl_jax import config as config_lib
 from qwenvl_jax.config import QWenConfig
+from qwenvl_jax.convert.errors import CheckpointError
 
 LAYER_LISTS = (("transformer", "h"), ("transformer", "visual", "transformer", "resblocks"))
 META = "params_meta.json"
@@ -144,23 +144,33 @@ def load_params(
 
     Returns:
       (config, pure nested dict: numpy arrays, or jax arrays when `abstract` is given).
+
+    Raises:
+      FileNotFoundError: no params/ in `directory`.
+      CheckpointError: a bad config.json, or params/ that Orbax cannot restore.
     """
     import orbax.checkpoint as ocp
+
+    from qwenvl_jax.convert.hf import _as_pure_dict, read_config
 
     directory = os.path.abspath(directory)
     target = os.path.join(directory, "params")
     if not os.path.isdir(target):
         raise FileNotFoundError(f"{directory} is not a qwenvl_jax checkpoint: no params/ in it")
-    cfg = config_lib.load_hf_json(directory)
+    cfg = read_config(directory)
     ckpt = ocp.StandardCheckpointer()
-    if abstract is not None:
-        from qwenvl_jax.convert.hf import _as_pure_dict
-
-        params = ckpt.restore(target, _str_keys(_as_pure_dict(abstract)))
+    try:
+        if abstract is not None:
+            params = ckpt.restore(target, _str_keys(_as_pure_dict(abstract)))
+            return cfg, _int_layer_keys(params)
+        params = _int_layer_keys(ckpt.restore(target))
+    except Exception as e:  # noqa: BLE001 - Orbax raises many types for a damaged checkpoint
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise CheckpointError(
+            f"{target}: Orbax cannot restore it ({type(e).__name__}: {first})"
+        ) from e
+    finally:
         ckpt.close()
-        return cfg, _int_layer_keys(params)
-    params = _int_layer_keys(ckpt.restore(target))
-    ckpt.close()
     params = jax.tree.map(np.asarray, params)
     if scan_layers is True and not is_stacked(params):
         params = stack_layers(params)

@@ -21,6 +21,7 @@ from typing import Any
 from qwenvl_jax import config as config_lib
 from qwenvl_jax.config import QWenConfig, VisualConfig
 from qwenvl_jax.convert import hf, mapping
+from qwenvl_jax.convert.errors import CheckpointError
 
 TOWER_JSON = "tower.json"
 
@@ -39,12 +40,12 @@ def llm_config(d: dict, *, source: str = "config.json", visual: VisualConfig | N
       visual: the ViT/adapter config to attach (default: Qwen-VL's, with output_dim = hidden_size).
 
     Raises:
-      ValueError: the config is not a Qwen model, or is a Qwen-VL one (has `visual`).
+      CheckpointError: the config is not a Qwen model, or is a Qwen-VL one (has `visual`).
     """
     if d.get("model_type", "qwen") != "qwen":
-        raise ValueError(f"{source}: model_type={d.get('model_type')!r}, expected 'qwen'")
+        raise CheckpointError(f"{source}: model_type={d.get('model_type')!r}, expected 'qwen'")
     if "visual" in d:
-        raise ValueError(
+        raise CheckpointError(
             f"{source} has a 'visual' section: this is a Qwen-VL checkpoint; use"
             " `python -m qwenvl_jax.convert import` instead"
         )
@@ -53,7 +54,7 @@ def llm_config(d: dict, *, source: str = "config.json", visual: VisualConfig | N
     required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
     missing = [k for k in required if k not in kwargs]
     if missing:
-        raise ValueError(f"{source} lacks {missing}: not a Qwen config.json")
+        raise CheckpointError(f"{source} lacks {missing}: not a Qwen config.json")
     hidden = int(kwargs["hidden_size"])
     kwargs.setdefault("kv_channels", hidden // int(kwargs["num_attention_heads"]))
     if visual is None:
@@ -80,12 +81,25 @@ def import_qwen_llm(
       (config, {"transformer": {"wte", "h", "ln_f"}, "lm_head": ...}) of numpy arrays.
 
     Raises:
-      CheckpointMismatchError: a missing, unexpected (e.g. visual), duplicated or mis-shaped key.
+      FileNotFoundError: `path` is not a directory.
+      CheckpointError: a bad config.json or weight file; CheckpointMismatchError (one): a missing,
+        unexpected (e.g. visual), duplicated or mis-shaped key.
     """
     if not os.path.isdir(path):
-        raise ValueError(f"{path}: expected the Qwen-7B directory (config.json + weights)")
+        what = "a file" if os.path.exists(path) else "does not exist"
+        raise FileNotFoundError(
+            f"{path}: {what}; expected the Qwen-7B directory (config.json + weight shards)"
+        )
     cfg_path = os.path.join(path, "config.json")
-    cfg = llm_config(config_lib.read_config_json(cfg_path), source=cfg_path)
+    try:
+        d = config_lib.read_config_json(cfg_path)
+    except ValueError as e:  # not JSON
+        raise CheckpointError(str(e)) from None
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path} has no config.json (a Qwen-7B directory holds config.json and the weights)"
+        ) from None
+    cfg = llm_config(d, source=cfg_path)
     _, params = hf.import_hf(
         path, config=cfg, scan_layers=scan_layers, dtype=dtype, progress=progress, only=is_llm_rule
     )

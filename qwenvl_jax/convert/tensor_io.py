@@ -31,6 +31,8 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from qwenvl_jax.convert.errors import TensorFileError, UnsupportedDtypeError
+
 BF16 = np.dtype(ml_dtypes.bfloat16)
 # safetensors dtype code <-> numpy dtype, for the dtypes a Qwen-VL checkpoint may hold.
 ST_DTYPES = {"F32": np.dtype(np.float32), "BF16": BF16, "F16": np.dtype(np.float16)}
@@ -53,14 +55,6 @@ _TORCH_OTHER_STORAGES = {
     "ComplexFloatStorage": "complex64",
     "ComplexDoubleStorage": "complex128",
 }
-
-
-class UnsupportedDtypeError(ValueError):
-    """A tensor in a checkpoint file has a dtype other than float32 / bfloat16 / float16."""
-
-
-class TensorFileError(ValueError):
-    """A checkpoint file is malformed or holds something other than a state dict."""
 
 
 # ----------------------------------------------------------------------------- safetensors
