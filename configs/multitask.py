@@ -5,7 +5,7 @@ stage 1's workdir (`--config.init.workdir=...`). `--config=configs/multitask.py:
 variant.
 """
 
-from qwenvl_jax import stage_config as common
+from qwenvl_jax.train import stage_config as common
 
 
 def get_config(arg=None):

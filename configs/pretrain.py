@@ -3,7 +3,7 @@
 Frozen LLM; the ViT (OpenCLIP ViT-bigG init) and the randomly initialised adapter are trained at 224
 px on image-text pairs. `--config=configs/pretrain.py:tiny` is the CPU variant."""
 
-from qwenvl_jax import stage_config as common
+from qwenvl_jax.train import stage_config as common
 
 
 def get_config(arg=None):

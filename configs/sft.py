@@ -4,7 +4,7 @@ ChatML dialogues; the ViT is frozen, the LLM and adapter are trained; initialise
 workdir (`--config.init.workdir=...`) or a converted Qwen-VL checkpoint
 (`--config.init.checkpoint=...`). `--config=configs/sft.py:tiny` is the CPU variant."""
 
-from qwenvl_jax import stage_config as common
+from qwenvl_jax.train import stage_config as common
 
 
 def get_config(arg=None):

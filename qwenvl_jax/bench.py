@@ -13,9 +13,7 @@ included) instead. Model FLOPs follow qwenvl_jax.flops (the PaLM convention of p
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import time
 
 import jax
@@ -25,6 +23,8 @@ from absl import app, flags
 
 from qwenvl_jax import flops as flops_lib
 from qwenvl_jax import train
+from qwenvl_jax.data.random_batches import RandomBatches
+from qwenvl_jax.train import stage_config
 
 SHAPES = {
     # name: (model overrides, batch, seq_len, image_size, images per sequence)
@@ -52,14 +52,8 @@ _JSON = flags.DEFINE_string("json_out", "", "Also write the result as JSON here.
 
 def bench_config(shape: str, mode: str, remat: str, attn_impl: str, batch: int = 0):
     """A multitask-stage config with the benchmark's shape (single device, no accumulation)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location(
-        "mt", os.path.join(root, "configs", "multitask.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     overrides, b, t, size, m = SHAPES[shape]
-    c = mod.get_config("tiny" if overrides is None else None)
+    c = stage_config.load("multitask:tiny" if overrides is None else "multitask")
     if overrides is not None:
         c.model.overrides.update(overrides)
         c.model.dtype = "bfloat16"
@@ -87,7 +81,7 @@ def run(shape="tiny", mode="grad", steps=3, warmup=1, remat="none", attn_impl=""
     c = bench_config(shape, mode, remat, attn_impl, batch)
     s = train.build(c, jax.devices()[:1])
     params = train.init_params(s, 0)
-    data = train.RandomBatches(c, s.mcfg, int(c.batch_size), 0)
+    data = RandomBatches(c, s.mcfg, int(c.batch_size), 0)
     batch_arr = train.to_step_batch(next(data), s)
     if mode == "train":
         opt = jax.jit(s.tx.init, out_shardings=s.opt_sharding)(params)

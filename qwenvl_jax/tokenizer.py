@@ -34,6 +34,8 @@ from typing import Literal
 
 import tiktoken
 
+from qwenvl_jax.errors import optional_import
+
 PAT_STR = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -512,7 +514,7 @@ class SentencePieceQWenTokenizer(_QwenTokenizerBase):
     """
 
     def __init__(self, model_file: str, image_span: int = IMG_TOKEN_SPAN):
-        import sentencepiece as spm
+        spm = optional_import("sentencepiece", "demo")
 
         self._set_image_span(image_span)
         if not os.path.isfile(model_file):
@@ -580,7 +582,7 @@ def train_sentencepiece(
     Returns:
       the loaded tokenizer.
     """
-    import sentencepiece as spm
+    spm = optional_import("sentencepiece", "demo")
 
     texts = [unicodedata.normalize("NFC", t) for t in texts if t]
     if not texts:

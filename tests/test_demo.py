@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwenvl_jax import demo, evaluate
+from qwenvl_jax.demo import evaluate
+from qwenvl_jax.demo import run as demo
 
 
 def test_stage_configs_follow_the_paper(tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwenvl_jax import evaluate
+from qwenvl_jax.demo import evaluate
 
 
 def test_parse_first_box():

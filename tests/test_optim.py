@@ -1,7 +1,6 @@
 """Optimizer: the paper's schedules, layer-wise LR decay, freezing without state, the weight-decay
 mask."""
 
-import importlib.util
 import math
 import os
 
@@ -12,15 +11,13 @@ import optax
 import pytest
 
 from qwenvl_jax import optim
+from qwenvl_jax.train import stage_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name, arg=None):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    return stage_config.load(f"{name}:{arg}" if arg else name)
 
 
 def cosine(peak, lo, warm, total, n):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwenvl_jax import synthetic
+from qwenvl_jax.demo import synthetic
 
 BOX_RE = re.compile(r"<ref>(.*?)</ref><box>\((\d+),(\d+)\),\((\d+),(\d+)\)</box>")
 

@@ -4,7 +4,6 @@ Everything runs the tiny model with a 1024-token vocabulary and 16 queries on ra
 batches (`data.kind="random"`), so each run compiles in tens of seconds on a CPU.
 """
 
-import importlib.util
 import json
 import os
 import random
@@ -21,6 +20,8 @@ from absl import logging as absl_logging
 
 from qwenvl_jax import checkpoint as ckpt_lib
 from qwenvl_jax import train
+from qwenvl_jax.data.random_batches import RandomBatches
+from qwenvl_jax.train import stage_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 absl_logging.set_verbosity(absl_logging.WARNING)
@@ -36,10 +37,7 @@ SMALL = [
 
 
 def load_config(name, arg="tiny"):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    return stage_config.load(f"{name}:{arg}" if arg else name)
 
 
 def tiny(stage="multitask", steps=4, **kw):
@@ -327,11 +325,10 @@ def _has_libtpu():
 @pytest.mark.skipif(not _has_libtpu(), reason="libtpu not installed (pip install -e .[tpu])")
 def test_tiny_aot_compile_for_tpu_slice():
     code = (
-        "import json, importlib.util;"
+        "import json;"
         "from qwenvl_jax import train;"
-        "s=importlib.util.spec_from_file_location('m','configs/multitask.py');"
-        "m=importlib.util.module_from_spec(s);s.loader.exec_module(m);"
-        "c=m.get_config('tiny');c.aot.topology='v5p:2x2x1';c.mesh.data=1;c.mesh.fsdp=2;"
+        "from qwenvl_jax.train import stage_config;"
+        "c=stage_config.load('multitask:tiny');c.aot.topology='v5p:2x2x1';c.mesh.data=1;c.mesh.fsdp=2;"
         "c.mesh.model=2;c.model.dtype='bfloat16';"
         "print('RESULT', json.dumps(train.dry_run(c)))"
     )
@@ -359,7 +356,7 @@ def test_chunked_loss_equals_full_loss():
     c = tiny(steps=4)
     s = train.build(c, jax.devices()[:1])
     params = train.init_params(s, 0)
-    it = train.RandomBatches(c, s.mcfg, 4, 0)
+    it = RandomBatches(c, s.mcfg, 4, 0)
     mb = jax.tree.map(lambda x: x[0], train.to_step_batch(next(it), s))
 
     def loss(p, chunk):
@@ -446,7 +443,7 @@ def test_group_lr_scale_reaches_the_train_step():
         c.optim.lr_scale = scale
         setups.append((train.build(c, jax.devices()[:1]), c))
     (s0, c0), (s1, _) = setups
-    local = next(train.RandomBatches(c0, s0.mcfg, 2, 0))
+    local = next(RandomBatches(c0, s0.mcfg, 2, 0))
     assert local["images"].any()
     p0 = jax.device_get(train.init_params(s0, 0))
     deltas = []
@@ -486,7 +483,7 @@ def test_grad_accumulation_normalises_by_all_supervised_tokens():
         return train.build(c, jax.devices()[:1]), c
 
     (s1, c1), (s2, _) = setup(1), setup(2)
-    local = next(train.RandomBatches(c1, s1.mcfg, 4, 0))
+    local = next(RandomBatches(c1, s1.mcfg, 4, 0))
     mask = np.zeros((4, 32), np.float32)
     mask[:2, :30] = 1.0  # micro-batch 0 (rows 0-1): 60 tokens
     mask[2:, 5] = mask[3, 9] = 1.0  # micro-batch 1 (rows 2-3): 3 tokens

@@ -5,10 +5,10 @@ import os
 
 import numpy as np
 
-from qwenvl_jax import synthetic, vision_pretrain
 from qwenvl_jax.config import get_preset
 from qwenvl_jax.convert import ours
-from qwenvl_jax.synthetic import Obj, Scene
+from qwenvl_jax.demo import synthetic, vision_pretrain
+from qwenvl_jax.demo.synthetic import Obj, Scene
 
 
 def test_token_targets_name_what_lies_under_each_token_centre():

@@ -47,17 +47,8 @@ import numpy as np
 from qwenvl_jax import image as image_lib
 from qwenvl_jax.data import images as images_lib
 from qwenvl_jax.data import packing, sources, tasks
+from qwenvl_jax.data.batch import BATCH_KEYS
 
-BATCH_KEYS = (
-    "input_ids",
-    "targets",
-    "loss_mask",
-    "segment_ids",
-    "positions",
-    "images",
-    "image_valid",
-    "image_token_index",
-)
 # Table 3 of the paper: the multi-task pre-training tasks and their sample counts (millions).
 TABLE3_SAMPLES_M = {
     "caption": 19.7,

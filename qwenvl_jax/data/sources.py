@@ -33,6 +33,7 @@ import numpy as np
 from etils import epath
 
 from qwenvl_jax.data import tasks
+from qwenvl_jax.errors import optional_import
 from qwenvl_jax.image import resolve_path
 
 
@@ -117,7 +118,7 @@ class TfdsRecords:
     """Random access to a TFDS split through `tfds.data_source` (ArrayRecord), images as bytes."""
 
     def __init__(self, name: str, split: str, data_dir: str | None, image_field: str | None):
-        import tensorflow_datasets as tfds
+        tfds = optional_import("tensorflow_datasets", "tfds")
 
         decoders = None
         if image_field:

@@ -2,7 +2,8 @@
 
 Records are dicts with `task` (grounding | vqa | ocr | caption), `images` (paths), `prompt` (the
 user text after the `Picture k: <img>…</img>\\n` prefixes), `answer` (the reference) and, for
-grounding, `box` ([x1, y1, x2, y2] in [0, 1000)). `qwenvl_jax.synthetic` writes them to `eval.json`.
+grounding, `box` ([x1, y1, x2, y2] in [0, 1000)). `qwenvl_jax.demo.synthetic` writes them to
+`eval.json`.
 
 Decoding is greedy. The prompts are the official `eval_mm/` prompts in chat form, and the metrics
 are theirs:
@@ -28,8 +29,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from qwenvl_jax import grounding, synthetic
+from qwenvl_jax import grounding
 from qwenvl_jax import image as image_lib
+from qwenvl_jax.demo import synthetic
 
 AnswerFn = Callable[[Sequence[Sequence[str]], Sequence[str]], list[str]]
 """(images per query, prompt per query) -> one response per query."""

@@ -4,7 +4,15 @@ numbers).
 `base()` holds every field the trainer reads, with neutral defaults; each stage file sets the values
 of Qwen-VL Table 8 / section 3, and `tiny()` shrinks a stage to the tiny model for a CPU run."""
 
+import importlib.util
+import os
+
 import ml_collections as mlc
+
+from qwenvl_jax.errors import ConfigError, MissingPathError
+
+# The repository's configs/ (next to the package in a checkout or an editable install).
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "configs")
 
 
 def base() -> mlc.ConfigDict:
@@ -144,7 +152,32 @@ def parse_arg(arg: str | None) -> dict:
             out[k.strip()] = v.strip() if v else True
     unknown = sorted(set(out) - set(VARIANT_KEYS))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"config string {arg!r}: unknown variant key(s) {unknown}; known: {list(VARIANT_KEYS)}"
         )
     return out
+
+
+def load(spec: str) -> mlc.ConfigDict:
+    """The config a config file's `get_config` returns, as `--config=` would load it.
+
+    Args:
+        spec: `path/to/file.py[:arg]`; a bare stage name (`multitask`, `sft:tiny`) reads the
+            repository's configs/.
+
+    Raises:
+        MissingPathError: the file does not exist (naming it).
+    """
+    path, _, arg = spec.partition(":")
+    if os.sep not in path and not path.endswith(".py"):
+        path = os.path.join(CONFIGS_DIR, f"{path}.py")
+    if not os.path.isfile(path):
+        raise MissingPathError(
+            f"config file {path!r} does not exist (the stage configs are in the repository's"
+            " configs/: run from a checkout, installed with pip install -e)"
+        )
+    name = "qwenvl_config_" + os.path.splitext(os.path.basename(path))[0]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)

@@ -18,7 +18,7 @@ JSON files in the official Qwen-VL fine-tuning format (`{"id", "conversations": 
   `drill_ground_{split}.json`: the referring phrase (`<ref>the red circle</ref>`) of every object
   of every picture, single turn (the demo's two drills between stages 2 and 3; `qwenvl_jax.demo`).
 - `eval.json`: the held-out evaluation records (`task`, `images`, `prompt`, `answer`, and `box`
-  for grounding), read by `qwenvl_jax.evaluate`.
+  for grounding), read by `qwenvl_jax.demo.evaluate`.
 - `corpus.txt`: the training texts without image paths, for the SentencePiece vocabulary (the
   drills repeat stage-2 prompts and are left out).
 - `manifest.json`: the generation settings; `generate` reuses a directory whose manifest matches.

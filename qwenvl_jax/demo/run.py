@@ -1,10 +1,11 @@
 """The out-of-the-box demo: Qwen-VL's three training stages on a synthetic world, on a CPU.
 
-`python -m qwenvl_jax.train` without `--config` calls `run_demo`, which in `workdir`:
+`python -m qwenvl_jax.demo` (and `python -m qwenvl_jax.train` without `--config`) calls `run_demo`,
+which in `workdir`:
 
-1. writes the synthetic dataset (`qwenvl_jax.synthetic`) under `data/` unless it is there;
+1. writes the synthetic dataset (`qwenvl_jax.demo.synthetic`) under `data/` unless it is there;
 2. trains a SentencePiece vocabulary on its text (plus Qwen-VL's special tokens) into `tokenizer/`;
-3. pre-trains the tiny visual tower (`stage0/`, `qwenvl_jax.vision_pretrain`): the paper starts
+3. pre-trains the tiny visual tower (`stage0/`, `qwenvl_jax.demo.vision_pretrain`): the paper starts
    from a pre-trained ViT (OpenCLIP's), and this stands in for it;
 4. runs the paper's stages with the real trainer (`qwenvl_jax.train.train`) on the tiny configs
    (`configs/{pretrain,multitask,sft}.py:tiny`), each initialised from the previous stage:
@@ -27,7 +28,6 @@ of both).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import time
@@ -37,8 +37,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from qwenvl_jax import evaluate, synthetic, vision_pretrain
-from qwenvl_jax.vision_pretrain import PretrainSettings
+from qwenvl_jax.demo import evaluate, synthetic, vision_pretrain
+from qwenvl_jax.demo.vision_pretrain import PretrainSettings
+from qwenvl_jax.train import stage_config as stage_config_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,26 +199,6 @@ SETTINGS = {
 MAX_NEW_TOKENS = {"grounding": 48, "vqa": 8, "ocr": 8, "caption": 48}
 
 
-def configs_dir() -> str:
-    """The repository's `configs/` directory (next to the package)."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(here, "configs")
-    if not os.path.isfile(os.path.join(path, "multitask.py")):
-        raise FileNotFoundError(
-            f"the stage configs are not at {path}: run the demo from a checkout of the repository"
-            " (pip install -e .), which has configs/ next to qwenvl_jax/"
-        )
-    return path
-
-
-def _load_config(filename: str) -> ml_collections.ConfigDict:
-    path = os.path.join(configs_dir(), filename)
-    spec = importlib.util.spec_from_file_location(f"qwenvl_demo_{filename[:-3]}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("tiny")
-
-
 def stage_config(
     stage: Stage,
     setting: Setting,
@@ -237,7 +218,7 @@ def stage_config(
     """
     from qwenvl_jax.data import pipeline
 
-    c = _load_config(stage.config)
+    c = stage_config_lib.load(f"{stage.config[:-3]}:tiny")
     model = json.loads(json.dumps(setting.model))
     model["vocab_size"] = vocab_size
     model["visual"]["image_start_id"] = image_start_id
@@ -546,23 +527,3 @@ def _copy_tokenizer(src: str, dst: str) -> None:
     for f in os.listdir(src):
         if f.endswith((".model", ".vocab")):
             shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m qwenvl_jax.demo [--setting long] [--workdir DIR] [--shuffle_labels]`."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m qwenvl_jax.demo", description=__doc__)
-    parser.add_argument("--setting", default="default", choices=sorted(SETTINGS))
-    parser.add_argument("--workdir", default=None, help="default: ./qwenvl_demo_<setting>")
-    parser.add_argument(
-        "--shuffle_labels", action="store_true", help="train on permuted answers (the control)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    workdir = args.workdir or f"qwenvl_demo_{args.setting}"
-    run_demo(workdir, setting=args.setting, shuffle_labels=args.shuffle_labels, seed=args.seed)
-
-
-if __name__ == "__main__":
-    main()

@@ -34,8 +34,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from qwenvl_jax import image, synthetic
+from qwenvl_jax import image
 from qwenvl_jax.config import QWenConfig
+from qwenvl_jax.demo import synthetic
 
 COLOURS = tuple(synthetic.COLOURS)
 N_CLASSES = 2 + len(synthetic.SHAPES) * len(COLOURS)  # nothing, word, shape x colour

@@ -1,0 +1,203 @@
+"""The training loop: restore or initialise, step, log, checkpoint, stop on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from qwenvl_jax import checkpoint as ckpt_lib
+from qwenvl_jax import flops as flops_lib
+from qwenvl_jax.config import QWenConfig
+from qwenvl_jax.data.random_batches import RandomBatches
+from qwenvl_jax.metrics import MetricsWriter
+from qwenvl_jax.train.sources import initial_params
+from qwenvl_jax.train.state import build, check_setup, describe, log, step_model_flops
+from qwenvl_jax.train.step import make_train_step, to_step_batch
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop checkpoints and exits at the next step boundary."""
+
+    def __init__(self):
+        self.flag = False
+        self._old = None
+
+    def install(self):
+        def handler(signum, frame):
+            logging.warning("SIGTERM received: will checkpoint after the current step and exit")
+            self.flag = True
+
+        try:
+            self._old = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread
+            self._old = None
+
+    def uninstall(self):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+    def any(self) -> bool:
+        if jax.process_count() == 1:
+            return self.flag
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array([self.flag]))))
+
+
+def make_data_iterator(cfg, mcfg: QWenConfig, batch_size_per_host: int):
+    if cfg.data.kind == "random":
+        return RandomBatches(cfg, mcfg, batch_size_per_host, jax.process_index())
+    if cfg.data.kind != "pipeline":
+        raise ValueError(f"config.data.kind={cfg.data.kind!r}; use 'random' or 'pipeline'")
+    from qwenvl_jax.data.pipeline import make_train_iterator
+    from qwenvl_jax.tokenizer import load_tokenizer
+
+    # Every <img>...</img> span gets one position per adapter query (256 as published; a smaller
+    # model with fewer queries gets a tokenizer with shorter spans).
+    tokenizer = load_tokenizer(
+        cfg.data.get("tokenizer") or None, image_span=int(mcfg.visual.n_queries)
+    )
+    return make_train_iterator(
+        cfg.data.spec,
+        tokenizer,
+        seq_len=int(cfg.data.seq_len),
+        batch_size_per_host=batch_size_per_host,
+        image_size=int(cfg.data.image_size),
+        max_images=int(cfg.data.max_images),
+        seed=int(cfg.seed),
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+        worker_count=int(cfg.data.worker_count),
+    )
+
+
+def train(
+    cfg: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    stop_after: int | None = None,
+    devices=None,
+) -> list[dict]:
+    """Runs (or resumes) training in `workdir`. Returns the logged metrics of this invocation.
+
+    Args:
+        cfg: a resolved stage config (configs/*.py).
+        workdir: output directory (checkpoints, TensorBoard, metrics.jsonl, config.json).
+        stop_after: testing aid: return after this many optimizer steps of this invocation.
+        devices: devices for the mesh (default all).
+    """
+    os.makedirs(workdir, exist_ok=True)
+    s = build(cfg, devices)
+    check_setup(s)
+    if jax.process_index() == 0:
+        s.mcfg.save_hf_json(os.path.join(workdir, "config.json"))
+        with open(os.path.join(workdir, "train_config.json"), "w") as f:
+            f.write(cfg.to_json_best_effort(indent=2))
+    log(f"config:\n{cfg}")
+    log(describe(s))
+
+    total = int(cfg.steps)
+    ckpt = ckpt_lib.Checkpointer(workdir, int(cfg.checkpoint.keep), bool(cfg.checkpoint.async_save))
+    restored = ckpt.restore_latest(s.abstract_params, s.abstract_opt)
+    if cfg.batch_size % jax.process_count():
+        raise ValueError(
+            f"batch_size {cfg.batch_size} not divisible by {jax.process_count()} hosts"
+        )
+    data = make_data_iterator(cfg, s.mcfg, int(cfg.batch_size) // jax.process_count())
+    if restored is not None:
+        start, params, opt_state, meta = restored
+        states = meta.get("data_state")
+        if states and len(states) == jax.process_count():
+            data.set_state(json.loads(states[jax.process_index()]))
+        elif states:
+            logging.warning(
+                "checkpoint holds data states of %d processes, this run has %d: the data iterator"
+                " restarts from its seed (samples may repeat)",
+                len(states),
+                jax.process_count(),
+            )
+        log(f"resumed from {ckpt.directory} step {start}")
+    else:
+        start = 0
+        params, desc = initial_params(s)
+        opt_state = jax.jit(s.tx.init, out_shardings=s.opt_sharding)(params)
+        log(f"initialised params from {desc}")
+
+    step_fn = make_train_step(s)
+    writer = MetricsWriter(workdir, total)
+    flops_step = step_model_flops(s)
+    dev = s.mesh.devices.flat[0]
+    peak = flops_lib.chip_peak(cfg.get("chip") or None, dev.device_kind)
+    n_chips = s.mesh.devices.size
+    preempt = _Preemption()
+    preempt.install()
+    meta = {"seed": int(cfg.seed), "scan_layers": bool(cfg.model.scan_layers), "stage": cfg.stage}
+    meta["config"] = json.loads(cfg.to_json_best_effort())
+    history = []
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    t_last, steps_since, wait_since, imgs_since = time.time(), 0, 0.0, 0.0
+    step = start
+    try:
+        while step < total:
+            t0 = time.time()
+            local = next(data)
+            wait = time.time() - t0
+            wait_since += wait
+            batch = to_step_batch(local, s)
+            params, opt_state, m = step_fn(params, opt_state, batch)
+            step += 1
+            steps_since += 1
+            if "image_valid" in local:
+                imgs_since += float(np.sum(local["image_valid"]))
+            if step % int(cfg.log_every) == 0 or step == total:
+                m = jax.device_get(m)
+                now = time.time()
+                dt = (now - t_last) / steps_since
+                rec = {k: float(v) for k, v in m.items()}
+                rec.update(
+                    step=step,
+                    lr=float(s.schedule(step - 1)),
+                    step_s=dt,
+                    data_wait_s=wait_since / steps_since,
+                    tokens_per_s=cfg.batch_size * cfg.data.seq_len / dt,
+                    images_per_s=imgs_since * jax.process_count() / (dt * steps_since),
+                    model_tflops_per_s=flops_step / dt / 1e12,
+                )
+                if cfg.optim.vit_lr_decay and cfg.optim.vit_lr_decay != 1.0:
+                    nl = s.mcfg.visual.layers
+                    rec["lr_vit_first_block"] = rec["lr"] * cfg.optim.vit_lr_decay**nl
+                if peak:
+                    rec["mfu"] = flops_lib.mfu(flops_step, dt, n_chips, peak)
+                if hasattr(data, "metrics"):  # the pipeline's packing efficiency and skips
+                    rec.update({k: float(v) for k, v in data.metrics().items()})
+                writer.write(step, rec)
+                history.append(rec)
+                if jax.process_index() == 0:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                t_last, steps_since, wait_since, imgs_since = time.time(), 0, 0.0, 0.0
+            stop = preempt.any()
+            if step % int(cfg.checkpoint.every_steps) == 0 or step == total or stop:
+                ckpt.save(step, params, opt_state, meta, json.dumps(data.get_state()), wait=stop)
+            if stop:
+                logging.warning("checkpointed step %d after SIGTERM; exiting", step)
+                break
+            if stop_after is not None and step - start >= stop_after:
+                break
+        n_compiled = step_fn._cache_size()
+        if n_compiled > 1:
+            logging.warning("the train step was compiled %d times (expected once)", n_compiled)
+    finally:
+        ckpt.close()
+        writer.close()
+        preempt.uninstall()
+        if hasattr(data, "close"):  # stops Grain worker processes and prefetch threads
+            data.close()
+    return history

@@ -1,0 +1,143 @@
+"""A run's first parameters: a previous stage, a checkpoint, two towers, or random."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+
+from qwenvl_jax import checkpoint as ckpt_lib
+from qwenvl_jax import optim as optim_lib
+from qwenvl_jax.train.state import Setup, init_params
+
+
+def _check_same_tree(name: str, got: Any, want: Any) -> None:
+    gp = dict(_flat_shapes(got))
+    wp = dict(_flat_shapes(want))
+    missing, extra = sorted(set(wp) - set(gp)), sorted(set(gp) - set(wp))
+    bad = [f"{p}: {gp[p]} != {wp[p]}" for p in sorted(set(gp) & set(wp)) if gp[p] != wp[p]]
+    if missing or extra or bad:
+        raise ValueError(
+            f"{name}: parameters do not match the model: missing {missing[:10]} "
+            f"({len(missing)}), unexpected {extra[:10]} ({len(extra)}), shape mismatches {bad[:10]}"
+        )
+
+
+def _flat_shapes(tree):
+    out = []
+    optim_lib.map_with_path_str(lambda p, x: out.append((p, tuple(np.shape(x)))), tree)
+    return out
+
+
+def _load_our_checkpoint(path: str, scan: bool) -> dict:
+    """Params of a converted checkpoint (qwenvl_jax.convert.ours format) in the run's layout."""
+    from qwenvl_jax.convert import ours
+
+    _, params = ours.load_params(path, scan_layers=scan)
+    return jax.tree.map(np.asarray, params)
+
+
+# Qwen-VL's post-adapter ln_post / proj sit in the "vit" group but have no OpenCLIP counterpart: a
+# ViT tower from `convert import-vit` lacks them, and they keep their fresh init.
+_VIT_FRESH_IF_ABSENT = r"^transformer\.visual\.(ln_post\.|proj$)"
+
+
+def _subtree_merge(base: dict, other: dict, pattern: str, fresh_if_absent: str = "") -> dict:
+    """base with every leaf whose path matches `pattern` taken from `other`.
+
+    Leaves matching `fresh_if_absent` that `other` lacks keep base's value (logged).
+    """
+    import re
+
+    rx = re.compile(optim_lib.GROUPS.get(pattern, pattern))
+    fresh = re.compile(fresh_if_absent) if fresh_if_absent else None
+    kept = []
+    other_flat = {}
+    optim_lib.map_with_path_str(lambda p, x: other_flat.__setitem__(p, x), other)
+    taken = []
+
+    def pick(p, x):
+        if rx.search(p):
+            if p not in other_flat:
+                if fresh is not None and fresh.search(p):
+                    kept.append(p)
+                    return x
+                raise ValueError(f"init checkpoint lacks {p}")
+            taken.append(p)
+            return other_flat[p]
+        return x
+
+    out = optim_lib.map_with_path_str(pick, base)
+    if not taken:
+        raise ValueError(f"no parameter matched {pattern!r} when merging init checkpoints")
+    if kept:
+        logging.info("init: %s not in the %s checkpoint; fresh init kept", kept, pattern)
+    return out
+
+
+_INIT_KEYS = ("workdir", "checkpoint", "vit_checkpoint", "llm_checkpoint")
+
+
+def initial_params(s: Setup) -> tuple[Any, str]:
+    """Params from config.init (previous workdir, our checkpoint, separate towers) or random.
+
+    Raises:
+        FileNotFoundError: naming the `config.init` key whose path holds no usable weights.
+    """
+    init = s.cfg.init
+    for key in _INIT_KEYS:
+        path = init.get(key)
+        if path and not epath.Path(path).exists():
+            raise FileNotFoundError(f"config.init.{key}={path!r} does not exist")
+    try:
+        return _initial_params(s)
+    except FileNotFoundError as e:
+        named = [f"config.init.{k}={init.get(k)!r}" for k in _INIT_KEYS if init.get(k)]
+        raise FileNotFoundError(f"{', '.join(named)}: {e}") from e
+
+
+def _initial_params(s: Setup) -> tuple[Any, str]:
+    init = s.cfg.init
+    scan = bool(s.cfg.model.scan_layers)
+    sources = [k for k in ("workdir", "checkpoint") if init.get(k)]
+    towers = [k for k in ("vit_checkpoint", "llm_checkpoint") if init.get(k)]
+    if len(sources) + bool(towers) > 1:
+        raise ValueError(f"config.init: set only one of workdir, checkpoint, towers; got {init}")
+    if init.get("workdir"):
+        _, loaded = ckpt_lib.latest_params(init.workdir, scan_layers=scan)
+        desc = f"previous stage {init.workdir}"
+    elif init.get("checkpoint"):
+        loaded = _load_our_checkpoint(init.checkpoint, scan)
+        desc = f"checkpoint {init.checkpoint}"
+    elif towers:
+        # Fresh leaves stay sharded jax arrays: on a pod they span other hosts' devices and
+        # cannot be fetched to this host.
+        loaded = init_params(s, int(s.cfg.seed))
+        if init.get("vit_checkpoint"):
+            vit = _load_our_checkpoint(init.vit_checkpoint, scan)
+            loaded = _subtree_merge(loaded, vit, "vit", _VIT_FRESH_IF_ABSENT)
+        if init.get("llm_checkpoint"):
+            llm = _load_our_checkpoint(init.llm_checkpoint, scan)
+            loaded = _subtree_merge(loaded, llm, "llm")
+        desc = f"towers vit={init.vit_checkpoint or 'random'} llm={init.llm_checkpoint or 'random'}"
+    else:
+        if not init.get("allow_random"):
+            raise ValueError(
+                "config.init names no weights (workdir, checkpoint, vit_checkpoint/llm_checkpoint)"
+                " and allow_random is False; set one, e.g. --config.init.workdir=<stage-1 workdir>"
+            )
+        return init_params(s, int(s.cfg.seed)), "random init"
+    _check_same_tree(desc, loaded, s.abstract_params)
+    params = jax.tree.map(
+        lambda x, a: (
+            x
+            if isinstance(x, jax.Array) and x.sharding == a.sharding
+            else jax.device_put(np.asarray(x, a.dtype), a.sharding)
+        ),
+        loaded,
+        s.abstract_params,
+    )
+    return params, desc

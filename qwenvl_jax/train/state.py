@@ -1,0 +1,209 @@
+"""The static side of a run: model config and factory, mesh, shardings, optimizer (`Setup`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from qwenvl_jax import flops as flops_lib
+from qwenvl_jax import optim as optim_lib
+from qwenvl_jax import sharding as shd
+from qwenvl_jax.config import QWenConfig, get_preset
+
+
+def log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def model_config(cfg: ml_collections.ConfigDict) -> QWenConfig:
+    """The QWenConfig of a training config: preset + overrides, at the stage's image size."""
+    overrides = cfg.model.overrides.to_dict() if cfg.model.get("overrides") else {}
+    visual = dict(overrides.pop("visual", {}) or {})
+    visual.setdefault("image_size", int(cfg.data.image_size))
+    return get_preset(cfg.model.preset, visual=visual, **overrides)
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _dtype(name: str, key: str = "config.model.dtype"):
+    if name not in _DTYPES:
+        raise ValueError(f"{key}={name!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def make_model(cfg: ml_collections.ConfigDict, mcfg: QWenConfig, rngs: nnx.Rngs):
+    from qwenvl_jax.model.qwenvl import QWenLMHeadModel
+
+    return QWenLMHeadModel(
+        mcfg,
+        rngs=rngs,
+        dtype=_dtype(cfg.model.dtype),
+        param_dtype=_dtype(cfg.model.param_dtype, "config.model.param_dtype"),
+        scan_layers=bool(cfg.model.scan_layers),
+        remat=cfg.model.remat_llm,
+        visual_remat=cfg.model.remat_vit,
+        attn_impl=cfg.model.get("attn_impl", "xla"),
+    )
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything static about a run: model structure, shardings, optimizer."""
+
+    cfg: ml_collections.ConfigDict
+    mcfg: QWenConfig
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    graphdef: Any
+    state_template: Any  # abstract nnx.State of Params (for merge)
+    abstract_params: Any  # pure dict of ShapeDtypeStruct (with sharding)
+    param_sharding: Any
+    tx: optax.GradientTransformation
+    labels: Any
+    schedule: Any
+    abstract_opt: Any
+    opt_sharding: Any
+    accum: int  # micro-batches per optimizer step
+
+
+def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
+    """Builds the abstract model, shardings and optimizer without allocating parameters."""
+    mcfg = model_config(cfg)
+    mesh = shd.make_mesh(cfg.mesh, devices)
+    accum = grad_accum_steps(cfg, mesh)
+    rules = shd.rules_from_config(cfg.sharding.rules)
+    with nnx.use_eager_sharding(False):
+        abstract_model = nnx.eval_shape(lambda: make_model(cfg, mcfg, nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract_model, nnx.Param)
+    logical = nnx.to_pure_dict(shd.logical_axes_of_state(state))
+    pure = nnx.to_pure_dict(state)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), pure)
+    param_sharding = shd.param_shardings(abstract, logical, mesh, rules)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, param_sharding
+    )
+    ocfg = dict(cfg.optim.to_dict(), total_steps=int(cfg.optim.total_steps))
+    tx, labels, schedule = optim_lib.make_optimizer(ocfg, abstract)
+    abstract_opt = jax.eval_shape(tx.init, abstract)
+    opt_sharding = shd.opt_state_shardings(abstract_opt, param_sharding, mesh)
+    abstract_opt = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_opt, opt_sharding
+    )
+    return Setup(
+        cfg, mcfg, mesh, rules, graphdef, state, abstract, param_sharding, tx, labels, schedule,
+        abstract_opt, opt_sharding, accum,
+    )  # fmt: skip
+
+
+def grad_accum_steps(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> int:
+    """Micro-batches per optimizer step.
+
+    With `cfg.device_batch` > 0 (sequences per data-parallel shard per micro-step), the number of
+    micro-batches follows from the global batch and the mesh: batch / (device_batch x data x fsdp);
+    the paper's per-GPU accumulation (Table 8) only fixes the global batch on a different cluster.
+    With `cfg.device_batch` = 0, `cfg.grad_accum` is used as given.
+    """
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    b = int(cfg.batch_size)
+    db = int(cfg.get("device_batch", 0) or 0)
+    if db:
+        if b % (db * dp):
+            raise ValueError(
+                f"batch_size {b} is not a multiple of device_batch {db} x data-parallel size {dp}"
+            )
+        return b // (db * dp)
+    a = int(cfg.grad_accum)
+    if b % a or (b // a) % dp:
+        raise ValueError(
+            f"batch_size {b} / grad_accum {a} must be a whole number of sequences per micro-batch"
+            f" and a multiple of the data-parallel size data x fsdp = {dp}"
+        )
+    return a
+
+
+def merge_model(s: Setup, params: Any):
+    """An NNX model view of pure-dict params (inside jit)."""
+    state = jax.tree.map(lambda v: v, s.state_template)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(s.graphdef, state)
+
+
+def init_params(s: Setup, seed: int) -> Any:
+    """Random initialisation directly into the parameter shardings."""
+
+    @functools.partial(jax.jit, out_shardings=s.param_sharding)
+    def init(key):
+        with nnx.use_eager_sharding(False):
+            model = make_model(s.cfg, s.mcfg, nnx.Rngs(key))
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    return init(jax.random.key(seed))
+
+
+def _towers_trainable(labels: Any) -> tuple[bool, bool]:
+    llm, vit = [], []
+
+    def visit(p, lab):
+        if p.startswith("transformer.visual.transformer."):
+            vit.append(lab == "train")
+        elif p.startswith("transformer.h."):
+            llm.append(lab == "train")
+
+    optim_lib.map_with_path_str(visit, labels)
+    return any(llm), any(vit)
+
+
+def step_model_flops(s: Setup) -> float:
+    llm_t, vit_t = _towers_trainable(s.labels)
+    return flops_lib.step_flops(
+        s.mcfg,
+        sequences=int(s.cfg.batch_size),
+        seq_len=int(s.cfg.data.seq_len),
+        images=int(s.cfg.batch_size) * int(s.cfg.data.max_images),
+        image_size=int(s.cfg.data.image_size),
+        llm_trainable=llm_t,
+        vit_trainable=vit_t,
+    )
+
+
+def describe(s: Setup) -> str:
+    lines = [
+        f"mesh {dict(s.mesh.shape)} over {s.mesh.devices.size} {s.mesh.devices.flat[0].platform}"
+        f" devices ({s.mesh.devices.flat[0].device_kind})",
+    ]
+    counts = optim_lib.count_params(s.abstract_params, s.labels)
+    lines.append(
+        f"parameters: {counts['total']:,} ({counts['train']:,} trained,"
+        f" {counts['frozen']:,} frozen)"
+    )
+    pb = shd.device_bytes(s.abstract_params, s.param_sharding)
+    ob = shd.device_bytes(s.abstract_opt, s.opt_sharding)
+    lines.append(
+        f"per-device bytes: params {pb / 2**30:.3f} GiB, optimizer state {ob / 2**30:.3f} GiB"
+    )
+    micro = int(s.cfg.batch_size) // s.accum
+    lines.append(
+        f"global batch {s.cfg.batch_size} x {s.cfg.data.seq_len} tokens = {s.accum} micro-batches"
+        f" of {micro} ({micro // (s.mesh.shape['data'] * s.mesh.shape['fsdp'])} per data shard)"
+    )
+    lines.append(f"model FLOPs per step: {step_model_flops(s) / 1e12:.2f} TFLOP")
+    return "\n".join(lines)
+
+
+def check_setup(s: Setup) -> None:
+    shd.check_no_large_replicated(
+        s.abstract_params,
+        s.param_sharding,
+        s.mesh,
+        int(float(s.cfg.sharding.max_replicated_mb) * 2**20),
+        tuple(s.cfg.sharding.allow_replicated),
+    )

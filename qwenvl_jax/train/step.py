@@ -1,0 +1,141 @@
+"""The loss and the jitted train step, and host batches -> sharded step batches."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from qwenvl_jax import sharding as shd
+from qwenvl_jax.data.batch import BATCH_SPEC, batch_shapes
+from qwenvl_jax.train.state import Setup, merge_model
+
+
+def cross_entropy_sum(
+    model, batch: dict, loss_chunk: int = 0
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Sum of CE(logits, targets) over supervised tokens, their count, and the correct count.
+
+    The LM head and the float32 log-softmax run in chunks of `loss_chunk` positions (0 = all at
+    once) under remat, so the [B, T, V] float32 logits never exist in full.
+    """
+    images = batch.get("images")
+    h = model.transformer(
+        batch["input_ids"],
+        images=images,
+        image_token_index=batch.get("image_token_index") if images is not None else None,
+        segment_ids=batch["segment_ids"],
+        positions=batch["positions"],
+    )
+    targets, mask = batch["targets"], batch["loss_mask"].astype(jnp.float32)
+
+    def chunk_loss(h_c, t_c, m_c):
+        logits = model.lm_head(h_c).astype(jnp.float32)
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        tgt = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
+        correct = (jnp.argmax(logits, -1) == t_c).astype(jnp.float32)
+        return jnp.sum((logz - tgt) * m_c), jnp.sum(correct * m_c)
+
+    t = h.shape[1]
+    if not loss_chunk or loss_chunk >= t:
+        loss, correct = chunk_loss(h, targets, mask)
+    else:
+        if t % loss_chunk:
+            raise ValueError(f"seq_len {t} is not a multiple of loss_chunk {loss_chunk}")
+        n = t // loss_chunk
+
+        def split(x):
+            return jnp.moveaxis(x.reshape(x.shape[0], n, loss_chunk, *x.shape[2:]), 1, 0)
+
+        def body(carry, xs):
+            lc, cc = jax.checkpoint(chunk_loss)(*xs)
+            return (carry[0] + lc, carry[1] + cc), None
+
+        (loss, correct), _ = jax.lax.scan(
+            body, (jnp.float32(0), jnp.float32(0)), (split(h), split(targets), split(mask))
+        )
+    return loss, jnp.sum(mask), correct
+
+
+def make_train_step(s: Setup):
+    """The jitted step: (params, opt_state, batch[A, b, ...]) -> (params, opt_state, metrics)."""
+    cfg = s.cfg
+    loss_chunk = int(cfg.get("loss_chunk", 0) or 0)
+    frozen = jax.tree.map(lambda lab: lab == "frozen", s.labels)
+
+    def loss_fn(params, mb):
+        # Frozen params: no gradient flows, so XLA never computes their weight gradients.
+        params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+        model = merge_model(s, params)
+        loss, n, correct = cross_entropy_sum(model, mb, loss_chunk)
+        return loss, (n, correct)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(params, opt_state, batch):
+        from qwenvl_jax.model import layers
+
+        with layers.logical_rules(s.mesh, s.rules):
+
+            def micro(carry, mb):
+                g_acc, l_acc, n_acc, c_acc = carry
+                (loss, (n, correct)), g = grad_fn(params, mb)
+                g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+                return (g_acc, l_acc + loss, n_acc + n, c_acc + correct), None
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+            zeros = jax.lax.with_sharding_constraint(zeros, s.param_sharding)
+            init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
+            (grads, loss_sum, n_tok, correct), _ = jax.lax.scan(micro, init, batch)
+            denom = jnp.maximum(n_tok, 1.0)
+            grads = jax.tree.map(lambda g: g / denom, grads)
+            grads = jax.lax.with_sharding_constraint(grads, s.param_sharding)
+            updates, new_opt = s.tx.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+        metrics = {
+            "loss": loss_sum / denom,
+            "accuracy": correct / denom,
+            "supervised_tokens": n_tok,
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(new_params),
+        }
+        return new_params, new_opt, metrics
+
+    batch_sh = batch_shardings(s)
+    return jax.jit(
+        step,
+        in_shardings=(s.param_sharding, s.opt_sharding, batch_sh),
+        out_shardings=(s.param_sharding, s.opt_sharding, None),
+        donate_argnums=(0, 1),
+    )
+
+
+def batch_shardings(s: Setup) -> dict:
+    out = {}
+    for k, shp in batch_shapes(s.cfg, s.accum).items():
+        spec = jax.sharding.PartitionSpec(None, shd.BATCH_AXES, *([None] * (len(shp) - 2)))
+        out[k] = jax.sharding.NamedSharding(s.mesh, spec)
+    return out
+
+
+def abstract_batch(s: Setup) -> dict:
+    sh = batch_shardings(s)
+    return {
+        k: jax.ShapeDtypeStruct(shp, BATCH_SPEC[k], sharding=sh[k])
+        for k, shp in batch_shapes(s.cfg, s.accum).items()
+    }
+
+
+def to_step_batch(local: dict, s: Setup) -> dict:
+    """Host rows [b_local, ...] -> global arrays [A, B/A, ...] sharded over (data, fsdp)."""
+    a = s.accum
+    sh = batch_shardings(s)
+    out = {}
+    for k in batch_shapes(s.cfg, s.accum):
+        v = np.asarray(local[k], BATCH_SPEC[k])
+        if v.shape[0] % a:
+            raise ValueError(f"host batch {v.shape[0]} rows is not a multiple of grad_accum {a}")
+        v = v.reshape((a, v.shape[0] // a) + v.shape[1:])
+        out[k] = jax.make_array_from_process_local_data(sh[k], v)
+    return out
