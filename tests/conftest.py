@@ -6,7 +6,30 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
 if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
+
+
+@pytest.fixture(scope="session")
+def quick_run(  # the quick demo, run once per session (demo and notebook tests)
+    tmp_path_factory,
+):
+    # The README's first command, on the quick setting, in a fresh process.
+    workdir = str(tmp_path_factory.mktemp("demo"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    )
+    cmd = [sys.executable, "-m", "qwenvl_jax.train", f"--workdir={workdir}", "--demo_setting=quick"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "held-out evaluation (quick)" in proc.stdout and "blind prior" in proc.stdout
+    with open(os.path.join(workdir, "results.json")) as f:
+        return workdir, json.load(f)

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -52,22 +50,6 @@ def test_stage_configs_follow_the_paper(tmp_path):
         assert c.model.overrides.visual.image_start_id == 614
         # A row packs several samples, each at most ~230 tokens with one 38-token image span.
         assert c.data.seq_len >= 2 * 230 and c.data.max_images >= 2
-
-
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    # The README's first command, on the quick setting, in a fresh process.
-    workdir = str(tmp_path_factory.mktemp("demo"))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-    )
-    cmd = [sys.executable, "-m", "qwenvl_jax.train", f"--workdir={workdir}", "--demo_setting=quick"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "held-out evaluation (quick)" in proc.stdout and "blind prior" in proc.stdout
-    with open(os.path.join(workdir, "results.json")) as f:
-        return workdir, json.load(f)
 
 
 @pytest.mark.slow
