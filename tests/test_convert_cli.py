@@ -1,8 +1,9 @@
-"""The convert command line: each user mistake is one line `error: ...` on stderr and exit code 2.
+"""The convert command line: each user mistake is one line `error: ...` on stderr and exit code 2;
+`export` of a training workdir (its latest step or --step) gives exactly the trained parameters.
 
 Every case runs the real `python -m qwenvl_jax.convert` in a subprocess against the tiny bf16
-checkpoint tests/fixtures/reference/bin_mini (written by the published PyTorch code) or small
-directories derived from it.
+checkpoint tests/fixtures/reference/bin_mini (written by the published PyTorch code), small
+directories derived from it, or a tiny model trained 2 steps by the trainer's Python API.
 """
 
 import os
@@ -154,8 +155,9 @@ def test_export_source_mistakes(dirs, tmp_path):
     out = tmp_path / "out"
     assert_one_line_error(convert("export", "/does/not/exist", out), "does not exist")
     assert_one_line_error(convert("export", BIN_MINI, out), "HF checkpoint", "import")
-    assert_one_line_error(convert("export", dirs["not_ckpt"], out), "params/", "notes.txt")
-    assert_one_line_error(convert("export", dirs["workdir"], out), "training workdir")
+    assert_one_line_error(
+        convert("export", dirs["not_ckpt"], out), "params/", "checkpoints/<step>/", "notes.txt"
+    )
     assert_one_line_error(convert("export", dirs["empty"], out), "holds nothing")
     assert not out.exists()
 
@@ -185,3 +187,72 @@ def test_damaged_ours_is_one_line(dirs, tmp_path):
             if f != "_CHECKPOINT_METADATA":
                 os.remove(os.path.join(root, f))
     assert_one_line_error(convert("export", broken, tmp_path / "out"), "Orbax cannot restore")
+
+
+# ----------------------------------------------------------------------------- training workdir
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained 2 steps on random batches; checkpoints at steps 1 and 2."""
+    import jax
+
+    from qwenvl_jax import train as train_lib
+    from qwenvl_jax.train import stage_config
+
+    c = stage_config.load("multitask:tiny")
+    c.model.overrides.vocab_size = 1024
+    c.model.overrides.visual = {"n_queries": 16, "image_start_id": 1000}
+    c.steps = 2
+    c.optim.warmup_steps = 1  # the schedule needs warmup < steps
+    c.log_every = 1
+    c.checkpoint.every_steps = 1
+    wd = tmp_path_factory.mktemp("run")
+    train_lib.train(c, str(wd), devices=jax.devices()[:1])
+    return wd
+
+
+def _hf(params, cfg) -> dict:
+    return {k: np.asarray(v) for k, v in hf_tensors(params, cfg)}
+
+
+def test_export_training_workdir(trained, tmp_path):
+    from qwenvl_jax import checkpoint
+
+    # The trainer's own reader gives the reference: the latest step, and step 1 from a copy of
+    # the workdir without step 2.
+    cfg, last = checkpoint.latest_params(str(trained))
+    first_wd = tmp_path / "first"
+    shutil.copytree(trained, first_wd)
+    shutil.rmtree(first_wd / "checkpoints" / "2")
+    _, first = checkpoint.latest_params(str(first_wd))
+    want = {2: _hf(last, cfg), 1: _hf(first, cfg)}
+    assert any(not np.array_equal(want[1][k], want[2][k]) for k in want[1])  # training moved them
+
+    for step, extra in ((2, ()), (1, ("--step", "1")), (2, ("--step", "2"))):
+        out = tmp_path / f"hf{step}{len(extra)}"
+        code, stdout, err = convert("export", trained, out, "--no_tokenizer", *extra)
+        assert code == 0, err[-3000:]
+        assert f"read step {step}" in stdout
+        cfg2, params = import_hf(str(out))
+        assert cfg2 == cfg
+        got = _hf(params, cfg)
+        assert list(got) == list(want[step])
+        for k, v in want[step].items():
+            assert got[k].dtype == v.dtype, k
+            np.testing.assert_array_equal(got[k], v, err_msg=k)
+
+
+def test_export_training_workdir_mistakes(trained, dirs, tmp_path):
+    out = tmp_path / "out"
+    assert_one_line_error(convert("export", trained, out, "--step", "7"), "no step 7", "[1, 2]")
+    assert_one_line_error(convert("export", trained, out, "--step", "-1"), "--step", "'-1'")
+    assert_one_line_error(
+        convert("export", dirs["ours"], out, "--step", "1"), "--step 1", "training workdir"
+    )
+    assert_one_line_error(
+        convert("export", dirs["workdir"], out), "training workdir", "without a complete"
+    )
+    no_cfg = tmp_path / "no_cfg"
+    shutil.copytree(trained, no_cfg)
+    os.remove(no_cfg / "config.json")
+    assert_one_line_error(convert("export", no_cfg, out), "without config.json")
+    assert not out.exists()

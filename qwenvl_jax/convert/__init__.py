@@ -4,6 +4,7 @@ import_hf(path, scan_layers=...) -> (config, params)    HF directory -> pure par
 export_hf(params, config, out_dir)                      -> safetensors shards + index + json
 save_params(dir, params, config) / load_params(dir)     our Orbax format (config.json + params/)
 assign_params(model, params)                            put a parameter dict into an NNX model
+workdir.load_workdir_params(workdir, step=None)         a training workdir's params, for export
 python -m qwenvl_jax.convert {import,export} --help     the command line
 """
 

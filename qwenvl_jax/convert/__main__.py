@@ -3,10 +3,12 @@
   python -m qwenvl_jax.convert import HF_DIR OUT_DIR [--scan_layers] [--dtype float32]
       HF directory (model*.safetensors or pytorch_model*.bin shards, with or without an index,
       and config.json) -> our format (config.json + Orbax params/).
-  python -m qwenvl_jax.convert export OURS_DIR OUT_DIR [--dtype bfloat16] [--max_shard_size 2GB]
-      our format -> HF directory (safetensors shards + index, config.json,
-      generation_config.json, qwen.tiktoken, tokenizer_config.json) that the published PyTorch
-      code loads; --code_dir copies the published *.py files from a directory you point to.
+  python -m qwenvl_jax.convert export SRC_DIR OUT_DIR [--dtype bfloat16] [--max_shard_size 2GB]
+      our format (config.json + params/), or a training workdir (config.json +
+      checkpoints/<step>/: its latest complete step, or --step N) -> HF directory (safetensors
+      shards + index, config.json, generation_config.json, qwen.tiktoken, tokenizer_config.json)
+      that the published PyTorch code loads; --code_dir copies the published *.py files from a
+      directory you point to.
   python -m qwenvl_jax.convert import-llm QWEN7B_DIR OUT_DIR [--scan_layers] [--dtype ...]
       text-only HF Qwen (Qwen-7B) -> a decoder-only tower checkpoint (our format) for stage 1's
       --config.init.llm_checkpoint.
@@ -71,6 +73,13 @@ def _size(text: str) -> int:
     return n
 
 
+def _step(text: str) -> int:
+    """`--step`: a non-negative integer."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a step: give a non-negative integer")
+    return int(text)
+
+
 def _one_line(e: BaseException) -> str:
     """An error's message on one line: the first line, then at most 5 of the listed problems."""
     lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
@@ -91,7 +100,7 @@ def _check_out(out: str) -> None:
 
 def _kind(path: str) -> str | None:
     """ "ours" / "workdir" / "hf" / None (neither) for an existing directory, else UsageError."""
-    from qwenvl_jax.convert import ours
+    from qwenvl_jax.convert import ours, workdir
 
     if not os.path.exists(path):
         raise UsageError(f"{path} does not exist")
@@ -99,7 +108,7 @@ def _kind(path: str) -> str | None:
         raise UsageError(f"{path} is a file, not a checkpoint directory")
     if ours.is_ours(path):
         return "ours"
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+    if workdir.is_workdir(path):
         return "workdir"
     if any(n.endswith((".safetensors", ".bin")) for n in os.listdir(path)):
         return "hf"
@@ -123,8 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     pi.add_argument("src", help="HF checkpoint directory (config.json + weight shards)")
     pi.add_argument("out", help="output directory (config.json + params/)")
     pe = sub.add_parser("export", help="qwenvl_jax checkpoint -> HF Qwen-VL directory")
-    pe.add_argument("src", help="a directory written by `import` or by save_params")
+    pe.add_argument(
+        "src", help="a directory written by `import` / save_params, or a training workdir"
+    )
     pe.add_argument("out", help="output HF directory")
+    pe.add_argument(
+        "--step", type=_step, default=None, help="the workdir's step (default: its latest)"
+    )
     pe.add_argument("--dtype", choices=DTYPES, default="keep", help="cast the weights")
     pe.add_argument(
         "--max_shard_size", type=_size, default="2GiB", help="e.g. 2GiB, 500MB, or bytes"
@@ -205,15 +219,15 @@ def _export(args) -> int:
             f"{args.src} is an HF checkpoint (weight shards), already in HF format; `export`"
             " takes a qwenvl_jax checkpoint (config.json + params/), which `import` makes"
         )
-    if kind == "workdir":
-        raise UsageError(
-            f"{args.src} is a training workdir (checkpoints/<step>/); `export` takes a qwenvl_jax"
-            " checkpoint (config.json + params/)"
-        )
     if kind is None:
         raise UsageError(
-            f"{args.src} is not a qwenvl_jax checkpoint: it has no config.json + params/; it holds"
-            f" {_contents(args.src)}"
+            f"{args.src} is neither a qwenvl_jax checkpoint (config.json + params/) nor a training"
+            f" workdir (config.json + checkpoints/<step>/); it holds {_contents(args.src)}"
+        )
+    if args.step is not None and kind != "workdir":
+        raise UsageError(
+            f"--step {args.step}: {args.src} is a qwenvl_jax checkpoint (one set of params);"
+            " --step picks a step of a training workdir (checkpoints/<step>/)"
         )
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"output {args.out} is a file; give a directory")
@@ -223,8 +237,15 @@ def _export(args) -> int:
         if not code:
             raise UsageError(f"--code_dir {args.code_dir} holds no .py files")
     t0 = time.time()
-    _log(f"loading {args.src}")
-    cfg, params = load_params(args.src)
+    if kind == "workdir":
+        from qwenvl_jax.convert.workdir import load_workdir_params
+
+        _log(f"loading {args.src} (training workdir)")
+        cfg, params, step = load_workdir_params(args.src, args.step)
+        _log(f"read step {step}")
+    else:
+        _log(f"loading {args.src}")
+        cfg, params = load_params(args.src)
     _log(f"exporting to {args.out}")
     written = export_hf(
         params,
