@@ -37,6 +37,35 @@ PALETTE = (
 )
 
 
+def box_text(box: Sequence[int]) -> str:
+    """`<box>(x1,y1),(x2,y2)</box>` for a box already on the [0, 1000) grid."""
+    x1, y1, x2, y2 = box
+    return f"<box>({x1},{y1}),({x2},{y2})</box>"
+
+
+def quad_text(quad: Sequence[int]) -> str:
+    """`<quad>(x1,y1),(x2,y2),(x3,y3),(x4,y4)</quad>` for 8 numbers on the [0, 1000) grid."""
+    pts = ",".join(f"({quad[i]},{quad[i + 1]})" for i in range(0, 8, 2))
+    return f"<quad>{pts}</quad>"
+
+
+_PAIR_RE = re.compile(r"\((.*?)\),\((.*?)\)")
+
+
+def first_box(text: str) -> tuple[float, float, float, float]:
+    """The first `(x1,y1),(x2,y2)` in `text` as 4 numbers; (0, 0, 0, 0) when none parses (as the
+    published grounding evaluation treats an answer without a box)."""
+    m = _PAIR_RE.search(text)
+    if m is None:
+        return (0.0, 0.0, 0.0, 0.0)
+    try:
+        x1, y1 = (float(v) for v in m.group(1).split(","))
+        x2, y2 = (float(v) for v in m.group(2).split(","))
+    except ValueError:
+        return (0.0, 0.0, 0.0, 0.0)
+    return (x1, y1, x2, y2)
+
+
 def to_list_format(text: str) -> list[dict[str, str]]:
     """Split text into `{'text'|'image'|'ref'|'box'|'quad': str}` items (the published helper).
 

@@ -16,7 +16,6 @@ stays unsplit (and `check_no_large_replicated` catches big parameters left fully
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -216,11 +215,6 @@ def opt_state_shardings(abstract_opt: Any, params_sharding: Any, mesh: Mesh) -> 
     return jax.tree_util.tree_map_with_path(one, abstract_opt)
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Batch arrays: leading dim over (data, fsdp), the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
-
-
 def device_bytes(abstract: Any, shardings: Any) -> int:
     """Bytes one device holds for a tree of ShapeDtypeStruct under the given shardings."""
     total = 0
@@ -258,17 +252,6 @@ def check_no_large_replicated(
         )
 
 
-def describe_shardings(abstract: Any, shardings: Any) -> list[str]:
-    """One line per leaf: path, shape, dtype, PartitionSpec."""
-    lines = []
-
-    def one(path, x, s):
-        lines.append(f"{path_str(path)} {tuple(x.shape)} {np.dtype(x.dtype).name} {tuple(s.spec)}")
-
-    jax.tree_util.tree_map_with_path(one, abstract, shardings)
-    return lines
-
-
 def initialize_distributed(
     coordinator: str | None = None,
     num_processes: int | None = None,
@@ -296,21 +279,3 @@ def initialize_distributed(
         jax.distributed.initialize()
         return True
     return False
-
-
-def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assembles this process's rows into global arrays sharded over (data, fsdp).
-
-    Each process passes its contiguous shard of the global batch (rows in process order).
-    """
-    out = {}
-    for k, v in local.items():
-        v = np.asarray(v)
-        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
-    return out
-
-
-def log_bytes(name: str, abstract: Any, shardings: Any) -> int:
-    n = device_bytes(abstract, shardings)
-    logging.info("%s: %.3f GiB per device", name, n / 2**30)
-    return n

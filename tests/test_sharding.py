@@ -78,11 +78,19 @@ def test_device_bytes_and_replication_check():
     shd.check_no_large_replicated(abstract, {"w": repl["w"]}, mesh(8, 1, 1), max_bytes=1)
 
 
-def test_global_batch_is_split_over_data_and_fsdp():
-    m = mesh(2, 2, 2)
-    local = {"input_ids": np.arange(8 * 3, dtype=np.int32).reshape(8, 3)}
-    g = shd.global_batch(local, m)["input_ids"]
-    assert g.shape == (8, 3)
-    assert g.sharding.spec == P(("data", "fsdp"), None)
-    np.testing.assert_array_equal(np.asarray(g), local["input_ids"])
-    assert {s.data.shape for s in g.addressable_shards} == {(2, 3)}
+def test_step_batch_is_split_over_data_and_fsdp():
+    # The trainer's host rows -> [A, B/A, ...] global arrays, rows over (data, fsdp).
+    from qwenvl_jax import train
+    from qwenvl_jax.data.random_batches import RandomBatches
+    from qwenvl_jax.train import stage_config
+
+    c = stage_config.load("multitask:tiny")
+    c.mesh.data, c.mesh.fsdp, c.mesh.model = 2, 2, 2
+    c.batch_size, c.grad_accum = 8, 2
+    s = train.build(c)
+    local = next(RandomBatches(c, s.mcfg, 8, 0))
+    g = train.to_step_batch(local, s)["input_ids"]
+    assert g.shape == (2, 4, c.data.seq_len)
+    assert g.sharding.spec == P(None, ("data", "fsdp"), None)
+    np.testing.assert_array_equal(np.asarray(g).reshape(8, -1), local["input_ids"])
+    assert {sh.data.shape for sh in g.addressable_shards} == {(2, 1, c.data.seq_len)}

@@ -36,24 +36,10 @@ from qwenvl_jax.demo import synthetic
 AnswerFn = Callable[[Sequence[Sequence[str]], Sequence[str]], list[str]]
 """(images per query, prompt per query) -> one response per query."""
 
-_BOX_RE = re.compile(r"\((.*?)\),\((.*?)\)")
 _ARTICLES = {"a", "an", "the"}
 
 
 # ----------------------------------------------------------------------------------- metrics
-def parse_first_box(text: str) -> tuple[float, float, float, float]:
-    """The first `(x1,y1),(x2,y2)` in `text` as 4 numbers; (0, 0, 0, 0) when none parses."""
-    m = _BOX_RE.search(text)
-    if m is None:
-        return (0.0, 0.0, 0.0, 0.0)
-    try:
-        x1, y1 = (float(v) for v in m.group(1).split(","))
-        x2, y2 = (float(v) for v in m.group(2).split(","))
-    except ValueError:
-        return (0.0, 0.0, 0.0, 0.0)
-    return (x1, y1, x2, y2)
-
-
 def iou(a: Sequence[float], b: Sequence[float]) -> float:
     """Intersection over union of two (x1, y1, x2, y2) boxes; 0 for empty boxes."""
     iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
@@ -170,7 +156,7 @@ def score(records: Sequence[dict], predictions: Sequence[str]) -> dict:
                 raise ValueError(
                     f"eval record {r.get('id')!r}: 'box' must be 4 numbers, got {box!r}"
                 )
-            pred = parse_first_box(p)
+            pred = grounding.first_box(p)
             ious.append(iou(pred, box))
             points.append(centre_inside(pred, box))
         out["grounding_acc"] = float(np.mean(np.asarray(ious) >= 0.5))
@@ -213,7 +199,7 @@ def prior_predictions(train_files: Sequence[str], records: Sequence[dict]) -> li
                     continue
                 answers[prompt][assistant["value"]] += 1
                 if prompt.startswith("<ref>") and "<box>" in assistant["value"]:
-                    boxes[prompt].append(parse_first_box(assistant["value"]))
+                    boxes[prompt].append(grounding.first_box(assistant["value"]))
     out = []
     for r in records:
         prompt = r["prompt"]
@@ -376,7 +362,7 @@ def plot_boxes(
         # Upscaled so that the labels of grounding.draw_boxes stay readable on small pictures.
         img = Image.open(image_lib.resolve_path(r["images"][0], image_root)).convert("RGB")
         img = img.resize((max(img.size[0], 336), max(img.size[1], 336)), Image.NEAREST)
-        pred = parse_first_box(p)
+        pred = grounding.first_box(p)
         x1, y1, x2, y2 = r["box"]
         px1, py1, px2, py2 = (int(v) for v in pred)
         boxes = f"<ref>true</ref><box>({x1},{y1}),({x2},{y2})</box>"

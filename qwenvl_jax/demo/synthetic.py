@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from qwenvl_jax import grounding
+
 COLOURS = {
     "red": (215, 38, 38),
     "green": (34, 160, 60),
@@ -231,14 +233,13 @@ def norm_box(box: tuple[int, int, int, int], size: int) -> tuple[int, int, int, 
 
 def box_text(box: tuple[int, int, int, int], size: int) -> str:
     """`<box>(x1,y1),(x2,y2)</box>` of a pixel box."""
-    x1, y1, x2, y2 = norm_box(box, size)
-    return f"<box>({x1},{y1}),({x2},{y2})</box>"
+    return grounding.box_text(norm_box(box, size))
 
 
 def quad_text(box: tuple[int, int, int, int], size: int) -> str:
     """`<quad>…</quad>` of an axis-aligned pixel box: its corners clockwise from the top-left."""
     x1, y1, x2, y2 = norm_box(box, size)
-    return f"<quad>({x1},{y1}),({x2},{y1}),({x2},{y2}),({x1},{y2})</quad>"
+    return grounding.quad_text((x1, y1, x2, y1, x2, y2, x1, y2))
 
 
 def _a(o: Obj) -> str:
