@@ -29,19 +29,17 @@ import shutil
 import sys
 import time
 
+from qwenvl_jax.errors import EXIT_USAGE, ConfigError, MissingPathError, UserError
+
 DTYPES = ("keep", "float32", "bfloat16", "float16")
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-class UsageError(Exception):
-    """A mistake in the command line (a path or a flag); printed as one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line `error: ...` on stderr (exit 2), without the usage."""
 
     def error(self, message):
-        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+        self.exit(EXIT_USAGE, f"error: {message} (see `{self.prog} --help`)\n")
 
 
 def _dtype(name: str):
@@ -93,19 +91,19 @@ def _one_line(e: BaseException) -> str:
 def _check_out(out: str) -> None:
     """The output directory: absent, or a directory without params/ (import never overwrites)."""
     if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"output {out} is a file; give a directory")
+        raise UserError(f"output {out} is a file; give a directory")
     if os.path.exists(os.path.join(out, "params")):
-        raise UsageError(f"output {out} already holds params/; choose a new or empty directory")
+        raise UserError(f"output {out} already holds params/; choose a new or empty directory")
 
 
 def _kind(path: str) -> str | None:
-    """ "ours" / "workdir" / "hf" / None (neither) for an existing directory, else UsageError."""
+    """ "ours" / "workdir" / "hf" / None (neither) for an existing directory, else UserError."""
     from qwenvl_jax.convert import ours, workdir
 
     if not os.path.exists(path):
-        raise UsageError(f"{path} does not exist")
+        raise MissingPathError(f"{path} does not exist")
     if not os.path.isdir(path):
-        raise UsageError(f"{path} is a file, not a checkpoint directory")
+        raise UserError(f"{path} is a file, not a checkpoint directory")
     if ours.is_ours(path):
         return "ours"
     if workdir.is_workdir(path):
@@ -145,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     pe.add_argument("--no_tokenizer", action="store_true", help="write no tokenizer files")
     pe.add_argument(
+        "--peft",
+        action="store_true",
+        help="a LoRA workdir: write an HF PEFT adapter directory (adapter_config.json +"
+        " adapter_model.safetensors) instead of merged full weights",
+    )
+    pe.add_argument(
         "--code_dir",
         default=None,
         help="copy the published *.py files (modeling_qwen.py, ...) from this directory, so that"
@@ -167,12 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     run = {"import": _import, "export": _export}.get(args.command, _import_tower)
     try:
         return run(args)
-    except (UsageError, CheckpointError, OSError) as e:
+    except UserError as e:  # a bad path, flag, config.json, weight file or key; else a bug
         msg = _one_line(e)
-        if not isinstance(e, UsageError) and args.src not in msg:
+        if isinstance(e, CheckpointError) and args.src not in msg:
             msg = f"{args.src}: {msg}"  # a library message that names only a key or a shard
         print(f"error: {args.command}: {msg}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_USAGE
 
 
 def _log(msg: str) -> None:
@@ -184,15 +188,15 @@ def _import(args) -> int:
     from qwenvl_jax.convert import hf, save_params
 
     if os.path.isfile(args.src):
-        raise UsageError(
+        raise UserError(
             f"{args.src} is a file; `import` takes the HF checkpoint directory (config.json +"
             " model*.safetensors or pytorch_model*.bin shards)"
         )
     kind = _kind(args.src)
     if kind == "ours":
-        raise UsageError(f"{args.src} is already a qwenvl_jax checkpoint (params/); nothing to do")
+        raise UserError(f"{args.src} is already a qwenvl_jax checkpoint (params/); nothing to do")
     if kind == "workdir":
-        raise UsageError(
+        raise UserError(
             f"{args.src} is a training workdir (checkpoints/<step>/), already in our format; use"
             " `export` to write HF weights from it"
         )
@@ -215,29 +219,43 @@ def _export(args) -> int:
 
     kind = _kind(args.src)
     if kind == "hf":
-        raise UsageError(
+        raise UserError(
             f"{args.src} is an HF checkpoint (weight shards), already in HF format; `export`"
             " takes a qwenvl_jax checkpoint (config.json + params/), which `import` makes"
         )
     if kind is None:
-        raise UsageError(
+        raise UserError(
             f"{args.src} is neither a qwenvl_jax checkpoint (config.json + params/) nor a training"
             f" workdir (config.json + checkpoints/<step>/); it holds {_contents(args.src)}"
         )
     if args.step is not None and kind != "workdir":
-        raise UsageError(
+        raise UserError(
             f"--step {args.step}: {args.src} is a qwenvl_jax checkpoint (one set of params);"
             " --step picks a step of a training workdir (checkpoints/<step>/)"
         )
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"output {args.out} is a file; give a directory")
+        raise UserError(f"output {args.out} is a file; give a directory")
     code = []
     if args.code_dir:
         code = sorted(glob.glob(os.path.join(args.code_dir, "*.py")))
         if not code:
-            raise UsageError(f"--code_dir {args.code_dir} holds no .py files")
+            raise ConfigError(f"--code_dir {args.code_dir} holds no .py files")
     t0 = time.time()
-    if kind == "workdir":
+    from qwenvl_jax.convert import peft
+
+    lora = kind == "workdir" and peft.lora_settings(args.src) is not None
+    if args.peft and not lora:
+        raise UserError(f"--peft: {args.src} is not a LoRA training workdir (config.lora.rank 0)")
+    if args.peft:
+        _log(f"writing the PEFT adapter of {args.src} to {args.out}")
+        written = peft.export_peft(args.src, args.out, args.step)
+        _log(f"wrote {written}")
+        return 0
+    if lora:
+        _log(f"loading {args.src} (LoRA workdir: adapters merged onto its config.init weights)")
+        cfg, params, step = peft.load_merged(args.src, args.step)
+        _log(f"read step {step}")
+    elif kind == "workdir":
         from qwenvl_jax.convert.workdir import load_workdir_params
 
         _log(f"loading {args.src} (training workdir)")
@@ -269,14 +287,14 @@ def _import_tower(args) -> int:
     from qwenvl_jax.convert import openclip, qwen_llm, save_params
 
     if not os.path.exists(args.src):
-        raise UsageError(f"{args.src} does not exist")
+        raise MissingPathError(f"{args.src} does not exist")
     if args.command == "import-llm" and not os.path.isdir(args.src):
-        raise UsageError(
+        raise UserError(
             f"{args.src} is a file; import-llm takes the Qwen-7B directory (config.json +"
             " weight shards)"
         )
     if args.command == "import-vit" and args.heads <= 0:
-        raise UsageError(f"--heads {args.heads}: give a positive head count (16 for ViT-bigG-14)")
+        raise ConfigError(f"--heads {args.heads}: give a positive head count (16 for ViT-bigG-14)")
     _check_out(args.out)
     t0 = time.time()
     _log(f"importing {args.src}")

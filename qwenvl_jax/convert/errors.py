@@ -1,11 +1,14 @@
 """The conversion errors: a checkpoint (or its config) that cannot be used, said in the message.
 
-Every one is a `CheckpointError`, so a caller (the command line) can tell a bad checkpoint from a
-bug; each message names the file, key or tensor. They are ValueErrors for older callers.
+Each is a `qwenvl_jax.errors.UserError` (a command line prints it as one line, exit code 2) and a
+ValueError (what a library caller catches); each message names the file, key or tensor. A path that
+does not exist raises `qwenvl_jax.errors.MissingPathError` (a FileNotFoundError).
 """
 
+from qwenvl_jax.errors import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError, ValueError):
     """A checkpoint, or its config.json, that cannot be converted (the message says why)."""
 
 

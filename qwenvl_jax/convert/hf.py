@@ -24,9 +24,11 @@ from typing import Any
 import numpy as np
 
 from qwenvl_jax import config as config_lib
+from qwenvl_jax import fileio
 from qwenvl_jax.config import QWenConfig
 from qwenvl_jax.convert import mapping, tensor_io
 from qwenvl_jax.convert.errors import CheckpointError, CheckpointMismatchError
+from qwenvl_jax.errors import MissingPathError
 
 Progress = Callable[[str], None] | None
 
@@ -56,7 +58,7 @@ def checkpoint_files(path: str) -> list[str]:
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise MissingPathError(f"no checkpoint at {path}")
     for index_name, pattern in (
         (SAFETENSORS_INDEX, "model*.safetensors"),
         (BIN_INDEX, "pytorch_model*.bin"),
@@ -71,12 +73,12 @@ def checkpoint_files(path: str) -> list[str]:
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
             if missing:
-                raise FileNotFoundError(f"{index} names shards that do not exist: {missing}")
+                raise MissingPathError(f"{index} names shards that do not exist: {missing}")
             return [os.path.join(path, f) for f in files]
         found = sorted(glob.glob(os.path.join(path, pattern)))
         if found:
             return found
-    raise FileNotFoundError(
+    raise MissingPathError(
         f"{path} holds no Qwen-VL weights: expected {SAFETENSORS_INDEX}, {BIN_INDEX},"
         " model*.safetensors or pytorch_model*.bin"
     )
@@ -86,19 +88,19 @@ def read_config(path: str) -> QWenConfig:
     """The config of a checkpoint directory (its config.json).
 
     Raises:
-      FileNotFoundError: nothing at `path`.
+      MissingPathError (a FileNotFoundError): nothing at `path`.
       CheckpointError: `path` is a file, or its config.json is missing, not JSON or not a Qwen-VL
         config (the message names the file).
     """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: it does not exist")
-    if not os.path.isdir(path):
+    if not fileio.exists(path):
+        raise MissingPathError(f"no checkpoint at {path}: it does not exist")
+    if not fileio.isdir(path):
         raise CheckpointError(
             f"{path} is a file, not a checkpoint directory: a single weight file has no"
             " config.json (pass the directory, or from Python config=QWenConfig(...))"
         )
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
+    cfg_path = fileio.join(path, "config.json")
+    if not fileio.isfile(cfg_path):
         raise CheckpointError(
             f"{path} has no config.json (an HF checkpoint directory holds config.json and the"
             " weight shards)"
@@ -191,7 +193,8 @@ def import_tensors(
         shown = "\n  ".join(problems[:30])
         more = f"\n  ... and {len(problems) - 30} more" if len(problems) > 30 else ""
         raise CheckpointMismatchError(
-            f"checkpoint does not match the config ({len(problems)} problems):\n  {shown}{more}"
+            f"checkpoint does not match the config ({len(problems)} problem"
+            f"{'s' * (len(problems) > 1)}):\n  {shown}{more}"
         )
     return tree
 
@@ -220,7 +223,7 @@ def import_hf(
       (config, pure nested dict of numpy arrays).
 
     Raises:
-      FileNotFoundError: no checkpoint, or no weight shards, at `path`.
+      MissingPathError (a FileNotFoundError): no checkpoint, or no weight shards, at `path`.
       CheckpointError: a bad config.json or weight file, or keys that do not match (named).
     """
     if config is None:

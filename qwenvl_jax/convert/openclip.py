@@ -41,6 +41,7 @@ import numpy as np
 from qwenvl_jax.config import QWenConfig
 from qwenvl_jax.convert import hf, mapping, tensor_io
 from qwenvl_jax.convert.errors import CheckpointError
+from qwenvl_jax.errors import MissingPathError
 
 VISUAL = "visual."
 OURS = "transformer.visual."
@@ -62,14 +63,14 @@ def openclip_file(path: str) -> str:
     if os.path.isfile(path):
         return path
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"no OpenCLIP checkpoint at {path}: it does not exist")
+        raise MissingPathError(f"no OpenCLIP checkpoint at {path}: it does not exist")
     for pattern in ("open_clip*.safetensors", "open_clip*.bin"):
         found = sorted(glob.glob(os.path.join(path, pattern)))
         if len(found) == 1:
             return found[0]
         if len(found) > 1:
             raise CheckpointError(f"{path} holds several {pattern} files: {found}; name one")
-    raise FileNotFoundError(
+    raise MissingPathError(
         f"{path} holds no open_clip_pytorch_model.bin or open_clip_model.safetensors"
     )
 

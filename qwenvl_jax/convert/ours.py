@@ -13,15 +13,16 @@ numpy arrays, or as sharded jax arrays when given an abstract target (e.g. from 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
+from qwenvl_jax import fileio
 from qwenvl_jax.config import QWenConfig
 from qwenvl_jax.convert.errors import CheckpointError
+from qwenvl_jax.errors import MissingPathError
 
 LAYER_LISTS = (("transformer", "h"), ("transformer", "visual", "transformer", "resblocks"))
 META = "params_meta.json"
@@ -117,18 +118,17 @@ def save_params(directory: str, params: Any, config: QWenConfig) -> None:
     from qwenvl_jax.convert.hf import _as_pure_dict
 
     params = _as_pure_dict(params)
-    directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    target = os.path.join(directory, "params")
-    if os.path.exists(target):
+    directory = fileio.absolute(directory)
+    fileio.makedirs(directory)
+    target = fileio.join(directory, "params")
+    if fileio.exists(target):
         raise FileExistsError(f"{target} exists; choose an empty directory")
     config.save_hf_json(directory)
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(target, _str_keys(params))
     ckpt.wait_until_finished()
     ckpt.close()
-    with open(os.path.join(directory, META), "w") as f:
-        json.dump({"scan_layers": is_stacked(params)}, f)
+    fileio.write_text(fileio.join(directory, META), json.dumps({"scan_layers": is_stacked(params)}))
 
 
 def load_params(
@@ -146,17 +146,17 @@ def load_params(
       (config, pure nested dict: numpy arrays, or jax arrays when `abstract` is given).
 
     Raises:
-      FileNotFoundError: no params/ in `directory`.
+      MissingPathError (a FileNotFoundError): no params/ in `directory`.
       CheckpointError: a bad config.json, or params/ that Orbax cannot restore.
     """
     import orbax.checkpoint as ocp
 
     from qwenvl_jax.convert.hf import _as_pure_dict, read_config
 
-    directory = os.path.abspath(directory)
-    target = os.path.join(directory, "params")
-    if not os.path.isdir(target):
-        raise FileNotFoundError(f"{directory} is not a qwenvl_jax checkpoint: no params/ in it")
+    directory = fileio.absolute(directory)
+    target = fileio.join(directory, "params")
+    if not fileio.isdir(target):
+        raise MissingPathError(f"{directory} is not a qwenvl_jax checkpoint: no params/ in it")
     cfg = read_config(directory)
     ckpt = ocp.StandardCheckpointer()
     try:
@@ -181,6 +181,6 @@ def load_params(
 
 def is_ours(directory: str) -> bool:
     """Whether `directory` holds a checkpoint written by `save_params`."""
-    return os.path.isdir(os.path.join(directory, "params")) and os.path.isfile(
-        os.path.join(directory, "config.json")
+    return fileio.isdir(fileio.join(directory, "params")) and fileio.isfile(
+        fileio.join(directory, "config.json")
     )

@@ -22,6 +22,7 @@ from qwenvl_jax import config as config_lib
 from qwenvl_jax.config import QWenConfig, VisualConfig
 from qwenvl_jax.convert import hf, mapping
 from qwenvl_jax.convert.errors import CheckpointError
+from qwenvl_jax.errors import MissingPathError
 
 TOWER_JSON = "tower.json"
 
@@ -81,13 +82,13 @@ def import_qwen_llm(
       (config, {"transformer": {"wte", "h", "ln_f"}, "lm_head": ...}) of numpy arrays.
 
     Raises:
-      FileNotFoundError: `path` is not a directory.
+      MissingPathError (a FileNotFoundError): `path` is not a directory.
       CheckpointError: a bad config.json or weight file; CheckpointMismatchError (one): a missing,
         unexpected (e.g. visual), duplicated or mis-shaped key.
     """
     if not os.path.isdir(path):
         what = "a file" if os.path.exists(path) else "does not exist"
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"{path}: {what}; expected the Qwen-7B directory (config.json + weight shards)"
         )
     cfg_path = os.path.join(path, "config.json")

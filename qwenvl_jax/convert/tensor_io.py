@@ -32,6 +32,7 @@ import safetensors
 import safetensors.numpy
 
 from qwenvl_jax.convert.errors import TensorFileError, UnsupportedDtypeError
+from qwenvl_jax.errors import MissingPathError
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 # safetensors dtype code <-> numpy dtype, for the dtypes a Qwen-VL checkpoint may hold.
@@ -63,7 +64,7 @@ def _open_st(path: str):
     try:
         return safetensors.safe_open(path, framework="numpy")
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file") from None
+        raise MissingPathError(f"{path}: no such file") from None
     except (safetensors.SafetensorError, OSError) as e:
         raise TensorFileError(f"{path}: not a readable safetensors file ({e})") from None
 
