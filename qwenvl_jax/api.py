@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -31,7 +32,9 @@ from flax import nnx
 from qwenvl_jax import config as config_lib
 from qwenvl_jax import convert
 from qwenvl_jax import image as image_lib
+from qwenvl_jax import sharding as shd
 from qwenvl_jax import tokenizer as tok_lib
+from qwenvl_jax.errors import ConfigError
 from qwenvl_jax.model.qwen import dynamic_ntk_alpha
 from qwenvl_jax.model.qwenvl import QWenLMHeadModel, image_token_index
 
@@ -46,19 +49,71 @@ CHAT_KEYS = ("max_window_size",)
 LOGITS_BUCKET = 64
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "use_logn"))
-def _forward(graphdef, state, input_ids, images, index, ntk_alpha, *, use_logn):
+@functools.partial(jax.jit, static_argnames=("graphdef", "use_logn", "ctx"))
+def _forward(graphdef, state, input_ids, images, index, ntk_alpha, *, use_logn, ctx=None):
     """Jitted full forward: float32 logits [B, T, V]. Module level, so every QwenVL with the same
     graphdef (e.g. a reloaded export) reuses the compilations."""
-    model = nnx.merge(graphdef, state)
-    out = model(
-        input_ids,
-        images=images,
-        image_token_index=index,
-        ntk_alpha=ntk_alpha,
-        use_logn=use_logn,
-    )
+    from qwenvl_jax.generate import _scope
+
+    with _scope(ctx):
+        model = nnx.merge(graphdef, state)
+        out = model(
+            input_ids,
+            images=images,
+            image_token_index=index,
+            ntk_alpha=ntk_alpha,
+            use_logn=use_logn,
+        )
     return out.astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "use_logn", "ctx"))
+def _token_losses(graphdef, state, input_ids, images, index, ntk_alpha, *, use_logn, ctx=None):
+    """float32 [B, T-1]: cross-entropy of each next token (log-softmax in float32)."""
+    logits = _forward(graphdef, state, input_ids, images, index, ntk_alpha, use_logn=use_logn,
+                      ctx=ctx)  # fmt: skip
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    return -jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
+
+
+def default_dtype() -> str:
+    """bfloat16 on an accelerator, float32 on a CPU (where the parity tests run)."""
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """`"fsdp=4,model=2"` -> {"data": 1, "fsdp": 4, "model": 2}: unnamed axes 1, -1 = the rest.
+
+    Raises:
+      ConfigError: on an unknown axis, a repeated axis or a size that is not an integer.
+    """
+    sizes = dict.fromkeys(shd.MESH_AXES, 1)
+    seen = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in shd.MESH_AXES or name in seen:
+            raise ConfigError(
+                f"mesh {spec!r}: {name!r} is not a mesh axis (or is repeated); use {shd.MESH_AXES},"
+                " e.g. 'fsdp=4,model=2'"
+            )
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise ConfigError(f"mesh {spec!r}: size of {name!r} is not an integer") from None
+        seen.add(name)
+    return sizes
+
+
+def resolve_mesh(mesh) -> jax.sharding.Mesh | None:
+    """A Mesh from a Mesh, a "fsdp=4,model=2" string, a {axis: size} dict, or None."""
+    if mesh is None or isinstance(mesh, jax.sharding.Mesh):
+        return mesh
+    sizes = parse_mesh(mesh) if isinstance(mesh, str) else dict(mesh)
+    try:
+        return shd.make_mesh({a: sizes.get(a, 1) for a in shd.MESH_AXES})
+    except ValueError as e:
+        raise ConfigError(f"{e} (jax sees {len(jax.devices())} devices)") from None
 
 
 def _dtype(dtype: str | Any):
@@ -128,17 +183,56 @@ def build_model(
     *,
     seed: int = 0,
     attn_impl: str = "xla",
+    mesh: jax.sharding.Mesh | None = None,
+    quantize: str | None = None,
 ) -> QWenLMHeadModel:
-    """A QWenLMHeadModel holding `params` (cast to dtype), or random weights when params is None."""
+    """A QWenLMHeadModel holding `params` (cast to dtype), or random weights when params is None.
+
+    With a mesh, each parameter goes from host memory straight to its shards (the training rules,
+    `sharding.DEFAULT_RULES`: embed over fsdp; heads, MLP and vocabulary over model), so a model
+    larger than one device's memory never sits whole on one device. `quantize="int8"` stores every
+    matrix as int8 with per-channel scales, quantized on the host (`qwenvl_jax.quantize`).
+    """
 
     def make(rngs):
         return QWenLMHeadModel(cfg, rngs=rngs, dtype=dtype, param_dtype=dtype, attn_impl=attn_impl)
 
     abstract = nnx.eval_shape(lambda: make(nnx.Rngs(seed)))
-    graphdef, state = nnx.split(abstract)
-    want = nnx.to_pure_dict(state)
+    want = nnx.to_pure_dict(nnx.state(abstract))
     if params is None:
         params = _random_params(want, cfg.initializer_range, seed)
+    _check_params(want, params)
+    if quantize is not None:
+        from qwenvl_jax import quantize as quant_lib
+
+        # On the host, before placement: the full-precision matrices never reach a device.
+        params = quant_lib.quantize_params(params, quant_lib.convert_modules(abstract, quantize))
+    graphdef, state = nnx.split(abstract)
+    want = nnx.to_pure_dict(state)
+    # Each leaf keeps its abstract dtype: `dtype`, or int8 / float32 for quantized kernels / scales.
+    np_dtypes = jax.tree.map(lambda x: np.dtype(x.dtype), want)
+    if mesh is None:
+        cast = jax.tree.map(lambda a, d: jnp.asarray(np.asarray(a).astype(d)), params, np_dtypes)
+    else:
+        logical = nnx.to_pure_dict(shd.logical_axes_of_state(state))
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), want)
+        shardings = shd.param_shardings(abstract, logical, mesh, shd.DEFAULT_RULES)
+        # Large matrices left whole on every device would defeat the mesh (a rule or shape bug).
+        shd.check_no_large_replicated(abstract, shardings, mesh, 64 * 2**20)
+        logging.info(
+            "parameters: %.3f GiB per device", shd.device_bytes(abstract, shardings) / 2**30
+        )
+        cast = jax.tree.map(
+            lambda a, d, sh: jax.device_put(np.asarray(a).astype(d), sh),
+            params,
+            np_dtypes,
+            shardings,
+        )
+    nnx.replace_by_pure_dict(state, cast)
+    return nnx.merge(graphdef, state)
+
+
+def _check_params(want: dict, params: dict) -> None:
     flat_want = dict(jax.tree_util.tree_flatten_with_path(want)[0])
     flat_got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     missing = sorted(map(jax.tree_util.keystr, flat_want.keys() - flat_got.keys()))
@@ -153,9 +247,6 @@ def build_model(
                 f"parameter {jax.tree_util.keystr(k)} has shape {tuple(flat_got[k].shape)},"
                 f" the model expects {tuple(v.shape)}"
             )
-    cast = jax.tree.map(lambda a: jnp.asarray(np.asarray(a), dtype=dtype), params)
-    nnx.replace_by_pure_dict(state, cast)
-    return nnx.merge(graphdef, state)
 
 
 class QwenVL:
@@ -173,6 +264,7 @@ class QwenVL:
       image_root: directory that relative image paths in `<img>` spans are read from (default: the
         current directory). Short relative paths matter for models whose spans are short
         (`n_queries` - 1 bytes at most).
+      mesh: the device mesh the parameters are sharded over (None: one device).
     """
 
     def __init__(
@@ -183,8 +275,10 @@ class QwenVL:
         generation_config: dict | None = None,
         allow_urls: bool = False,
         image_root: str | None = None,
+        mesh: jax.sharding.Mesh | None = None,
     ):
         self.model = model
+        self.mesh = mesh
         self.image_root = image_root
         self.config = model.config
         n_queries = self.config.visual.n_queries
@@ -216,12 +310,14 @@ class QwenVL:
     def from_pretrained(
         cls,
         path: str,
-        dtype: str = "float32",
+        dtype: str | None = None,
         *,
         tokenizer: Any = None,
         attn_impl: str = "xla",
         allow_urls: bool = False,
         image_root: str | None = None,
+        mesh: Any = None,
+        quantize: str | None = None,
     ) -> QwenVL:
         """Load a checkpoint.
 
@@ -230,16 +326,23 @@ class QwenVL:
             directory in qwenvl_jax's own format (config.json + params/), or a training workdir
             (its latest complete step under checkpoints/).
           dtype: "float32", "bfloat16" or "float16": parameter and compute dtype (norms,
-            softmax and rotary always run in float32).
+            softmax and rotary always run in float32). Default: bfloat16 on an accelerator,
+            float32 on a CPU.
           tokenizer: a tokenizer object or a path for `load_tokenizer`; default: the tokenizer
             files in `path` if any, else the published vocabulary.
           attn_impl: attention implementation passed to the model.
           allow_urls: let `<img>` spans hold http(s) URLs that are fetched.
           image_root: directory for relative image paths (default: the current directory).
+          mesh: shard the parameters (and generation's KV cache and activations) over a device
+            mesh: a `jax.sharding.Mesh` with axes (data, fsdp, model), or its sizes as a string
+            ("fsdp=4,model=2"; unnamed axes are 1, one may be -1) or a dict. None: one device.
+          quantize: "int8" for weight-only int8 decoder matrices (per output channel scales); the
+            visual tower, embeddings and norms keep `dtype`. None: no quantisation.
         """
-        jdtype = _dtype(dtype)
+        jdtype = _dtype(default_dtype() if dtype is None else dtype)
+        mesh = resolve_mesh(mesh)
         cfg, params = load_params(path)
-        model = build_model(cfg, params, jdtype, attn_impl=attn_impl)
+        model = build_model(cfg, params, jdtype, attn_impl=attn_impl, mesh=mesh, quantize=quantize)
         del params
         if tokenizer is None or isinstance(tokenizer, str):
             tok_path = tokenizer
@@ -252,7 +355,12 @@ class QwenVL:
             with open(gen_file) as f:
                 gen = {k: v for k, v in json.load(f).items() if k in GENERATION_KEYS + CHAT_KEYS}
         return cls(
-            model, tokenizer, generation_config=gen, allow_urls=allow_urls, image_root=image_root
+            model,
+            tokenizer,
+            generation_config=gen,
+            allow_urls=allow_urls,
+            image_root=image_root,
+            mesh=mesh,
         )
 
     @classmethod
@@ -263,13 +371,16 @@ class QwenVL:
         seed: int = 0,
         dtype: str = "float32",
         tokenizer: Any = None,
+        mesh: Any = None,
+        quantize: str | None = None,
     ) -> QwenVL:
         """A randomly initialised model (a preset name or a config), for tests and demos."""
         cfg = config_lib.get_preset(config) if isinstance(config, str) else config
-        model = build_model(cfg, None, _dtype(dtype), seed=seed)
+        mesh = resolve_mesh(mesh)
+        model = build_model(cfg, None, _dtype(dtype), seed=seed, mesh=mesh, quantize=quantize)
         if isinstance(tokenizer, str):
             tokenizer = tok_lib.load_tokenizer(tokenizer, image_span=cfg.visual.n_queries)
-        return cls(model, tokenizer)
+        return cls(model, tokenizer, mesh=mesh)
 
     # ------------------------------------------------------------------ inputs
     def prepare(self, text_or_ids: str | Sequence[int]) -> dict[str, np.ndarray]:
@@ -332,8 +443,66 @@ class QwenVL:
             None if index is None else jnp.asarray(np.pad(index, pad, constant_values=-1)),
             jnp.float32(alpha),
             use_logn=use_logn,
+            ctx=self._ctx(1),
         )
         return np.asarray(out[0, :n], np.float32)
+
+    def _ctx(self, batch: int):
+        """The static sharding context of a batch (None on one device)."""
+        from qwenvl_jax import generate as gen_lib
+
+        if self.mesh is None:
+            return None
+        return gen_lib.ShardingContext(self.mesh, gen_lib.inference_rules(self.mesh, batch))
+
+    def _batch(self, prompts: Sequence[str | Sequence[int]]) -> tuple[list[list[int]], Any]:
+        """(ids per row, images float32 [B, M, S, S, 3] zero-padded to the most images, or None)."""
+        xs = [self.prepare(p) for p in prompts]
+        rows = [x["input_ids"][0].tolist() for x in xs]
+        m = max((x["images"].shape[1] for x in xs if x["images"] is not None), default=0)
+        if not m:
+            return rows, None
+        s = self.config.visual.image_size
+        images = np.zeros((len(xs), m, s, s, 3), np.float32)
+        for b, x in enumerate(xs):
+            if x["images"] is not None:
+                images[b, : x["images"].shape[1]] = x["images"][0]
+        return rows, images
+
+    def token_losses(self, prompts: Sequence[str | Sequence[int]]) -> list[np.ndarray]:
+        """Per-token next-token cross-entropy of each prompt (one batched forward).
+
+        Rows are right-padded (causal attention: padding never changes the real positions), to a
+        multiple of LOGITS_BUCKET and, on a mesh, to a batch multiple of data x fsdp. NTK alpha
+        follows the longest row.
+
+        Returns:
+          one float32 array [T_i - 1] per prompt: entry t is -log p(ids[t + 1] | ids[:t + 1]).
+        """
+        rows, images = self._batch(prompts)
+        n = max(len(r) for r in rows)
+        width = -(-n // LOGITS_BUCKET) * LOGITS_BUCKET
+        bsz = len(rows)
+        if self.mesh is not None:
+            k = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+            bsz = -(-bsz // k) * k
+        ids = np.zeros((bsz, width), np.int32)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = r
+        index = None
+        if images is not None:
+            images = np.concatenate([images, np.zeros((bsz - len(rows),) + images.shape[1:])])
+            index, _ = image_token_index(
+                ids, self.config.visual.image_start_id, self.config.visual.n_queries
+            )
+            index = jnp.asarray(index)
+            images = jnp.asarray(images, self.model.dtype)
+        alpha, use_logn = self._inference_rope(n)
+        graphdef, state = nnx.split(self.model)
+        out = _token_losses(graphdef, state, jnp.asarray(ids), images, index, jnp.float32(alpha),
+                            use_logn=use_logn, ctx=self._ctx(bsz))  # fmt: skip
+        out = np.asarray(out, np.float32)
+        return [out[b, : len(r) - 1] for b, r in enumerate(rows)]
 
     # ------------------------------------------------------------------ generation
     def _generation_args(self, overrides: dict) -> dict:
@@ -348,16 +517,17 @@ class QwenVL:
 
     def generate(
         self,
-        text: str | Sequence[int],
+        text: str | Sequence[int] | Sequence[str],
         *,
         stop_words_ids: Sequence[Sequence[int]] | None = None,
         seed: int = 0,
         **generation: Any,
-    ) -> list[int]:
+    ) -> list[int] | list[list[int]]:
         """Continue `text` with the KV-cached decoder (prefill and decode compiled once per shape).
 
         Args:
-          text: a prompt string (may hold `<img>path</img>`) or prompt ids.
+          text: a prompt string (may hold `<img>path</img>`) or prompt ids; a list of strings is a
+            batch (`generate_batch`).
           stop_words_ids: id sequences after which generation ends (the published
             StopWordsLogitsProcessor: the step after a stop sequence emits `<|endoftext|>`).
           seed: PRNG seed for sampling.
@@ -367,17 +537,51 @@ class QwenVL:
         Returns:
           the new ids (prompt excluded), ending with `<|endoftext|>` when generation stopped on it.
         """
+        if isinstance(text, list | tuple) and text and isinstance(text[0], str):
+            return self.generate_batch(text, stop_words_ids=stop_words_ids, seed=seed, **generation)
+        return self.generate_batch([text], stop_words_ids=stop_words_ids, seed=seed, **generation)[
+            0
+        ]
+
+    def generate_batch(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        *,
+        stop_words_ids: Sequence[Sequence[int]] | None = None,
+        seed: int = 0,
+        min_new_tokens: int = 0,
+        batch_multiple: int = 1,
+        **generation: Any,
+    ) -> list[list[int]]:
+        """Continue several prompts at once: left-padded, one prefill and one on-device decode loop.
+
+        Each row stops on its own (eos, or a stop word). On a mesh the batch and the KV cache are
+        split over data x fsdp and the heads over model.
+
+        Args:
+          prompts: strings (may hold `<img>path</img>`) or id lists; rows may hold different
+            numbers of images.
+          stop_words_ids, seed, **generation: as `generate`.
+          min_new_tokens: eos is barred before this many new tokens (the eval scripts' setting).
+          batch_multiple: pad the batch to a multiple of this (one compilation for every batch of
+            an evaluation, the last one included).
+
+        Returns:
+          the new ids of every prompt, in order.
+        """
         from qwenvl_jax import generate as gen_lib
 
-        x = self.prepare(text)
+        if not prompts:
+            return []
+        rows, images = self._batch(prompts)
         args = self._generation_args(generation)
-        images = None if x["images"] is None else x["images"][0]
         temperature = args.get("temperature")
         return gen_lib.generate(
             self.model,
-            x["input_ids"][0],
+            rows,
             images=images,
             max_new_tokens=int(args["max_new_tokens"]),
+            min_new_tokens=int(min_new_tokens),
             do_sample=bool(args.get("do_sample")),
             temperature=1.0 if temperature is None else float(temperature),
             top_k=int(args.get("top_k") or 0),
@@ -385,6 +589,8 @@ class QwenVL:
             stop_words_ids=[list(s) for s in (stop_words_ids or [])],
             eos_token_id=self.tokenizer.eod_id,
             rng=jax.random.key(seed),
+            batch_multiple=batch_multiple,
+            mesh=self.mesh,
         )
 
     def chat(
