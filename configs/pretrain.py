@@ -37,4 +37,4 @@ def get_config(arg=None):
         c.optim.min_lr = 1e-5
     if "res" in args:
         c.data.image_size = int(args["res"])
-    return common.finalize(c)
+    return common.finalize(c, args)

@@ -407,6 +407,60 @@ def test_every_bad_input_is_counted(tmp_path, tok):
     assert "<ref>c</ref><box>(0,62),(999,625)</box>" in text  # [-5, 2, 40, 20] on 32x32
 
 
+def test_no_record_stops_a_run(tmp_path, tok, caplog):
+    # Bad records of every kind mixed with good ones, as JSON lines: the pipeline yields batches,
+    # counts each reason, logs the source and line, and never raises.
+    _jpeg(tmp_path / "ok.jpg", 32, 32, (10, 20, 30))
+    (tmp_path / "junk.jpg").write_bytes(b"not an image at all")
+
+    def conv(*turns):
+        return {"conversations": [{"from": f, "value": v} for f, v in turns]}
+
+    def ask(value):
+        return conv(("user", value), ("assistant", "fine"))
+
+    good = ask("Picture 1: <img>ok.jpg</img>\nWhat is this?")
+    bad = {
+        "stray_img_end": [ask("a stray </img> here"), ask("<img>ok.jpg</img> then </img>")],
+        "bad_image_tag": [ask("<img>a<img>ok.jpg</img>")],  # nested <img>
+        "unclosed_img": [ask("Picture 1: <img>ok.jpg\nWhat?")],
+        "image_path_too_long": [ask(f"<img>{'p' * 300}.jpg</img>")],
+        "malformed_conversation": [
+            {"conversations": []},
+            conv(("user", 3), ("assistant", "x")),  # not a string
+            conv(("user", "hi"), ("robot", "x")),  # a role that is not user/assistant
+            conv(("user", "hi"), ("assistant", "x"), ("user", "and?")),  # ends on the user
+        ],
+        "image_missing": [ask("<img>gone.jpg</img>")],
+        "image_corrupt": [ask("<img>junk.jpg</img>")],
+    }
+    lines = []
+    for recs in bad.values():
+        for r in recs:
+            lines += [json.dumps(good).encode(), json.dumps(r).encode()]
+    lines += [b"{not json", b'"a string record"', b"[1, 2]", b"\xff\xfe not utf-8"]
+    lines += [json.dumps(good).encode()]
+    (tmp_path / "mixed.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    cfg = pipeline.default_data_config()
+    cfg.sources.mixed = pipeline.source_config(path=str(tmp_path / "mixed.jsonl"), task="chatml")
+    cfg.num_epochs, cfg.shuffle = 1, False
+    with caplog.at_level("WARNING"), _iter(cfg, tok, batch_size_per_host=1, max_images=2) as it:
+        batches = list(it)
+        c, metrics = dict(it.counts()["mixed"]), it.metrics()
+    assert c.pop("samples") == sum(len(r) for r in bad.values()) + 1
+    assert c.pop("tokens") > 0
+    want = {reason: len(recs) for reason, recs in bad.items()}
+    want["bad_record"] = 4  # not JSON, not an object (twice), not UTF-8
+    assert c == want, c
+    assert batches and all((b["segment_ids"] > 0).any() for b in batches)
+    assert metrics["data/skipped"] == sum(want.values())
+    assert all(metrics[f"data/mixed/{r}"] == n for r, n in want.items())
+    # Logged with the source and where the record is.
+    text = caplog.text
+    assert "mixed[1] (stray_img_end)" in text
+    assert f"mixed.jsonl line {len(lines) - 4}" in text  # '{not json' (1-based line)
+
+
 def test_strict_mode_stops_with_clear_error(tmp_path, tok):
     _bad_inputs(tmp_path)
     cfg = pipeline.default_data_config()

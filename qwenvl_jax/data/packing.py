@@ -48,12 +48,22 @@ REASONS = (
     "image_too_small",
     "image_converted",
     "other",
+    # Appended (not inserted) so counters saved in older checkpoints keep their indices.
+    "stray_img_end",
 )
 REASON_INDEX = {r: i for i, r in enumerate(REASONS)}
 
 
 def reason_index(reason: str) -> int:
     return REASON_INDEX.get(reason, REASON_INDEX["other"])
+
+
+def pad_counts(counts, shape: tuple[int, int]) -> np.ndarray:
+    """Counters restored from a checkpoint, zero-padded for reasons appended since it was saved."""
+    c = np.array(counts, np.int64).reshape(shape[0], -1)
+    out = np.zeros(shape, np.int64)
+    out[:, : c.shape[1]] = c[:, : shape[1]]
+    return out
 
 
 def image_spans(
@@ -299,7 +309,7 @@ class _PackIterator(grain.DatasetIterator):
         self._rows_idx: list[list[int]] = [list(r) for r in rows]
         self._rows_ex: list[list[Example]] = [[self._fit(i)[0] for i in r] for r in rows]
         shape = (len(self._d.source_names), len(REASONS))
-        self._counts = np.zeros(shape, np.int64) if counts is None else np.array(counts, np.int64)
+        self._counts = np.zeros(shape, np.int64) if counts is None else pad_counts(counts, shape)
 
     def _count(self, source: str, reason: str, n: int = 1) -> None:
         s = self._src_index.get(source)
@@ -311,15 +321,18 @@ class _PackIterator(grain.DatasetIterator):
         el = self._d._ds[index]
         if isinstance(el, Skip):
             return el, None
-        ex, event = fit_example(
-            el,
-            self._d.seq_len,
-            self._d.max_images,
-            self._d.ids["img_start_id"],
-            self._d.ids["img_end_id"],
-            self._d.too_long,
-            self._d.n_queries,
-        )
+        try:
+            ex, event = fit_example(
+                el,
+                self._d.seq_len,
+                self._d.max_images,
+                self._d.ids["img_start_id"],
+                self._d.ids["img_end_id"],
+                self._d.too_long,
+                self._d.n_queries,
+            )
+        except ValueError as e:  # malformed image spans the task format let through: skip it
+            return Skip(el.source, el.index, "bad_image_tag", str(e)), None
         return (el, event) if ex is None else (ex, event)
 
     def _emit(self, k: int) -> dict:

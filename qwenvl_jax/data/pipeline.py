@@ -21,6 +21,8 @@ The data config (`default_data_config()`, an ml_collections ConfigDict):
                         "sequence" (pack each source separately, then mix packed rows; weights
                         are fractions of rows: the paper packs same-task data together).
                         `multitask_config()` builds Table 3's seven-task mixture this way.
+    data.weight_by_records: True: each source's weight is multiplied by its record count, so
+                        every record is equally likely (`--config.data.train` files)
     data.strict:        False: skip, log and count bad records/images; True: stop with DataError
     data.too_long:      "truncate" (cut at a safe place) or "drop"
     data.num_open_rows: rows filled at once by the first-fit packer
@@ -66,6 +68,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.sources = ml_collections.ConfigDict()
     c.mixing = "sample"
+    c.weight_by_records = False
     c.strict = False
     c.too_long = "truncate"
     c.num_open_rows = 8
@@ -230,6 +233,8 @@ def make_train_dataset(
     srcs = build_sources(data_config, tokenizer)
     names = [s.name for s in srcs]
     weights = [float(_plain(data_config.sources)[n].get("weight", 1.0)) for n in names]
+    if data_config.weight_by_records:
+        weights = [w * len(s) for w, s in zip(weights, srcs, strict=True)]
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {weights}")
     num_epochs = data_config.num_epochs
@@ -328,7 +333,7 @@ class DataIterator:
 
     def set_state(self, state: Mapping) -> None:
         self._it.set_state(state["grain"])
-        self._counts = np.array(state["counts"], np.int64)
+        self._counts = packing.pad_counts(state["counts"], self._counts.shape)
         self._tokens = np.array(state["tokens"], np.int64)
 
     def counts(self) -> dict[str, dict[str, int]]:

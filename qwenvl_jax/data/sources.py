@@ -33,7 +33,7 @@ import numpy as np
 from etils import epath
 
 from qwenvl_jax.data import tasks
-from qwenvl_jax.errors import optional_import
+from qwenvl_jax.errors import ConfigError, MissingPathError, optional_import
 from qwenvl_jax.image import resolve_path
 
 
@@ -84,19 +84,23 @@ class JsonRecords:
         self.path = str(path)
         try:
             data = epath.Path(self.path).read_bytes()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"data file not found: {self.path}") from None
+        except (FileNotFoundError, IsADirectoryError):
+            raise MissingPathError(f"data file not found: {self.path}") from None
         self._items: list | None = None
         self._lines: list[bytes] | None = None
         if data.lstrip()[:1] == b"[":
             try:
                 items = json.loads(data.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{self.path} is not valid JSON: {e}") from None
+                raise ConfigError(
+                    f"{self.path} is not valid JSON ({e}); a file of one record per line is read"
+                    " as JSON lines"
+                ) from None
             self._items = items
         else:
             # Lines stay bytes until used: a line that is not UTF-8 costs only its own record.
             self._lines = [ln for ln in data.splitlines() if ln.strip()]
+            self._line_no = [n for n, ln in enumerate(data.splitlines(), 1) if ln.strip()]
 
     def __len__(self) -> int:
         return len(self._items) if self._items is not None else len(self._lines)
@@ -108,9 +112,12 @@ class JsonRecords:
             try:
                 rec = json.loads(self._lines[i].decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise tasks.BadSample("bad_record", f"line {i + 1} is not JSON: {e}") from None
+                where = f"{self.path} line {self._line_no[i]}"
+                raise tasks.BadSample("bad_record", f"{where} is not JSON: {e}") from None
         if not isinstance(rec, dict):
-            raise tasks.BadSample("bad_record", f"record is {type(rec).__name__}, not an object")
+            where = self.path + (f" line {self._line_no[i]}" if self._items is None else f"[{i}]")
+            msg = f"{where}: record is {type(rec).__name__}, not an object"
+            raise tasks.BadSample("bad_record", msg)
         return rec
 
 
@@ -260,7 +267,7 @@ def source_dataset(source: Source, *, seed: int, shuffle: bool, num_epochs: int 
     shuffled with its own seed when `shuffle`."""
     ds = grain.MapDataset.range(len(source))
     if len(source) == 0:
-        raise ValueError(f"source {source.name!r} is empty")
+        raise ConfigError(f"data source {source.name!r} holds no records")
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs)

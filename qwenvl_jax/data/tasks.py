@@ -221,10 +221,16 @@ def _boxes(record: dict, key: str) -> list:
 
 def _encode(tok, text: str) -> list[int]:
     try:
-        return tok.encode(text, allowed_special="all")
+        ids = tok.encode(text, allowed_special="all")
     except ValueError as e:
         # tokenizer.ImageSpanError names its reason; other encode errors are bad image tags too.
         raise BadSample(getattr(e, "reason", "bad_image_tag"), str(e)) from None
+    # encode closes every <img> with its </img>; one more </img> has no opening tag and would
+    # break the image spans the packer finds (one owner: tokenizer spans).
+    n_end = ids.count(tok.img_end_id)
+    if n_end != ids.count(tok.img_start_id):
+        raise BadSample("stray_img_end", f"a </img> without its <img> in {text[:80]!r}")
+    return ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,7 +359,8 @@ def chatml_ids(tok, conversations: Any, system_message: str = SYSTEM_MESSAGE):
 
     Raises:
       BadSample: a malformed conversation (not a list, a turn without from/value, an unknown role,
-        no assistant turn), an unclosed `<img>` or an image path over 255 bytes.
+        no assistant turn, a last turn that is not the assistant's), an unclosed `<img>`, a
+        `</img>` without `<img>` or an image path over 255 bytes.
     """
     if not isinstance(conversations, (list, tuple)) or not conversations:
         raise BadSample("malformed_conversation", "'conversations' must be a non-empty list")
@@ -372,6 +379,9 @@ def chatml_ids(tok, conversations: Any, system_message: str = SYSTEM_MESSAGE):
         turns = turns[1:]
     if not any(r == "assistant" for r, _ in turns):
         raise BadSample("malformed_conversation", "conversation has no assistant turn")
+    if turns[-1][0] != "assistant":
+        # A trailing user turn has no answer to learn; finetune.py would train on its markers.
+        raise BadSample("malformed_conversation", "conversation ends on a user turn")
     nl = _encode(tok, "\n")
     im_start, im_end = tok.im_start_id, tok.im_end_id
     sys_ids = [im_start] + _encode(tok, "system") + nl + _encode(tok, system_message)

@@ -7,12 +7,14 @@
 - `step`: the loss and the jitted train step (gradient accumulation, donated state);
 - `sources`: the first parameters (a previous stage, a converted checkpoint, two towers, random);
 - `aot`: the dry run and ahead-of-time compiles for TPU slices;
-- `loop`: restore or initialise, step, log, checkpoint, stop on SIGTERM;
+- `inputs`: what a run trains and evaluates on (`data.train` files, a mixture file, random tokens);
+- `loop`: restore or initialise, step, evaluate, log, checkpoint, stop on SIGTERM;
 - `stage_config`: the defaults the stage configs in configs/ start from.
 """
 
 from qwenvl_jax.train.aot import aot_compile, compiled_report, dry_run, topology_devices
-from qwenvl_jax.train.loop import make_data_iterator, train
+from qwenvl_jax.train.inputs import make_data_iterator, make_eval_iterator
+from qwenvl_jax.train.loop import train
 from qwenvl_jax.train.sources import initial_params
 from qwenvl_jax.train.state import (
     Setup,
@@ -29,6 +31,7 @@ from qwenvl_jax.train.step import (
     abstract_batch,
     batch_shardings,
     cross_entropy_sum,
+    make_eval_step,
     make_train_step,
     to_step_batch,
 )
@@ -47,6 +50,8 @@ __all__ = [
     "init_params",
     "initial_params",
     "make_data_iterator",
+    "make_eval_iterator",
+    "make_eval_step",
     "make_model",
     "make_train_step",
     "merge_model",

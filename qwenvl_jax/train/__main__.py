@@ -4,6 +4,10 @@ Runs one stage of the paper (configs/pretrain.py, multitask.py, sft.py) on one C
 host of a TPU pod slice (run the same command on each host). Without --config it runs the out-of-box
 demo (`qwenvl_jax.demo`): synthetic data, the tiny model, the three stages, then evaluation.
 
+Data: `--config.data.train=a.json,b.jsonl` (official fine-tuning files) or
+`--config.data.mixture=mixture.json` (configs/data/), held-out `--config.eval.data=...`; a full-size
+stage with neither stops at start, `configs/<stage>.py:data=random` trains on random tokens.
+
 Flags: --config (ml_collections file, `--config.a.b=value` overrides), --workdir, --dry_run (print
 the resolved config, mesh and per-device bytes without allocating; with `config.aot.topology` set
 and the `tpu` extra installed, compile the train step ahead of time for that TPU slice and print its

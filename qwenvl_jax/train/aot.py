@@ -7,6 +7,7 @@ import time
 import ml_collections
 
 from qwenvl_jax import sharding as shd
+from qwenvl_jax.train import inputs
 from qwenvl_jax.train.state import Setup, build, check_setup, describe, step_model_flops
 from qwenvl_jax.train.step import abstract_batch, make_train_step
 
@@ -62,7 +63,9 @@ def topology_devices(cfg) -> list | None:
 
 
 def dry_run(cfg: ml_collections.ConfigDict) -> dict:
-    """Prints config, mesh and per-device bytes; compiles AOT for config.aot.topology if set."""
+    """Prints config, mesh and per-device bytes; compiles AOT for config.aot.topology if set.
+    Needs no data: with none given it says what a real run needs."""
+    print(inputs.describe(cfg, dry_run=True))
     print(cfg)
     devices = topology_devices(cfg)
     s = build(cfg, devices)

@@ -65,6 +65,12 @@ def _unknown_override(argv: Sequence[str], flagname: str) -> str | None:
     """For `--config.a.b=v` with no key `a.b`: a line naming it and the keys that exist there."""
     if not flagname or "." not in flagname:
         return None
+    if flagname.startswith(("config.data.spec.", "config.eval.spec.")):
+        return (
+            f"--{flagname}: data sources are not given key by key on the command line; use"
+            " --config.data.train=a.json[,b.jsonl] or --config.data.mixture=mixture.json"
+            " (configs/data/ has examples)"
+        )
     root, _, dotted = flagname.partition(".")
     spec = next((a.partition("=")[2] for a in argv if a.startswith(f"--{root}=")), None)
     if not spec:

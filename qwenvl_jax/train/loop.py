@@ -14,12 +14,12 @@ import numpy as np
 
 from qwenvl_jax import checkpoint as ckpt_lib
 from qwenvl_jax import flops as flops_lib
-from qwenvl_jax.config import QWenConfig
-from qwenvl_jax.data.random_batches import RandomBatches
 from qwenvl_jax.metrics import MetricsWriter
+from qwenvl_jax.train import inputs
+from qwenvl_jax.train.inputs import make_data_iterator, make_eval_iterator
 from qwenvl_jax.train.sources import initial_params
 from qwenvl_jax.train.state import build, check_setup, describe, log, step_model_flops
-from qwenvl_jax.train.step import make_train_step, to_step_batch
+from qwenvl_jax.train.step import make_eval_step, make_train_step, to_step_batch
 
 
 class _Preemption:
@@ -51,31 +51,24 @@ class _Preemption:
         return bool(np.any(multihost_utils.process_allgather(np.array([self.flag]))))
 
 
-def make_data_iterator(cfg, mcfg: QWenConfig, batch_size_per_host: int):
-    if cfg.data.kind == "random":
-        return RandomBatches(cfg, mcfg, batch_size_per_host, jax.process_index())
-    if cfg.data.kind != "pipeline":
-        raise ValueError(f"config.data.kind={cfg.data.kind!r}; use 'random' or 'pipeline'")
-    from qwenvl_jax.data.pipeline import make_train_iterator
-    from qwenvl_jax.tokenizer import load_tokenizer
-
-    # Every <img>...</img> span gets one position per adapter query (256 as published; a smaller
-    # model with fewer queries gets a tokenizer with shorter spans).
-    tokenizer = load_tokenizer(
-        cfg.data.get("tokenizer") or None, image_span=int(mcfg.visual.n_queries)
-    )
-    return make_train_iterator(
-        cfg.data.spec,
-        tokenizer,
-        seq_len=int(cfg.data.seq_len),
-        batch_size_per_host=batch_size_per_host,
-        image_size=int(cfg.data.image_size),
-        max_images=int(cfg.data.max_images),
-        seed=int(cfg.seed),
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-        worker_count=int(cfg.data.worker_count),
-    )
+def evaluate(cfg, s, params, eval_step) -> dict[str, float]:
+    """Held-out loss and token accuracy on the first `eval.batches` batches of `eval.data` (a fresh
+    iterator in file order each time, so every evaluation sees the same batches)."""
+    per_host = int(cfg.batch_size) // jax.process_count()
+    total = {"loss_sum": 0.0, "tokens": 0.0, "correct": 0.0}
+    it = make_eval_iterator(cfg, s.mcfg, per_host)
+    try:
+        for _ in range(int(cfg.eval.batches)):
+            m = jax.device_get(eval_step(params, to_step_batch(next(it), s)))
+            total = {k: v + float(m[k]) for k, v in total.items()}
+    finally:
+        it.close()
+    n = max(total["tokens"], 1.0)
+    return {
+        "eval/loss": total["loss_sum"] / n,
+        "eval/accuracy": total["correct"] / n,
+        "eval/tokens": total["tokens"],
+    }
 
 
 def train(
@@ -93,6 +86,8 @@ def train(
         stop_after: testing aid: return after this many optimizer steps of this invocation.
         devices: devices for the mesh (default all).
     """
+    # What the run trains on comes first, and a run with no data stops here, before the model.
+    log(inputs.describe(cfg))
     os.makedirs(workdir, exist_ok=True)
     s = build(cfg, devices)
     check_setup(s)
@@ -131,6 +126,7 @@ def train(
         log(f"initialised params from {desc}")
 
     step_fn = make_train_step(s)
+    eval_step = make_eval_step(s) if inputs.eval_spec(cfg) is not None else None
     writer = MetricsWriter(workdir, total)
     flops_step = step_model_flops(s)
     dev = s.mesh.devices.flat[0]
@@ -156,7 +152,14 @@ def train(
             steps_since += 1
             if "image_valid" in local:
                 imgs_since += float(np.sum(local["image_valid"]))
-            if step % int(cfg.log_every) == 0 or step == total:
+            ev = None
+            if eval_step is not None and (step % int(cfg.eval.every_steps) == 0 or step == total):
+                t_eval = time.time()
+                ev = evaluate(cfg, s, params, eval_step)
+                t_last += time.time() - t_eval  # step_s and tokens/s time the training alone
+                log(f"eval step {step}: loss {ev['eval/loss']:.4f}, token accuracy"
+                    f" {ev['eval/accuracy']:.4f} ({ev['eval/tokens']:.0f} tokens)")  # fmt: skip
+            if step % int(cfg.log_every) == 0 or step == total or ev is not None:
                 m = jax.device_get(m)
                 now = time.time()
                 dt = (now - t_last) / steps_since
@@ -177,6 +180,7 @@ def train(
                     rec["mfu"] = flops_lib.mfu(flops_step, dt, n_chips, peak)
                 if hasattr(data, "metrics"):  # the pipeline's packing efficiency and skips
                     rec.update({k: float(v) for k, v in data.metrics().items()})
+                rec.update(ev or {})
                 writer.write(step, rec)
                 history.append(rec)
                 if jax.process_index() == 0:

@@ -45,14 +45,28 @@ def base() -> mlc.ConfigDict:
     c.init.llm_checkpoint = ""  # our-format checkpoint whose LLM (wte, h, ln_f, lm_head) is taken
     c.init.allow_random = False
 
+    # What the run trains on (qwenvl_jax.train.inputs). Exactly one of `train`, `mixture` or
+    # `spec.sources`; a full-size stage with none stops at start.
     c.data = mlc.ConfigDict()
-    c.data.kind = "random"  # "random": synthetic token batches; "pipeline": qwenvl_jax.data
-    c.data.tokenizer = ""  # "pipeline": tokenizer path ("" = the Qwen tiktoken vocabulary)
+    # "pipeline": the data given below; "random": synthetic tokens (`:data=random` smoke runs,
+    # bench); "auto" (the `:tiny` variants): the data given, else synthetic tokens.
+    c.data.kind = "pipeline"
+    c.data.train = ""  # official fine-tuning JSON / JSON-lines files, comma-separated (or gs://)
+    c.data.mixture = ""  # a mixture JSON file (configs/data/): sources, tasks, weights
+    c.data.tokenizer = ""  # tokenizer path ("" = the Qwen tiktoken vocabulary)
     c.data.seq_len = 2048  # Table 8 "LLM sequence length"
     c.data.image_size = 448  # Table 8 "Image resolution"
     c.data.max_images = 1  # static image slots per packed sequence
     c.data.worker_count = 0
-    c.data.spec = mlc.ConfigDict()  # passed through to the data pipeline factory
+    c.data.spec = mlc.ConfigDict()  # the pipeline's config itself (from Python; pipeline.py)
+
+    # Held-out loss and token accuracy every `every_steps` steps on the first `batches` batches of
+    # `data` (files as data.train) or `mixture`, read in file order (the same batches each time).
+    c.eval = mlc.ConfigDict()
+    c.eval.data = ""
+    c.eval.mixture = ""
+    c.eval.every_steps = 1000
+    c.eval.batches = 10
 
     c.batch_size = 128  # global sequences per optimizer step (Table 8 "Global batch size")
     c.grad_accum = 1  # micro-batches per step (Table 8 "Gradient Acc.", per GPU in the paper)
@@ -107,6 +121,7 @@ def tiny(c: mlc.ConfigDict) -> mlc.ConfigDict:
     c.init.vit_checkpoint = ""
     c.init.llm_checkpoint = ""
     c.init.allow_random = True
+    c.data.kind = "auto"  # the data given (--config.data.train=...), else random tokens
     c.data.image_size = 56
     c.data.seq_len = 128
     # 56 px gives 16 patches: 16 queries (a 4x4 sin-cos grid) instead of 256 keep images cheap.
@@ -123,23 +138,29 @@ def tiny(c: mlc.ConfigDict) -> mlc.ConfigDict:
     c.sharding.max_replicated_mb = 1.0
     c.checkpoint.every_steps = 10
     c.checkpoint.keep = 2
+    c.eval.every_steps = 10
+    c.eval.batches = 2
     c.log_every = 1
     c.loss_chunk = 0
     c.aot.topology = ""
     return c
 
 
-def finalize(c: mlc.ConfigDict) -> mlc.ConfigDict:
+def finalize(c: mlc.ConfigDict, args: dict | None = None) -> mlc.ConfigDict:
+    """Settings common to every stage file; `args` the parsed variant string (`data=random`)."""
+    if (args or {}).get("data") == "random":
+        c.data.kind = "random"
     if c.optim.total_steps is None:
         c.optim.total_steps = c.get_ref("steps")
     return c
 
 
-VARIANT_KEYS = ("tiny", "res")
+VARIANT_KEYS = ("tiny", "res", "data")
+VARIANT_VALUES = {"data": ("random",)}
 
 
 def parse_arg(arg: str | None) -> dict:
-    """`tiny,res=224` -> {"tiny": True, "res": "224"}.
+    """`tiny,res=224` -> {"tiny": True, "res": "224"}; `data=random` trains on random tokens.
 
     Raises:
         ValueError: on a key other than VARIANT_KEYS (a typo such as `tiyn` would otherwise
@@ -155,6 +176,10 @@ def parse_arg(arg: str | None) -> dict:
         raise ConfigError(
             f"config string {arg!r}: unknown variant key(s) {unknown}; known: {list(VARIANT_KEYS)}"
         )
+    for k, valid in VARIANT_VALUES.items():
+        if k in out and out[k] not in valid:
+            choices = "|".join(valid)
+            raise ConfigError(f"config string {arg!r}: {k}={out[k]!r}; valid: {k}={choices}")
     return out
 
 

@@ -111,6 +111,28 @@ def make_train_step(s: Setup):
     )
 
 
+def make_eval_step(s: Setup):
+    """The jitted held-out step: (params, batch[A, b, ...]) -> {loss_sum, tokens, correct}, the
+    train step's loss (`cross_entropy_sum`) forward only, summed over the micro-batches."""
+    loss_chunk = int(s.cfg.get("loss_chunk", 0) or 0)
+
+    def step(params, batch):
+        from qwenvl_jax.model import layers
+
+        with layers.logical_rules(s.mesh, s.rules):
+            model = merge_model(s, params)
+
+            def micro(carry, mb):
+                loss, n, correct = cross_entropy_sum(model, mb, loss_chunk)
+                return (carry[0] + loss, carry[1] + n, carry[2] + correct), None
+
+            zero = jnp.float32(0)
+            (loss, n, correct), _ = jax.lax.scan(micro, (zero, zero, zero), batch)
+        return {"loss_sum": loss, "tokens": n, "correct": correct}
+
+    return jax.jit(step, in_shardings=(s.param_sharding, batch_shardings(s)), out_shardings=None)
+
+
 def batch_shardings(s: Setup) -> dict:
     out = {}
     for k, shp in batch_shapes(s.cfg, s.accum).items():
