@@ -9,6 +9,17 @@ layers) + the adapter + 8 Qwen-7B decoder layers, batch 4 x 2048 tokens, one ima
 (`<img>` + 256 + `</img>` inside the 2048), forward + backward without the optimizer update (the
 reference's 17,576 tokens/s, 36.5 % MFU). `--mode=train` times the whole train step (AdamW update
 included) instead. Model FLOPs follow qwenvl_jax.flops (the PaLM convention of performance.md).
+
+A/B in one invocation: `--attn_impl=auto,xla --remat=full,dots` runs every combination and prints
+tokens/s and the ratio to the first. Image work: `--image_slots=4 --images_filled=1
+--image_budget=0,4` times 4 static slots per sequence with one picture each, encoding every slot
+(0) against encoding only the valid ones (a budget of 4 = one per sequence at batch 4); MFU is
+printed counting the encoded images and counting the real ones.
+
+`--mode=decode` times generation instead (random weights of the shape's model, text prompts of
+`--prompt_len` ids, `--new_tokens` greedy tokens per row, eos never emitted): tokens/s at each of
+`--decode_batches` with the on-device loop (`generate.generate`), and at batch 1 the ratio to the
+earlier Python loop of one compiled step per token (`generate.generate_stepwise`).
 """
 
 from __future__ import annotations
@@ -25,6 +36,8 @@ from qwenvl_jax import flops as flops_lib
 from qwenvl_jax import train
 from qwenvl_jax.data.random_batches import RandomBatches
 from qwenvl_jax.train import stage_config
+from qwenvl_jax.train.state import encoded_images
+from qwenvl_jax.train.step import image_budget_of
 
 SHAPES = {
     # name: (model overrides, batch, seq_len, image_size, images per sequence)
@@ -35,14 +48,31 @@ SHAPES = {
 
 _SHAPE = flags.DEFINE_enum("shape", "ref8", sorted(SHAPES), "Benchmark shape.")
 _MODE = flags.DEFINE_enum(
-    "mode", "grad", ["grad", "train"], "grad: forward+backward only; train: full step."
+    "mode",
+    "grad",
+    ["grad", "train", "decode"],
+    "grad: forward+backward only; train: full step; decode: generation tokens/s.",
 )
+_BATCHES = flags.DEFINE_list("decode_batches", ["1", "32"], "decode: batch sizes.")
+_PROMPT = flags.DEFINE_integer("prompt_len", 64, "decode: prompt ids per row.")
+_NEW = flags.DEFINE_integer("new_tokens", 64, "decode: generated tokens per row.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-_REMAT = flags.DEFINE_string(
-    "remat", "none", "Remat policy for both towers (layers.REMAT_POLICIES)."
+_REMAT = flags.DEFINE_list(
+    "remat", ["none"], "Remat policies for both towers (layers.REMAT_POLICIES); a list runs an A/B."
 )
-_ATTN = flags.DEFINE_string("attn_impl", "", "Attention implementation; default cudnn on GPU.")
+_ATTN = flags.DEFINE_list(
+    "attn_impl", ["auto"], "Attention implementations (model/attention.py); a list runs an A/B."
+)
+_SLOTS = flags.DEFINE_integer(
+    "image_slots", 0, "Static image slots per sequence (0: the shape's); only the first"
+    " --images_filled hold a picture."
+)
+_FILLED = flags.DEFINE_integer("images_filled", 1, "Pictures per sequence (with --image_slots).")
+_BUDGETS = flags.DEFINE_list(
+    "image_budget", ["0"], "config.data.image_budget values (0: encode every slot); a list runs"
+    " an A/B, e.g. --image_slots=4 --image_budget=0,4 (1 of 4 slots filled, batch 4)."
+)
 _BATCH = flags.DEFINE_integer("batch", 0, "Override the shape's batch size.")
 _CHIP = flags.DEFINE_string(
     "chip", "", "Chip name for MFU (h100, h200, v5p, ...); default guessed."
@@ -50,9 +80,13 @@ _CHIP = flags.DEFINE_string(
 _JSON = flags.DEFINE_string("json_out", "", "Also write the result as JSON here.")
 
 
-def bench_config(shape: str, mode: str, remat: str, attn_impl: str, batch: int = 0):
+def bench_config(
+    shape: str, mode: str, remat: str, attn_impl: str, batch: int = 0, image_slots: int = 0,
+    image_budget: int = 0,
+):  # fmt: skip
     """A multitask-stage config with the benchmark's shape (single device, no accumulation)."""
     overrides, b, t, size, m = SHAPES[shape]
+    m = image_slots or m
     c = stage_config.load("multitask:tiny" if overrides is None else "multitask")
     if overrides is not None:
         c.model.overrides.update(overrides)
@@ -63,6 +97,7 @@ def bench_config(shape: str, mode: str, remat: str, attn_impl: str, batch: int =
     c.grad_accum = 1
     c.device_batch = 0
     c.data.seq_len, c.data.image_size, c.data.max_images = t, size, m
+    c.data.image_budget = image_budget
     c.data.kind = "random"
     c.mesh.data, c.mesh.fsdp, c.mesh.model = 1, -1, 1
     c.optim.freeze = ()
@@ -73,16 +108,43 @@ def bench_config(shape: str, mode: str, remat: str, attn_impl: str, batch: int =
     return c
 
 
-def run(shape="tiny", mode="grad", steps=3, warmup=1, remat="none", attn_impl="", batch=0, chip=""):
-    """Compiles and times `steps` steps; returns a dict of results."""
+def _host_batch(c, s, images_filled: int) -> dict:
+    """Random rows with `images_filled` pictures each in `data.max_images` slots (the rest empty:
+    zero pixels, image_valid False)."""
+    m = int(c.data.max_images)
+    filled = min(images_filled, m) if m else 0
+    gen_cfg = c.copy_and_resolve_references()
+    gen_cfg.data.max_images = filled
+    local = next(RandomBatches(gen_cfg, s.mcfg, int(c.batch_size), 0))
+    if m > filled:
+        b, size = int(c.batch_size), int(c.data.image_size)
+        local["images"] = np.concatenate(
+            [local.get("images", np.zeros((b, 0, size, size, 3), np.float32)),
+             np.zeros((b, m - filled, size, size, 3), np.float32)], axis=1)  # fmt: skip
+        local["image_valid"] = np.concatenate(
+            [local.get("image_valid", np.zeros((b, 0), bool)), np.zeros((b, m - filled), bool)],
+            axis=1,
+        )
+    return local
+
+
+def run(
+    shape="tiny", mode="grad", steps=3, warmup=1, remat="none", attn_impl="auto", batch=0, chip="",
+    image_slots=0, images_filled=1, image_budget=0,
+):  # fmt: skip
+    """Compiles and times `steps` steps; returns a dict of results.
+
+    `image_slots` > 0 gives every sequence that many static image slots of which the first
+    `images_filled` hold a picture; `image_budget` is `config.data.image_budget`.
+    """
     dev = jax.devices()[0]
-    if not attn_impl:
-        attn_impl = "cudnn" if dev.platform == "gpu" else "xla"
-    c = bench_config(shape, mode, remat, attn_impl, batch)
+    c = bench_config(shape, mode, remat, attn_impl or "auto", batch, image_slots, image_budget)
     s = train.build(c, jax.devices()[:1])
     params = train.init_params(s, 0)
-    data = RandomBatches(c, s.mcfg, int(c.batch_size), 0)
-    batch_arr = train.to_step_batch(next(data), s)
+    local = _host_batch(c, s, images_filled if image_slots else int(c.data.max_images))
+    real_images = float(np.sum(local.get("image_valid", 0)))
+    batch_arr = train.to_step_batch(local, s)
+    budget, groups = image_budget_of(s)
     if mode == "train":
         opt = jax.jit(s.tx.init, out_shardings=s.opt_sharding)(params)
         fn = train.make_train_step(s)
@@ -93,7 +155,9 @@ def run(shape="tiny", mode="grad", steps=3, warmup=1, remat="none", attn_impl=""
 
         def loss_fn(p, mb):
             model = train.merge_model(s, p)
-            loss, n, _ = train.cross_entropy_sum(model, mb, int(c.get("loss_chunk", 0) or 0))
+            loss, n, _ = train.cross_entropy_sum(
+                model, mb, int(c.get("loss_chunk", 0) or 0), budget, groups
+            )
             return loss / jnp.maximum(n, 1.0)
 
         grad = jax.jit(jax.value_and_grad(loss_fn))
@@ -116,13 +180,10 @@ def run(shape="tiny", mode="grad", steps=3, warmup=1, remat="none", attn_impl=""
         params, opt, m = step(params, opt)
     jax.block_until_ready(m)
     dt = (time.time() - t0) / steps
-    f = flops_lib.step_flops(
-        s.mcfg,
-        sequences=int(c.batch_size),
-        seq_len=int(c.data.seq_len),
-        images=int(c.batch_size) * int(c.data.max_images),
-        image_size=int(c.data.image_size),
-    )
+    kw = dict(sequences=int(c.batch_size), seq_len=int(c.data.seq_len),
+              image_size=int(c.data.image_size))  # fmt: skip
+    f = flops_lib.step_flops(s.mcfg, images=encoded_images(s), **kw)
+    f_real = flops_lib.step_flops(s.mcfg, images=real_images, **kw)
     peak = flops_lib.chip_peak(chip or None, dev.device_kind)
     stats = dev.memory_stats() or {}
     out = dict(
@@ -137,35 +198,115 @@ def run(shape="tiny", mode="grad", steps=3, warmup=1, remat="none", attn_impl=""
         compile_s=compile_s,
         step_s=dt,
         tokens_per_s=c.batch_size * c.data.seq_len / dt,
-        images_per_s=c.batch_size * c.data.max_images / dt,
+        image_slots=int(c.data.max_images),
+        image_budget=int(c.data.image_budget),
+        images_per_s=real_images / dt,
         model_tflop_per_step=f / 1e12,
         model_tflops_per_s=f / dt / 1e12,
+        model_tflops_per_s_real_images=f_real / dt / 1e12,
         mfu=(f / dt / (peak * 1e12)) if peak else None,
+        mfu_real_images=(f_real / dt / (peak * 1e12)) if peak else None,
         peak_memory_gb=stats.get("peak_bytes_in_use", 0) / 1e9 if stats else None,
         loss=float(np.asarray(m["loss"])),
     )
     return out
 
 
+def _timed(fn, repeats: int = 2) -> float:
+    fn()  # compile
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.time()
+        fn()
+        best = min(best, time.time() - t0)
+    return best
+
+
+def run_decode(shape="tiny", batches=(1, 32), prompt_len=64, new_tokens=64) -> dict:
+    """Generation tokens/s per batch size (prefill included), and the stepwise baseline at B=1."""
+    from qwenvl_jax import api
+    from qwenvl_jax import generate as gen
+    from qwenvl_jax.config import get_preset
+
+    overrides = SHAPES[shape][0]
+    cfg = get_preset("tiny") if overrides is None else get_preset("qwen-vl-7b", **overrides)
+    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    model = api.build_model(cfg, None, dtype)
+    rng = np.random.default_rng(0)
+    kw = dict(max_new_tokens=new_tokens, eos_token_id=-1)  # -1: no row ever stops early
+    out = {"shape": shape, "device": jax.devices()[0].device_kind, "new_tokens": new_tokens,
+           "prompt_len": prompt_len, "tokens_per_s": {}}  # fmt: skip
+    for b in batches:
+        prompts = rng.integers(0, 150000, (b, prompt_len)).tolist()
+        dt = _timed(lambda p=prompts: gen.generate(model, p, **kw))
+        out["tokens_per_s"][b] = b * new_tokens / dt
+    prompt = rng.integers(0, 150000, prompt_len).tolist()
+    loop = _timed(lambda: gen.generate(model, prompt, **kw))
+    step = _timed(lambda: gen.generate_stepwise(model, prompt, **kw))
+    out["batch1_loop_s"], out["batch1_stepwise_s"] = loop, step
+    out["speedup_vs_stepwise"] = step / loop
+    return out
+
+
 def main(argv):
     del argv
-    r = run(
-        _SHAPE.value, _MODE.value, _STEPS.value, _WARMUP.value, _REMAT.value, _ATTN.value,
-        _BATCH.value, _CHIP.value,
-    )  # fmt: skip
-    print(
-        f"{r['shape']} ({r['mode']}) on {r['device']}: {r['step_s']:.3f} s/step, "
-        f"{r['tokens_per_s']:,.0f} tokens/s, {r['images_per_s']:.1f} images/s, "
-        f"{r['model_tflops_per_s']:.1f} model TFLOP/s"
-        + (f", MFU {r['mfu']:.1%}" if r["mfu"] is not None else "")
-        + (f", peak {r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] else "")
-        + f" (compile {r['compile_s']:.0f} s)"
-    )
-    if r["shape"] == "ref8":
+    if _MODE.value == "decode":
+        batches = [int(b) for b in _BATCHES.value]
+        r = run_decode(_SHAPE.value, batches, _PROMPT.value, _NEW.value)
+        for b, tps in r["tokens_per_s"].items():
+            print(
+                f"{r['shape']} decode on {r['device']}, batch {b}: {tps:,.1f} tokens/s"
+                f" ({r['prompt_len']}-token prompts, {r['new_tokens']} new, prefill included)"
+            )
+        print(
+            f"batch 1: on-device loop {r['batch1_loop_s']:.3f} s, Python loop per token"
+            f" {r['batch1_stepwise_s']:.3f} s: {r['speedup_vs_stepwise']:.2f}x"
+        )
+        if _JSON.value:
+            with open(_JSON.value, "w") as f:
+                json.dump(r, f, indent=2)
+        return
+    results = []
+    for attn in _ATTN.value:
+        for remat in _REMAT.value:
+            for budget in _BUDGETS.value:
+                r = run(
+                    _SHAPE.value, _MODE.value, _STEPS.value, _WARMUP.value, remat, attn,
+                    _BATCH.value, _CHIP.value, _SLOTS.value, _FILLED.value, int(budget),
+                )  # fmt: skip
+                results.append(r)
+                print(_line(r), flush=True)
+    if len(results) > 1:
+        base = results[0]
+        print(f"A/B against the first ({_label(base)}):")
+        for r in results[1:]:
+            print(f"  {_label(r)}: {r['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s")
+    if _SHAPE.value == "ref8":
         print("PyTorch reference, H200, same shape: 0.466 s/step, 17,576 tokens/s, MFU 36.5 %")
     if _JSON.value:
         with open(_JSON.value, "w") as f:
-            json.dump(r, f, indent=2)
+            json.dump(results if len(results) > 1 else results[0], f, indent=2)
+
+
+def _label(r: dict) -> str:
+    out = f"attn_impl={r['attn_impl']} remat={r['remat']}"
+    if r["image_slots"] and r["image_budget"]:
+        out += f" image_budget={r['image_budget']}"
+    elif r["image_slots"]:
+        out += " every slot"
+    return out
+
+
+def _line(r: dict) -> str:
+    return (
+        f"{r['shape']} ({r['mode']}) on {r['device']}, {_label(r)}: {r['step_s']:.3f} s/step, "
+        f"{r['tokens_per_s']:,.0f} tokens/s, {r['images_per_s']:.1f} images/s"
+        f" ({r['image_slots']} slots per sequence), {r['model_tflops_per_s']:.3g} model TFLOP/s"
+        + (f", MFU {r['mfu']:.1%} (real images {r['mfu_real_images']:.1%})"
+           if r["mfu"] is not None else "")  # fmt: skip
+        + (f", peak {r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] else "")
+        + f" (compile {r['compile_s']:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

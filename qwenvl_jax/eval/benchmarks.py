@@ -298,13 +298,20 @@ def load_answers(bench: Benchmark, root: str = ".") -> dict:
 
 
 def score(
-    bench: Benchmark | str, records: Sequence[dict], outputs: Sequence, root: str = "."
+    bench: Benchmark | str,
+    records: Sequence[dict],
+    outputs: Sequence,
+    root: str = ".",
+    *,
+    subset: bool = False,
 ) -> float:
     """The number the script prints, from the records and the model's outputs in record order.
 
     Args:
       outputs: the decoded texts (as decoded, unstripped; the script's stripping is applied
         here), or for `choice_loss` each record's per-choice losses (`metrics.choice_losses`).
+      subset: the records are part of the test file (an `--limit` run): VQA score and ANLS
+        average over these questions only (the scripts average over every annotated one).
 
     Returns:
       vqa_score in percent (2 decimals); the other metrics as fractions; CIDEr as COCOEvalCap.
@@ -321,7 +328,10 @@ def score(
         key = int if bench.metric == "anls" else (lambda q: q)
         preds = {key(r["question_id"]): t for r, t in zip(records, texts, strict=True)}
         fn = metrics.vqa_score if bench.metric == "vqa_score" else metrics.anls_score
-        return fn(preds, load_answers(bench, root))
+        answers = load_answers(bench, root)
+        if subset:
+            answers = {q: answers[q] for q in preds}
+        return fn(preds, answers)
     if bench.metric == "grounding":
         sizes = [(r["width"], r["height"]) for r in records]
         return metrics.grounding_accuracy(texts, [r["bbox"] for r in records], sizes)
