@@ -6,8 +6,8 @@ absmax int8 with one float32 scale per output channel (the maximum over the cont
 the kernel / 127), and dequantizes it inside the layer (`Int8Einsum`), so one layer's
 full-precision kernel exists at a time. Embeddings, norms, biases and the position tables keep
 the model dtype. The weights are quantized on the host before they are placed on the devices, so
-the full-precision model never sits on a device: Qwen-VL's 9.6B parameters take about 11 GB
-(int8 matrices, bfloat16 `wte`), within one 16 GB chip.
+the full-precision model never sits on a device: Qwen-VL's 9.6B parameters take 10.3 GB
+(int8 matrices, bfloat16 `wte`; counted from the abstract model, vs 19.3 GB in bfloat16).
 
 Why by hand and not qwix (0.1.8, resolves with jax 0.10.2 / flax 0.12.8): qwix's PTQ provider
 intercepts `jnp.einsum` and swaps the weight for a quantized `WithAux` wrapper, but our layers cast
