@@ -312,6 +312,60 @@ def test_two_processes_train_together(reference, tmp_path):
     assert all(np.isfinite(r["loss"]) for r in hist)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("service", [True, False], ids=["preemption_service", "allgather_every_2"])
+def test_sigterm_on_one_of_two_processes(tmp_path, service):
+    """SIGTERM to one of two jax.distributed processes: both checkpoint the same step and exit 0,
+    and the resumed pair continues exactly as an uninterrupted run (within the mesh tolerance).
+
+    `service`: JAX's preemption sync point (no collective per step); otherwise the SIGTERM flags
+    are all-gathered every 2 steps (`checkpoint.preemption_check_every`)."""
+    steps, every = 12, 2
+    wd = str(tmp_path / "run")
+    port = 22000 + os.getpid() % 20000 + (0 if service else 7)
+
+    def launch(port):
+        procs = []
+        for pid in range(2):
+            cmd, env = cli(
+                wd, f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}",
+                "--config.mesh.data=2", "--config.mesh.fsdp=2", f"--config.steps={steps}",
+                "--config.checkpoint.every_steps=1000",
+                f"--config.checkpoint.preemption_check_every={every}", devices=2,
+            )  # fmt: skip
+            env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
+            env["JAX_ENABLE_PREEMPTION_SERVICE"] = "true" if service else "false"
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.PIPE))  # fmt: skip
+        return procs
+
+    procs = launch(port)
+    metrics = os.path.join(wd, "metrics.jsonl")
+    deadline = time.time() + 400
+    while time.time() < deadline and procs[0].poll() is None:
+        if os.path.exists(metrics) and len(open(metrics).readlines()) >= 2:
+            break
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    errs = [p.communicate(timeout=400)[1].decode() for p in procs]
+    for p, err in zip(procs, errs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert all("checkpointed step" in err for err in errs), errs[0][-2000:]
+    last = max(losses_by_step(wd))
+    assert ckpt_lib.Checkpointer(wd).all_steps() == [last]
+    assert 2 <= last < steps, last
+    if not service:
+        assert last % every == 0
+    for p in launch(port + 1):
+        err = p.communicate(timeout=400)[1].decode()
+        assert p.returncode == 0, err[-3000:]
+    got = losses_by_step(wd)
+    ref = train.train(tiny(steps=steps), str(tmp_path / "ref"), devices=jax.devices()[:1])
+    np.testing.assert_allclose(
+        [got[i] for i in range(1, steps + 1)], [r["loss"] for r in ref], rtol=MESH_RTOL
+    )
+
+
 def _has_libtpu():
     try:
         import libtpu  # noqa: F401

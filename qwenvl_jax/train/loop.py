@@ -23,13 +23,38 @@ from qwenvl_jax.train.step import make_eval_step, make_train_step, to_step_batch
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop checkpoints and exits at the next step boundary."""
+    """Stops every process at the same step after a SIGTERM (preemption notice), without a
+    collective in the step loop.
 
-    def __init__(self):
+    One process: a Python SIGTERM handler sets a flag, read after every step.
+
+    Several processes (all must checkpoint the same step): with JAX's preemption service (on by
+    default with `jax.distributed`), its notifier catches SIGTERM on whichever host gets it, the
+    coordination service spreads the notice in the background, and
+    `multihost_utils.reached_preemption_sync_point(step)` turns True on every host at the same
+    step (one past the largest step any host had reached): a local flag read per step, no
+    device or network round trip. Without the service (`jax_enable_preemption_service=False`)
+    the hosts' flags are all-gathered every `check_every` steps: a blocking collective, but one
+    in `check_every` steps; a notice then waits at most `check_every` steps.
+    """
+
+    def __init__(self, check_every: int = 10):
+        if check_every < 1:
+            raise ValueError(f"config.checkpoint.preemption_check_every={check_every}; use >= 1")
+        self.check_every = int(check_every)
         self.flag = False
         self._old = None
+        self.mode = "local"
+        if jax.process_count() > 1:
+            from jax._src import distributed
+
+            has_service = distributed.global_state.preemption_sync_manager is not None
+            self.mode = "service" if has_service else "allgather"
 
     def install(self):
+        if self.mode == "service":
+            return  # the service's notifier owns SIGTERM; a Python handler would replace it
+
         def handler(signum, frame):
             logging.warning("SIGTERM received: will checkpoint after the current step and exit")
             self.flag = True
@@ -43,11 +68,19 @@ class _Preemption:
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
 
-    def any(self) -> bool:
-        if jax.process_count() == 1:
+    def should_stop(self, step: int) -> bool:
+        """Called by every process after every step (the service counts the calls)."""
+        if self.mode == "local":
             return self.flag
         from jax.experimental import multihost_utils
 
+        if self.mode == "service":
+            stop = multihost_utils.reached_preemption_sync_point(step)
+            if stop:
+                logging.warning("SIGTERM on some host: every host checkpoints step %d", step)
+            return stop
+        if step % self.check_every:
+            return False
         return bool(np.any(multihost_utils.process_allgather(np.array([self.flag]))))
 
 
@@ -132,7 +165,7 @@ def train(
     dev = s.mesh.devices.flat[0]
     peak = flops_lib.chip_peak(cfg.get("chip") or None, dev.device_kind)
     n_chips = s.mesh.devices.size
-    preempt = _Preemption()
+    preempt = _Preemption(int(cfg.checkpoint.get("preemption_check_every", 10)))
     preempt.install()
     meta = {"seed": int(cfg.seed), "scan_layers": bool(cfg.model.scan_layers), "stage": cfg.stage}
     meta["config"] = json.loads(cfg.to_json_best_effort())
@@ -187,7 +220,7 @@ def train(
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
                 t_last, steps_since, wait_since, imgs_since = time.time(), 0, 0.0, 0.0
-            stop = preempt.any()
+            stop = preempt.should_stop(step)
             if step % int(cfg.checkpoint.every_steps) == 0 or step == total or stop:
                 ckpt.save(step, params, opt_state, meta, json.dumps(data.get_state()), wait=stop)
             if stop:

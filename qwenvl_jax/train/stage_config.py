@@ -107,6 +107,9 @@ def base() -> mlc.ConfigDict:
     c.chip = ""  # name for MFU ("v5p", "h100", ...); "" = guess from the device kind
     # Dry run / AOT: a TPU topology to compile for on a CPU host, e.g. "v5p:4x4x2".
     c.aot = mlc.ConfigDict(dict(topology="", chip_config="megacore", chips_per_host="2,2,1"))
+    # Multi-host runs without JAX's preemption service: all-gather the SIGTERM flags every this
+    # many steps (with the service, the default, the check is free; train/loop.py _Preemption).
+    c.checkpoint.preemption_check_every = 10
     return c
 
 
