@@ -573,3 +573,59 @@ def test_random_init_follows_the_published_initializer():
     for key, v in p.items():
         if key.endswith(".bias"):
             assert (v == 0).all(), key
+
+
+# ----------------------------------------------------------------------------- image budget
+def _rows_with_images(counts, q, t, start_id, seed):
+    """Rows of random text with counts[r] image spans each (`<img>` + q + `</img>`), length t."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in counts:
+        row = list(rng.integers(0, 900, 3))
+        for _ in range(c):
+            row += [start_id] + [start_id + 2] * q + [start_id + 1] + list(rng.integers(0, 900, 2))
+        rows.append(row + list(rng.integers(0, 900, t - len(row))))
+    return np.asarray(rows, np.int32)
+
+
+def test_image_budget_equals_encoding_every_slot():
+    """Encoding only the valid slots (gathered up to a static budget per row block, features
+    gathered back to their slots) gives the all-slots logits and gradients (float32); the empty
+    slots hold garbage pixels that must not matter. Over the budget, images would be lost (the
+    trainer refuses such batches: tests/test_train.py)."""
+    cfg = get_preset("tiny", vocab_size=1000, visual={"image_start_id": 990, "n_queries": 16})
+    model = QWenLMHeadModel(cfg, rngs=nnx.Rngs(7))
+    counts, m = [2, 0, 1, 3], 3  # row blocks of 2 rows: 2 and 4 images
+    ids = _rows_with_images(counts, 16, 80, 990, seed=0)
+    idx, got = image_token_index(ids, 990, 16)
+    assert got.tolist() == counts
+    s = cfg.visual.image_size
+    imgs = np.random.default_rng(1).normal(size=(4, m, s, s, 3)).astype(np.float32)
+    valid = np.arange(m)[None] < np.asarray(counts)[:, None]
+    args = (jnp.asarray(ids), jnp.asarray(imgs), jnp.asarray(idx), jnp.asarray(valid))
+
+    @nnx.jit(static_argnums=(5, 6))
+    def loss_and_grad(model, ids, imgs, idx, valid, budget, groups):
+        def f(mdl):
+            kw = dict(image_valid=valid, image_budget=budget, image_groups=groups) if budget else {}
+            logits = mdl(ids, images=imgs, image_token_index=idx, **kw)
+            return jnp.sum(jnp.sin(logits)), logits
+
+        return nnx.value_and_grad(f, has_aux=True)(model)
+
+    (_, full), g_full = loss_and_grad(model, *args, 0, 1)
+    conv = ("transformer", "visual", "conv1", "kernel")
+    g_full = dict(nnx.to_flat_state(g_full))
+    for budget, groups in ((4, 2), (6, 1), (2 * 4, 2)):
+        (_, out), g = loss_and_grad(model, *args, budget, groups)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(full), atol=ATOL, rtol=0)
+        g = dict(nnx.to_flat_state(g))
+        for key in (conv, ("transformer", "visual", "attn_pool", "query")):
+            want = np.asarray(g_full[key].get_value())
+            np.testing.assert_allclose(
+                np.asarray(g[key].get_value()), want, atol=1e-4 * np.abs(want).max(), rtol=0
+            )
+    # Garbage in the empty slots does not reach the loss of the all-slots path either: the check
+    # above is not vacuous because the budgeted path never encodes them.
+    (_, over), _ = loss_and_grad(model, *args, 3, 2)  # the second block holds 4 > 3 images
+    assert np.abs(np.asarray(over) - np.asarray(full)).max() > 1e-3

@@ -674,3 +674,29 @@ def test_pipeline_batches_follow_the_adapter_query_count(tmp_path):
             assert row[a + 17] == 151858  # </img> right after 16 inner positions
             assert index[a + 1 : a + 17].tolist() == list(range(16 * m, 16 * m + 16))
         assert (index >= 0).sum() == 16 * len(starts)
+
+
+def test_image_budget_overflow_stops_naming_the_config_key():
+    """A micro-batch with more images on a data shard than `data.image_budget` allows stops the
+    step before it runs (the budgeted ViT would drop them); within the budget it passes, and
+    the step's model FLOPs count the budget instead of every slot."""
+    from qwenvl_jax.train.state import encoded_images, step_model_flops
+    from qwenvl_jax.train.step import check_image_budget, image_budget_of
+
+    s_all = train.build(tiny(steps=4, **{"data.max_images": 2}), jax.devices()[:2])
+    # 2 data shards, 2 micro-batches of 8 rows; per micro-batch 8 images: 4 of a shard's 8 slots.
+    c = tiny(steps=4, **{"data.max_images": 2, "data.image_budget": 8})
+    s = train.build(c, jax.devices()[:2])
+    assert image_budget_of(s) == (4, 2)
+    assert encoded_images(s) == 16 < encoded_images(s_all) == 32
+    assert step_model_flops(s) < step_model_flops(s_all)
+    valid = np.zeros((16, 2), bool)  # rows 0-7 micro-batch 0, rows 8-15 micro-batch 1
+    valid[8:12, 0] = True  # micro-batch 1, shard 0: 4 images (rows 8-11)
+    check_image_budget(valid, s)
+    valid[11, 1] = True  # 5 images on that shard
+    with pytest.raises(ValueError, match=r"micro-batch 1 holds 5 images.*config.data.image_budget"):
+        check_image_budget(valid, s)
+    check_image_budget(valid, s_all)  # no budget: every slot is encoded
+    c = tiny(steps=4, **{"data.max_images": 2, "data.image_budget": 5})
+    with pytest.raises(ValueError, match="not a multiple of the data-parallel size"):
+        image_budget_of(train.build(c, jax.devices()[:2]))

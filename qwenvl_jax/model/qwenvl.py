@@ -3,7 +3,7 @@
 Public:
   QWenLMHeadModel(config, *, rngs, dtype, param_dtype, scan_layers, remat, visual_remat, attn_impl)
   model(input_ids, *, images, image_token_index, segment_ids, positions, cache, cache_index,
-        ntk_alpha, use_logn) -> logits [B, T, V]  (or (logits, cache) when a cache is passed)
+        ntk_alpha, use_logn, image_valid, image_budget, image_groups) -> logits [B, T, V]  (or (logits, cache) when a cache is passed)
   image_token_index(input_ids, image_start_id, n_queries) -> (index [B, T], images per row [B])
 """
 
@@ -139,13 +139,49 @@ class QWenModel(nnx.Module):
             **kw,
         )
 
-    def encode_images(self, images: jax.Array) -> jax.Array:
-        """images [B, M, S, S, 3] -> features [B, M * n_queries, D] (one visual call over B*M)."""
+    def encode_images(
+        self,
+        images: jax.Array,
+        image_valid: jax.Array | None = None,
+        image_budget: int | None = None,
+        image_groups: int = 1,
+    ) -> jax.Array:
+        """images [B, M, S, S, 3] -> features [B, M * n_queries, D].
+
+        Without a budget every slot is encoded (one visual call over B*M images). With
+        `image_budget` K and `image_valid` [B, M], the rows are split into `image_groups` G equal
+        blocks (one per data-parallel shard, so the gathers stay on the shard) and only the first
+        K valid slots of each block are encoded: the ViT and adapter run on [G*K] images instead
+        of [B*M], and the features go back to their slots by a gather. Slots past the budget and
+        empty slots get zero features; `image_token_index` never points at an empty slot, and the
+        trainer refuses a batch whose block holds more than K images (`train.step.check_budget`).
+        """
         if images.ndim != 5:
             raise ValueError(f"images must be [B, M, S, S, 3], got shape {images.shape}")
         b, m = images.shape[:2]
-        feats = self.visual(images.reshape((b * m,) + images.shape[2:]))
-        return feats.reshape(b, m * feats.shape[1], feats.shape[2])
+        pix_shape = images.shape[2:]
+        if image_budget is None or image_valid is None:
+            feats = self.visual(images.reshape((b * m,) + pix_shape))
+            return feats.reshape(b, m * feats.shape[1], feats.shape[2])
+        g = int(image_groups)
+        if b % g or int(image_budget) < 1:
+            raise ValueError(f"{b} rows do not split into {g} image groups, or budget < 1")
+        slots = (b // g) * m
+        k = min(int(image_budget), slots)
+        valid = image_valid.reshape(g, slots).astype(bool)
+        # The valid slots first, in slot order (a stable sort of the 0/1 "empty" key).
+        order = jnp.argsort(jnp.logical_not(valid).astype(jnp.int32), axis=1, stable=True)[:, :k]
+        picked = jnp.take_along_axis(
+            images.reshape((g, slots) + pix_shape), order[:, :, None, None, None], axis=1
+        )  # [G, K, S, S, 3]
+        picked = layers.shard_activation(picked, ("act_batch", None, None, None, None))
+        feats = self.visual(picked.reshape((g * k,) + pix_shape))  # [G*K, Q, D]
+        q, d = feats.shape[1:]
+        feats = layers.shard_activation(feats.reshape(g, k, q, d), ("act_batch", None, None, None))
+        rank = jnp.cumsum(valid, axis=1) - 1  # a valid slot's index among its block's encoded
+        back = jnp.take_along_axis(feats, jnp.clip(rank, 0, k - 1)[:, :, None, None], axis=1)
+        back = jnp.where((valid & (rank < k))[:, :, None, None], back, jnp.zeros((), back.dtype))
+        return back.reshape(b, m * q, d)
 
     def __call__(
         self,
@@ -159,6 +195,9 @@ class QWenModel(nnx.Module):
         cache_index: jax.Array | int | None = None,
         ntk_alpha: float | jax.Array = 1.0,
         use_logn: bool = False,
+        image_valid: jax.Array | None = None,
+        image_budget: int | None = None,
+        image_groups: int = 1,
     ):
         """Final hidden states [B, T, D] after ln_f (and the new cache when one is given)."""
         cfg = self.cfg
@@ -174,7 +213,8 @@ class QWenModel(nnx.Module):
                 )
             if images.shape[0] != bsz:
                 raise ValueError(f"images batch {images.shape[0]} != input_ids batch {bsz}")
-            x = splice_features(x, self.encode_images(images), image_token_index)
+            feats = self.encode_images(images, image_valid, image_budget, image_groups)
+            x = splice_features(x, feats, image_token_index)
         x = layers.shard_activation(x, ("act_batch", "act_seq", "act_embed"))
 
         if cache is not None:
@@ -280,6 +320,9 @@ class QWenLMHeadModel(nnx.Module):
         cache_index: jax.Array | int | None = None,
         ntk_alpha: float | jax.Array = 1.0,
         use_logn: bool = False,
+        image_valid: jax.Array | None = None,
+        image_budget: int | None = None,
+        image_groups: int = 1,
     ):
         """Logits of the next token at every position.
 
@@ -296,6 +339,9 @@ class QWenLMHeadModel(nnx.Module):
           ntk_alpha: dynamic-NTK alpha (inference: `qwen.dynamic_ntk_alpha(prompt_len, 2048)`,
             computed at prefill and reused while decoding); 1.0 = off (training).
           use_logn: logn query scaling by absolute position (inference only; identity <= 2048).
+          image_valid: bool [B, M], the slot holds a picture; with `image_budget` K (static) only
+            the first K valid slots of each of `image_groups` row blocks are encoded
+            (`QWenModel.encode_images`); without a budget every slot is.
 
         Returns:
           logits [B, T, V] in the compute dtype, or (logits, new_cache) when cache is given.
@@ -310,6 +356,9 @@ class QWenLMHeadModel(nnx.Module):
             cache_index=cache_index,
             ntk_alpha=ntk_alpha,
             use_logn=use_logn,
+            image_valid=image_valid,
+            image_budget=image_budget,
+            image_groups=image_groups,
         )
         if cache is None:
             return layers.shard_activation(self.lm_head(out), ("act_batch", "act_seq", "act_vocab"))

@@ -209,8 +209,14 @@ def train(
                 if cfg.optim.vit_lr_decay and cfg.optim.vit_lr_decay != 1.0:
                     nl = s.mcfg.visual.layers
                     rec["lr_vit_first_block"] = rec["lr"] * cfg.optim.vit_lr_decay**nl
+                # MFU two ways: counting the images the step encodes (every slot, or the budget)
+                # and counting only the real images of these batches.
+                real = imgs_since * jax.process_count() / steps_since
+                flops_real = step_model_flops(s, images=real)
+                rec["model_tflops_per_s_real_images"] = flops_real / dt / 1e12
                 if peak:
                     rec["mfu"] = flops_lib.mfu(flops_step, dt, n_chips, peak)
+                    rec["mfu_real_images"] = flops_lib.mfu(flops_real, dt, n_chips, peak)
                 if hasattr(data, "metrics"):  # the pipeline's packing efficiency and skips
                     rec.update({k: float(v) for k, v in data.metrics().items()})
                 rec.update(ev or {})

@@ -59,6 +59,11 @@ def base() -> mlc.ConfigDict:
     c.data.max_images = 1  # static image slots per packed sequence
     c.data.worker_count = 0
     c.data.spec = mlc.ConfigDict()  # the pipeline's config itself (from Python; pipeline.py)
+    # Images the ViT encodes per micro-batch (over all data shards; a multiple of data x fsdp):
+    # only the valid slots are gathered, up to this many, so image work follows the images, not
+    # the slots. 0 = encode every slot. A micro-batch holding more images stops the run with an
+    # error naming this key (train/step.py check_image_budget); nothing is dropped silently.
+    c.data.image_budget = 0
 
     # Held-out loss and token accuracy every `every_steps` steps on the first `batches` batches of
     # `data` (files as data.train) or `mixture`, read in file order (the same batches each time).

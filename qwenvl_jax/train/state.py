@@ -162,13 +162,22 @@ def _towers_trainable(labels: Any) -> tuple[bool, bool]:
     return any(llm), any(vit)
 
 
-def step_model_flops(s: Setup) -> float:
+def encoded_images(s: Setup) -> int:
+    """Images the step encodes: every static slot, or `data.image_budget` per micro-batch."""
+    slots = int(s.cfg.batch_size) * int(s.cfg.data.max_images)
+    budget = int(s.cfg.data.get("image_budget", 0) or 0)
+    return min(slots, budget * s.accum) if budget and slots else slots
+
+
+def step_model_flops(s: Setup, images: float | None = None) -> float:
+    """Model FLOPs of one step, counting `images` images (default: those encoded, `encoded_images`;
+    the trainer also logs MFU counting only the real images of the batch)."""
     llm_t, vit_t = _towers_trainable(s.labels)
     return flops_lib.step_flops(
         s.mcfg,
         sequences=int(s.cfg.batch_size),
         seq_len=int(s.cfg.data.seq_len),
-        images=int(s.cfg.batch_size) * int(s.cfg.data.max_images),
+        images=encoded_images(s) if images is None else images,
         image_size=int(s.cfg.data.image_size),
         llm_trainable=llm_t,
         vit_trainable=vit_t,

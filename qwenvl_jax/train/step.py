@@ -13,20 +13,24 @@ from qwenvl_jax.train.state import Setup, merge_model
 
 
 def cross_entropy_sum(
-    model, batch: dict, loss_chunk: int = 0
+    model, batch: dict, loss_chunk: int = 0, image_budget: int = 0, image_groups: int = 1
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Sum of CE(logits, targets) over supervised tokens, their count, and the correct count.
 
     The LM head and the float32 log-softmax run in chunks of `loss_chunk` positions (0 = all at
-    once) under remat, so the [B, T, V] float32 logits never exist in full.
+    once) under remat, so the [B, T, V] float32 logits never exist in full. With `image_budget`
+    K > 0 only the first K valid image slots of each of `image_groups` row blocks are encoded
+    (`image_budget_of`; 0 = every slot).
     """
     images = batch.get("images")
+    budget = dict(image_valid=batch.get("image_valid"), image_budget=image_budget or None)
     h = model.transformer(
         batch["input_ids"],
         images=images,
         image_token_index=batch.get("image_token_index") if images is not None else None,
         segment_ids=batch["segment_ids"],
         positions=batch["positions"],
+        **(dict(budget, image_groups=image_groups) if image_budget and images is not None else {}),
     )
     targets, mask = batch["targets"], batch["loss_mask"].astype(jnp.float32)
 
@@ -62,13 +66,14 @@ def make_train_step(s: Setup):
     """The jitted step: (params, opt_state, batch[A, b, ...]) -> (params, opt_state, metrics)."""
     cfg = s.cfg
     loss_chunk = int(cfg.get("loss_chunk", 0) or 0)
+    budget, groups = image_budget_of(s)
     frozen = jax.tree.map(lambda lab: lab == "frozen", s.labels)
 
     def loss_fn(params, mb):
         # Frozen params: no gradient flows, so XLA never computes their weight gradients.
         params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
         model = merge_model(s, params)
-        loss, n, correct = cross_entropy_sum(model, mb, loss_chunk)
+        loss, n, correct = cross_entropy_sum(model, mb, loss_chunk, budget, groups)
         return loss, (n, correct)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -123,7 +128,7 @@ def make_eval_step(s: Setup):
             model = merge_model(s, params)
 
             def micro(carry, mb):
-                loss, n, correct = cross_entropy_sum(model, mb, loss_chunk)
+                loss, n, correct = cross_entropy_sum(model, mb, loss_chunk, *image_budget_of(s))
                 return (carry[0] + loss, carry[1] + n, carry[2] + correct), None
 
             zero = jnp.float32(0)
@@ -149,10 +154,55 @@ def abstract_batch(s: Setup) -> dict:
     }
 
 
+def image_budget_of(s: Setup) -> tuple[int, int]:
+    """(images encoded per data shard per micro-batch, data shards) of `config.data.image_budget`
+    (images encoded per micro-batch, over all data shards; 0 = every slot: (0, shards)).
+
+    The budget is split evenly over the data-parallel shards (data x fsdp) so that picking the
+    valid slots never moves pixels between devices.
+    """
+    dp = s.mesh.shape["data"] * s.mesh.shape["fsdp"]
+    k = int(s.cfg.data.get("image_budget", 0) or 0)
+    if not k or not int(s.cfg.data.max_images):
+        return 0, dp
+    if k % dp:
+        raise ValueError(
+            f"config.data.image_budget={k} is not a multiple of the data-parallel size"
+            f" data x fsdp = {dp} (each shard encodes budget / {dp} images)"
+        )
+    return k // dp, dp
+
+
+def check_image_budget(image_valid: np.ndarray, s: Setup) -> None:
+    """Refuses host rows [b_local, M] whose micro-batch holds more images on one data shard than
+    the budget: the step would drop them (a clear stop instead of a silent loss of images).
+
+    Raises:
+        ValueError: naming the micro-batch, the count and the config keys to change.
+    """
+    k, dp = image_budget_of(s)
+    if not k:
+        return
+    a = s.accum
+    rows = int(s.cfg.batch_size) // a // dp  # rows per data shard per micro-batch
+    v = np.asarray(image_valid, bool)
+    counts = v.reshape(a, -1, rows * v.shape[-1]).sum(-1)  # [A, local shards]
+    if counts.max() > k:
+        i = int(np.argmax(counts.max(1)))
+        raise ValueError(
+            f"micro-batch {i} holds {int(counts[i].max())} images on one data shard, over the"
+            f" image budget of {k} per shard (config.data.image_budget={k * dp} per micro-batch"
+            f" over {dp} shards): raise config.data.image_budget, lower config.data.max_images,"
+            " or set the budget to 0 to encode every slot"
+        )
+
+
 def to_step_batch(local: dict, s: Setup) -> dict:
     """Host rows [b_local, ...] -> global arrays [A, B/A, ...] sharded over (data, fsdp)."""
     a = s.accum
     sh = batch_shardings(s)
+    if "image_valid" in local:
+        check_image_budget(local["image_valid"], s)
     out = {}
     for k in batch_shapes(s.cfg, s.accum):
         v = np.asarray(local[k], BATCH_SPEC[k])
