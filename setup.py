@@ -8,6 +8,8 @@ the JAX that is already there; `constraints.txt` pins the exact set CI tests
 from setuptools import find_packages, setup
 
 JAX = "jax>=0.10.2"
+# gs:// support as tested (constraints.txt); gcsfs 2026.10 needs google-cloud-storage 3.14.1.
+GCS = ["gcsfs>=2026.10.1", "google-cloud-storage>=3.14.1"]
 
 setup(
     name="qwenvl_jax",
@@ -39,8 +41,10 @@ setup(
         "gpu": [f"{JAX.replace('jax', 'jax[cuda12]')}"],
         # TPU VMs; also lets a CPU host compile for TPU slices ahead of time (dry runs).
         "tpu": [f"{JAX.replace('jax', 'jax[tpu]')}"],
-        # gs:// paths for data, workdirs and checkpoints.
-        "gcs": ["gcsfs>=2024.2", "google-cloud-storage>=2.14"],
+        # gs:// paths everywhere (workdirs, checkpoints, data, images, exports): gcsfs is
+        # etils.epath's gs:// backend without TensorFlow; google-cloud-storage writes TensorBoard
+        # event files (tensorboardX). Orbax's arrays go through TensorStore's built-in driver.
+        "gcs": GCS,
         # The synthetic demo: SentencePiece vocabulary training and the plots.
         "demo": ["sentencepiece>=0.2", "matplotlib>=3.8"],
         # The benchmark metrics: CIDEr through pycocoevalcap (its PTB tokenizer needs Java).
@@ -57,6 +61,9 @@ setup(
             "matplotlib>=3.8",
             "tensorflow-datasets>=4.9.6",
             "pycocoevalcap>=1.2",
+            *GCS,
+            # A local GCS for the gs:// tests (tests/gcs_emulator.py).
+            "gcp-storage-emulator>=2026.7.19",
         ],
         # Only for tools/ that run the published PyTorch code and for optional checks.
         "torch": ["torch==2.13.0"],

@@ -15,6 +15,6 @@ REPO=${REPO:?set REPO to the git URL of your qwenvl_jax checkout (cloned on ever
 # The command runs in a remote shell: quote every argument for it (flags may hold spaces).
 ARGS=$(printf ' %q' "--config=$CONFIG" "--workdir=$WORKDIR" --distributed "$@")
 CMD="set -e; [ -d qwenvl_jax ] || git clone -q $(printf %q "$REPO") qwenvl_jax; cd qwenvl_jax; \
-pip install -q -e '.[tpu]'; \
+pip install -q -e '.[tpu,gcs]'; \
 python -m qwenvl_jax.train$ARGS"
 gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command "$CMD"

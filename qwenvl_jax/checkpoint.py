@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -28,13 +27,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from qwenvl_jax import fileio
 from qwenvl_jax.optim import map_with_path_str
-
-
-def _absolute(path: str) -> str:
-    """Orbax wants absolute paths; local relative ones are resolved, URLs (gs://...) kept."""
-    return path if "://" in path else os.path.abspath(path)
-
 
 CKPT_DIR = "checkpoints"
 QUARANTINE_DIR = "checkpoints_quarantine"
@@ -103,7 +97,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
         self.workdir = workdir
-        self.directory = epath.Path(_absolute(workdir)) / CKPT_DIR
+        self.directory = epath.Path(fileio.absolute(workdir)) / CKPT_DIR
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
@@ -193,7 +187,7 @@ class Checkpointer:
                 self._quarantine(step, msg)
         raise RuntimeError(
             f"no readable checkpoint in {self.directory}: {errors}. Refusing to start from scratch;"
-            f" inspect {os.path.join(self.workdir, QUARANTINE_DIR)} or use a new workdir."
+            f" inspect {fileio.join(self.workdir, QUARANTINE_DIR)} or use a new workdir."
         )
 
     def _check_matches(self, step, abstract_params, abstract_opt) -> None:
@@ -312,8 +306,8 @@ def latest_params(workdir: str, scan_layers: bool = False) -> tuple[Any, dict]:
     """
     from qwenvl_jax import config as config_lib
 
-    workdir = _absolute(workdir)
-    cfg = config_lib.load_hf_json(os.path.join(workdir, "config.json"))
+    workdir = fileio.absolute(workdir)
+    cfg = config_lib.load_hf_json(fileio.join(workdir, "config.json"))
     mngr = ocp.CheckpointManager(
         epath.Path(workdir) / CKPT_DIR,
         item_names=("params", "opt_state", "meta"),

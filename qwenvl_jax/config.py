@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
+
+from qwenvl_jax import fileio
 
 # Keys of the published config.json that only describe the PyTorch wrapper; kept verbatim on export.
 AUTO_MAP = {
@@ -169,11 +170,9 @@ class QWenConfig:
 
     def save_hf_json(self, path: str) -> None:
         """Write `config.json` (path may be a directory)."""
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        with open(path, "w") as f:
-            json.dump(self.to_hf_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
+        if fileio.isdir(path):
+            path = fileio.join(path, "config.json")
+        fileio.write_text(path, json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
 
 
 def _reference_derived(cfg: QWenConfig) -> dict:
@@ -208,11 +207,10 @@ def from_hf_dict(d: dict) -> QWenConfig:
 
 def read_config_json(path: str) -> dict:
     """The dict in `config.json` (path may be the checkpoint directory); errors name the file."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
+    if fileio.isdir(path):
+        path = fileio.join(path, "config.json")
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(fileio.read_text(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"no config.json at {path}") from None
     except json.JSONDecodeError as e:

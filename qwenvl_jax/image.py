@@ -27,6 +27,8 @@ from typing import Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from qwenvl_jax import fileio
+
 # OpenAI-CLIP statistics used by the published transform.
 CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), dtype=np.float32)
 CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), dtype=np.float32)
@@ -74,10 +76,9 @@ def _open(src: ImageSource, allow_urls: bool, timeout: float) -> tuple[Image.Ima
             raise OSError(f"could not fetch image {src}: {e}") from None
     elif isinstance(src, (str, os.PathLike)):
         name = os.fspath(src)
-        if not os.path.isfile(name):
+        if not fileio.isfile(name):  # local or gs://
             raise FileNotFoundError(f"image file not found: {name}")
-        with open(name, "rb") as f:
-            data = f.read()
+        data = fileio.read_bytes(name)
     else:
         raise TypeError(
             f"unsupported image source of type {type(src).__name__}; expected a path, URL, bytes,"
