@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import time
 
@@ -13,6 +12,7 @@ import ml_collections
 import numpy as np
 
 from qwenvl_jax import checkpoint as ckpt_lib
+from qwenvl_jax import fileio
 from qwenvl_jax import flops as flops_lib
 from qwenvl_jax.metrics import MetricsWriter
 from qwenvl_jax.train import inputs
@@ -121,13 +121,13 @@ def train(
     """
     # What the run trains on comes first, and a run with no data stops here, before the model.
     log(inputs.describe(cfg))
-    os.makedirs(workdir, exist_ok=True)
+    fileio.makedirs(workdir)
     s = build(cfg, devices)
     check_setup(s)
     if jax.process_index() == 0:
-        s.mcfg.save_hf_json(os.path.join(workdir, "config.json"))
-        with open(os.path.join(workdir, "train_config.json"), "w") as f:
-            f.write(cfg.to_json_best_effort(indent=2))
+        s.mcfg.save_hf_json(fileio.join(workdir, "config.json"))
+        train_json = cfg.to_json_best_effort(indent=2)
+        fileio.write_text(fileio.join(workdir, "train_config.json"), train_json)
     log(f"config:\n{cfg}")
     log(describe(s))
 
@@ -170,7 +170,7 @@ def train(
     meta = {"seed": int(cfg.seed), "scan_layers": bool(cfg.model.scan_layers), "stage": cfg.stage}
     meta["config"] = json.loads(cfg.to_json_best_effort())
     history = []
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    metrics_log = fileio.JsonLines(fileio.join(workdir, "metrics.jsonl"))
     t_last, steps_since, wait_since, imgs_since = time.time(), 0, 0.0, 0.0
     step = start
     try:
@@ -223,8 +223,7 @@ def train(
                 writer.write(step, rec)
                 history.append(rec)
                 if jax.process_index() == 0:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
+                    metrics_log.append(json.dumps(rec))
                 t_last, steps_since, wait_since, imgs_since = time.time(), 0, 0.0, 0.0
             stop = preempt.should_stop(step)
             if step % int(cfg.checkpoint.every_steps) == 0 or step == total or stop:
