@@ -65,13 +65,17 @@ _ATTN = flags.DEFINE_list(
     "attn_impl", ["auto"], "Attention implementations (model/attention.py); a list runs an A/B."
 )
 _SLOTS = flags.DEFINE_integer(
-    "image_slots", 0, "Static image slots per sequence (0: the shape's); only the first"
-    " --images_filled hold a picture."
+    "image_slots",
+    0,
+    "Static image slots per sequence (0: the shape's); only the first"
+    " --images_filled hold a picture.",
 )
 _FILLED = flags.DEFINE_integer("images_filled", 1, "Pictures per sequence (with --image_slots).")
 _BUDGETS = flags.DEFINE_list(
-    "image_budget", ["0"], "config.data.image_budget values (0: encode every slot); a list runs"
-    " an A/B, e.g. --image_slots=4 --image_budget=0,4 (1 of 4 slots filled, batch 4)."
+    "image_budget",
+    ["0"],
+    "config.data.image_budget values (0: encode every slot); a list runs"
+    " an A/B, e.g. --image_slots=4 --image_budget=0,4 (1 of 4 slots filled, batch 4).",
 )
 _BATCH = flags.DEFINE_integer("batch", 0, "Override the shape's batch size.")
 _CHIP = flags.DEFINE_string(
@@ -302,8 +306,11 @@ def _line(r: dict) -> str:
         f"{r['shape']} ({r['mode']}) on {r['device']}, {_label(r)}: {r['step_s']:.3f} s/step, "
         f"{r['tokens_per_s']:,.0f} tokens/s, {r['images_per_s']:.1f} images/s"
         f" ({r['image_slots']} slots per sequence), {r['model_tflops_per_s']:.3g} model TFLOP/s"
-        + (f", MFU {r['mfu']:.1%} (real images {r['mfu_real_images']:.1%})"
-           if r["mfu"] is not None else "")  # fmt: skip
+        + (
+            f", MFU {r['mfu']:.1%} (real images {r['mfu_real_images']:.1%})"
+            if r["mfu"] is not None
+            else ""
+        )  # fmt: skip
         + (f", peak {r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] else "")
         + f" (compile {r['compile_s']:.0f} s)"
     )

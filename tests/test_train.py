@@ -405,6 +405,36 @@ def test_tiny_aot_compile_for_tpu_slice():
     assert res["xla_flops_per_device_loop_bodies_once"] > 0
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_libtpu(), reason="libtpu not installed (pip install -e .[tpu])")
+def test_tiny_aot_compile_for_tpu_uses_splash_attention():
+    """attn_impl="auto" compiled for a TPU slice (on this CPU host) calls the splash kernel: the
+    decoder's 128-token rows go through Pallas (TPU custom calls for the forward and the two
+    backward kernels) inside the shard_map over (fsdp, model)."""
+    code = (
+        "import json;"
+        "from qwenvl_jax import train;"
+        "from qwenvl_jax.train import aot, stage_config;"
+        "c=stage_config.load('multitask:tiny');c.aot.topology='v5p:2x2x1';c.mesh.data=1;"
+        "c.mesh.fsdp=2;c.mesh.model=2;c.model.dtype='bfloat16';c.model.attn_impl='auto';"
+        "txt=aot.aot_compile(train.build(c, aot.topology_devices(c))).as_text();"
+        "print('RESULT', json.dumps([txt.count('tpu_custom_call'), 'splash' in txt]))"
+    )
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        TPU_WORKER_HOSTNAMES="localhost",
+        ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, timeout=900
+    )
+    assert out.returncode == 0, out.stderr.decode()[-3000:]
+    line = [ln for ln in out.stdout.decode().splitlines() if ln.startswith("RESULT")][0]
+    n_calls, has_splash = json.loads(line[len("RESULT ") :])
+    assert n_calls >= 3 and has_splash
+
+
 def test_chunked_loss_equals_full_loss():
     """The chunked LM head + log-softmax gives the same loss and gradients as the full one."""
     c = tiny(steps=4)

@@ -3,7 +3,8 @@
 Public:
   QWenLMHeadModel(config, *, rngs, dtype, param_dtype, scan_layers, remat, visual_remat, attn_impl)
   model(input_ids, *, images, image_token_index, segment_ids, positions, cache, cache_index,
-        ntk_alpha, use_logn, image_valid, image_budget, image_groups) -> logits [B, T, V]  (or (logits, cache) when a cache is passed)
+        ntk_alpha, use_logn, image_valid, image_budget, image_groups)
+    -> logits [B, T, V]  (or (logits, cache) when a cache is passed)
   image_token_index(input_ids, image_start_id, n_queries) -> (index [B, T], images per row [B])
 """
 
@@ -110,7 +111,7 @@ class QWenModel(nnx.Module):
         scan_layers: bool = False,
         remat: str = "none",
         visual_remat: str | None = None,
-        attn_impl: str = "xla",
+        attn_impl: str = "auto",
     ):
         self.cfg = cfg
         self.dtype = dtype
@@ -269,7 +270,8 @@ class QWenLMHeadModel(nnx.Module):
       scan_layers: stacked decoder and ViT blocks (leading `layers` axis) run with lax.scan.
       remat: decoder remat policy name (`layers.REMAT_POLICIES`); visual_remat: the ViT's (default:
         same as remat).
-      attn_impl: `dot_product_attention` implementation ("xla", "cudnn", "jax").
+      attn_impl: `dot_product_attention` implementation ("auto": the platform's fused kernel;
+        "xla", "splash", "pallas_gpu", "cudnn", "jax").
     """
 
     def __init__(
@@ -282,7 +284,7 @@ class QWenLMHeadModel(nnx.Module):
         scan_layers: bool = False,
         remat: str = "none",
         visual_remat: str | None = None,
-        attn_impl: str = "xla",
+        attn_impl: str = "auto",
     ):
         self.config = config
         self.dtype = dtype

@@ -34,7 +34,10 @@ def base() -> mlc.ConfigDict:
     # checkpointing; at 2048 tokens and micro-batch 512 on 32 chips the 7B stages need it on TPU.
     c.model.remat_llm = "full"
     c.model.remat_vit = "full"
-    c.model.attn_impl = "xla"  # dot_product_attention implementation ("xla", "cudnn", ...)
+    # dot_product_attention implementation: "auto" = splash on TPU, Triton flash (packed decoder)
+    # and cuDNN (ViT, adapter) on GPU, XLA on CPU (model/attention.py); or "xla", "splash",
+    # "pallas_gpu", "cudnn", "jax".
+    c.model.attn_impl = "auto"
 
     # Where the weights come from (Table 8 "ViT/LLM/VL Adapter init."). At most one of `workdir`,
     # `checkpoint` or (`vit_checkpoint`, `llm_checkpoint`); none means random init (`allow_random`).

@@ -51,7 +51,7 @@ def make_model(cfg: ml_collections.ConfigDict, mcfg: QWenConfig, rngs: nnx.Rngs)
         scan_layers=bool(cfg.model.scan_layers),
         remat=cfg.model.remat_llm,
         visual_remat=cfg.model.remat_vit,
-        attn_impl=cfg.model.get("attn_impl", "xla"),
+        attn_impl=cfg.model.get("attn_impl", "auto"),
     )
 
 
