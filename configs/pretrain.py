@@ -26,6 +26,10 @@ def get_config(arg=None):
     # Section 3.1: "We freeze the large language model and only optimize the vision encoder and VL
     # adapter." The adapter's sin-cos pos_embed stays fixed as the published code builds it.
     c.optim.freeze = ("llm", "adapter_pos_embed")
+    # Remat per tower from memory (launch/README.md "Remat"): at 224 px a ViT image is 256 patches,
+    # so keeping the weight-matmul outputs ("dots") is small next to the frozen 7B decoder's 512
+    # tokens x 8 sequences, which recomputes everything ("full", the base default).
+    c.model.remat_vit = "dots"
     c.mesh.model = 1  # Table 8: no model parallelism in stage 1
     # Table 8: ViT init Open-CLIP-bigG, LLM init Qwen-7B, adapter random: set both paths (our
     # format).

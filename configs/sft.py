@@ -27,6 +27,9 @@ def get_config(arg=None):
     # QWEN-QUIRK (finetune.py fix_vit): ln_post and proj freeze with the ViT; attn_pool, pos_embed
     # included, is trained.
     c.optim.freeze = ("vit",)
+    # The frozen ViT is the bottom of the graph: no gradient flows through it, so it saves no
+    # activations and remat would only add work. The decoder keeps "full" (launch/README.md).
+    c.model.remat_vit = "none"
     c.mesh.model = 2  # Table 8: model parallelism 2
     c.init.workdir = ""  # Table 8: everything from Qwen-VL 2nd stage
     if args.get("tiny"):

@@ -629,3 +629,36 @@ def test_image_budget_equals_encoding_every_slot():
     # above is not vacuous because the budgeted path never encodes them.
     (_, over), _ = loss_and_grad(model, *args, 3, 2)  # the second block holds 4 > 3 images
     assert np.abs(np.asarray(over) - np.asarray(full)).max() > 1e-3
+
+
+# ----------------------------------------------------------------------------- remat policies
+@pytest.mark.parametrize(
+    "policy,kept,dropped",
+    [
+        ("save_attn", {"qkv_proj", "attn_out"}, {"mlp_hidden"}),
+        ("save_attn_mlp", {"qkv_proj", "attn_out", "mlp_hidden"}, set()),
+        ("full", set(), {"qkv_proj", "attn_out", "mlp_hidden"}),
+    ],
+)
+def test_named_remat_policies_keep_their_tensors(small_model, policy, kept, dropped, capsys):
+    """The named policies keep exactly their tagged activations for the backward pass (what
+    `jax.ad_checkpoint.print_saved_residuals` lists), and the gradients do not change."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    ids = jnp.asarray(_ids(30, 12))[None]
+    other = _model_like(small_model, remat=policy)
+    graphdef, state = nnx.split(other)
+
+    def loss(state):
+        return jnp.sum(jnp.sin(nnx.merge(graphdef, state)(ids)))
+
+    capsys.readouterr()
+    print_saved_residuals(loss, state)
+    saved = set(re.findall(r"named '(\w+)'", capsys.readouterr().out))
+    assert kept <= saved and not (dropped & saved), saved
+    ref_graphdef, ref_state = nnx.split(small_model)
+    g = jax.grad(loss)(state)
+    want = jax.grad(lambda st: jnp.sum(jnp.sin(nnx.merge(ref_graphdef, st)(ids))))(ref_state)
+    for (k, a), (_, b) in zip(nnx.to_flat_state(g), nnx.to_flat_state(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()),
+                                   atol=ATOL, rtol=1e-5, err_msg=str(k))  # fmt: skip

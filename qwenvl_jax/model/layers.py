@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen, nnx
+from jax.ad_checkpoint import checkpoint_name
 
 # Closed vocabulary of logical axis names (docs/architecture.md). None means "never sharded".
 PARAM_AXES = frozenset(
@@ -349,10 +350,33 @@ def resize_pos_table(table: jax.Array, tgt_len: int) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- layer stacks
+# Names on the big activations of a block (decoder and ViT alike), for policies that keep some:
+# `qkv_proj` the fused q/k/v projection [B, T, 3, N, H], `attn_out` the attention output before
+# its projection [B, T, N, H] (keeping it skips recomputing attention), `mlp_hidden` the MLP's
+# activated hidden [B, T, F] (the widest).
+REMAT_NAMES = ("qkv_proj", "attn_out", "mlp_hidden")
+
+
+def remat_name(x: jax.Array, name: str) -> jax.Array:
+    """Tags an activation for the named remat policies (identity otherwise)."""
+    if name not in REMAT_NAMES:
+        raise ValueError(f"remat name {name!r}: not in {REMAT_NAMES}")
+    return checkpoint_name(x, name)
+
+
+_save = jax.checkpoint_policies.save_only_these_names
+# Per block, from most memory to least: "none" keeps every activation; "dots" the outputs of the
+# weight matmuls (attention scores and elementwise ops are recomputed); "save_attn_mlp" the three
+# named tensors; "save_attn" only q/k/v and the attention output (the MLP is recomputed, attention
+# is not); "full" only the block's input (everything recomputed: one more forward). The stage
+# configs pick per tower from memory (launch/README.md).
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attn_mlp": _save("qkv_proj", "attn_out", "mlp_hidden"),
+    "save_attn": _save("qkv_proj", "attn_out"),
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "everything_saveable": jax.checkpoint_policies.everything_saveable,

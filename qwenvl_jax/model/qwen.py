@@ -146,7 +146,7 @@ class QWenAttention(nnx.Module):
         layer_cache: (k, v, kv_segment_ids) of this layer; the T new keys/values are written at
         cache_index and the queries attend to slots <= their own.
         """
-        qkv = self.c_attn(x)
+        qkv = layers.remat_name(self.c_attn(x), "qkv_proj")
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, N, H]
         q = apply_rotary(q, positions, inv_freq)
         k = apply_rotary(k, positions, inv_freq)
@@ -187,7 +187,7 @@ class QWenAttention(nnx.Module):
                 implementation=self.attn_impl,
             )
             new_cache = (ck, cv)
-        return self.c_proj(out), new_cache
+        return self.c_proj(layers.remat_name(out, "attn_out")), new_cache
 
 
 class QWenMLP(nnx.Module):
@@ -206,7 +206,7 @@ class QWenMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # QWEN-QUIRK: w2 is the gate (through SiLU) and w1 the up projection.
-        h = self.w1(x) * jax.nn.silu(self.w2(x))
+        h = layers.remat_name(self.w1(x) * jax.nn.silu(self.w2(x)), "mlp_hidden")
         h = layers.shard_activation(h, ("act_batch", "act_seq", "act_mlp"))
         return self.c_proj(h)
 

@@ -64,12 +64,12 @@ class VisualAttention(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        qkv = self.in_proj(x)  # [B, P, N, 3, H]
+        qkv = layers.remat_name(self.in_proj(x), "qkv_proj")  # [B, P, N, 3, H]
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
         out = dot_product_attention(
             q, k, v, causal=False, scale=self.scale, implementation=self.attn_impl
         )
-        return self.out_proj(out)
+        return self.out_proj(layers.remat_name(out, "attn_out"))
 
 
 class VisualMLP(nnx.Module):
@@ -96,7 +96,7 @@ class VisualMLP(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = jax.nn.gelu(self.c_fc(x), approximate=False)
+        h = layers.remat_name(jax.nn.gelu(self.c_fc(x), approximate=False), "mlp_hidden")
         h = layers.shard_activation(h, ("act_batch", "act_seq", "act_mlp"))
         return self.c_proj(h)
 
