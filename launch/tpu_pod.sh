@@ -16,5 +16,6 @@ REPO=${REPO:?set REPO to the git URL of your qwenvl_jax checkout (cloned on ever
 ARGS=$(printf ' %q' "--config=$CONFIG" "--workdir=$WORKDIR" --distributed "$@")
 CMD="set -e; [ -d qwenvl_jax ] || git clone -q $(printf %q "$REPO") qwenvl_jax; cd qwenvl_jax; \
 pip install -q -e '.[tpu,gcs]'; \
+${LIBTPU_INIT_ARGS:+export LIBTPU_INIT_ARGS=$(printf %q "$LIBTPU_INIT_ARGS"); }\
 python -m qwenvl_jax.train$ARGS"
 gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command "$CMD"

@@ -30,3 +30,39 @@ def test_tpu_pod_passes_flags_with_spaces_through_the_remote_shell(tmp_path):
         ["bash", "-c", f"printf '%s\\n'{train}"], capture_output=True, text=True, check=True
     ).stdout.splitlines()
     assert argv == ["--config=configs/sft.py", "--workdir=gs://b/s3", "--distributed", *flags]
+
+
+def test_tpu_pod_forwards_the_users_libtpu_flags(tmp_path):
+    """LIBTPU_INIT_ARGS set where the script runs reaches every host whole (the trainer adds its
+    defaults to it there, keeping the user's values: qwenvl_jax/train/compiler.py)."""
+    saved = tmp_path / "command.txt"
+    gcloud = tmp_path / "gcloud"
+    gcloud.write_text(
+        '#!/usr/bin/env bash\nwhile [ "$1" != --command ]; do shift; done\n'
+        f'printf %s "$2" > {saved}\n'
+    )
+    gcloud.chmod(0o755)
+    user = "--xla_tpu_enable_async_collective_fusion=false --xla_foo=1"
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", REPO="https://h/r.git")
+    script = [
+        "bash", os.path.join(ROOT, "launch", "tpu_pod.sh"), "tpu", "zone", "configs/sft.py", "gs://b",
+    ]  # fmt: skip
+    for value, want in ((user, user), (None, "")):
+        if value is None:
+            env.pop("LIBTPU_INIT_ARGS", None)
+        else:
+            env["LIBTPU_INIT_ARGS"] = value
+        subprocess.run(script, env=env, check=True)
+        head = saved.read_text().split("python -m qwenvl_jax.train")[0]
+        seen = subprocess.run(
+            [
+                "bash",
+                "-c",
+                head.split("pip install")[1].split(";", 1)[1] + ' printf %s "$LIBTPU_INIT_ARGS"',
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PATH": os.environ["PATH"]},
+        ).stdout
+        assert seen == want

@@ -25,6 +25,7 @@ from ml_collections import config_flags
 
 from qwenvl_jax import sharding as shd
 from qwenvl_jax.errors import UserError, run_cli
+from qwenvl_jax.train import compiler
 from qwenvl_jax.train.aot import dry_run
 from qwenvl_jax.train.cli import parse_absl_flags
 from qwenvl_jax.train.loop import train
@@ -72,6 +73,8 @@ def main(argv) -> None:
         return
     if not _WORKDIR.value:
         raise UserError("--workdir is required (where checkpoints, logs and TensorBoard files go)")
+    # Before JAX starts its backends (distributed init and the first computation start them).
+    compiler.apply_flags()
     shd.initialize_distributed(_COORD.value, _NPROC.value, _PID.value, auto=_DIST.value)
     train(cfg, _WORKDIR.value)
 

@@ -15,7 +15,7 @@ from qwenvl_jax import checkpoint as ckpt_lib
 from qwenvl_jax import fileio
 from qwenvl_jax import flops as flops_lib
 from qwenvl_jax.metrics import MetricsWriter
-from qwenvl_jax.train import inputs
+from qwenvl_jax.train import compiler, inputs
 from qwenvl_jax.train.inputs import make_data_iterator, make_eval_iterator
 from qwenvl_jax.train.sources import initial_params
 from qwenvl_jax.train.state import build, check_setup, describe, log, step_model_flops
@@ -158,6 +158,8 @@ def train(
         opt_state = jax.jit(s.tx.init, out_shardings=s.opt_sharding)(params)
         log(f"initialised params from {desc}")
 
+    cache = compiler.enable_cache(str(cfg.get("compilation_cache_dir", "") or ""))
+    hits0 = cache.hits if cache else 0
     step_fn = make_train_step(s)
     eval_step = make_eval_step(s) if inputs.eval_spec(cfg) is not None else None
     writer = MetricsWriter(workdir, total)
@@ -180,7 +182,12 @@ def train(
             wait = time.time() - t0
             wait_since += wait
             batch = to_step_batch(local, s)
+            t_step = time.time()
             params, opt_state, m = step_fn(params, opt_state, batch)
+            if step == start:  # the call compiled (or loaded from the cache) the step
+                compile_s = time.time() - t_step
+                hit = "" if cache is None else f", persistent cache hits {cache.hits - hits0}"
+                log(f"train step compiled in {compile_s:.1f}s{hit}")
             step += 1
             steps_since += 1
             if "image_valid" in local:

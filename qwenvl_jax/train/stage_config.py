@@ -112,6 +112,9 @@ def base() -> mlc.ConfigDict:
     # LM head + float32 log-softmax in chunks of this many positions (0 = all at once), so the
     # [B, T, 151936] float32 logits never exist in full.
     c.loss_chunk = 512
+    # JAX's persistent compilation cache (local or gs://): a restarted run loads the compiled step.
+    # "" = off. The trainer logs the first step's compile time and the cache's hits.
+    c.compilation_cache_dir = ""
     c.chip = ""  # name for MFU ("v5p", "h100", ...); "" = guess from the device kind
     # Dry run / AOT: a TPU topology to compile for on a CPU host, e.g. "v5p:4x4x2".
     c.aot = mlc.ConfigDict(dict(topology="", chip_config="megacore", chips_per_host="2,2,1"))

@@ -1,0 +1,129 @@
+"""Compiler settings of a training run: XLA flags per platform and the persistent compilation cache.
+
+`apply_flags()` runs in `python -m qwenvl_jax.train` before JAX creates its backends (the flags are
+read then); launch/tpu_pod.sh exports the same TPU flags on every host. A flag the user already
+set (in XLA_FLAGS or LIBTPU_INIT_ARGS) is left as the user set it.
+
+- GPU (`XLA_FLAGS`): the latency-hiding scheduler and pipelined, combined collectives, as
+  NVIDIA's JAX-Toolbox and MaxText recommend for FSDP training (collectives overlap compute); XLA's
+  Triton GEMMs off (cuBLAS); XLA's own rematerialization pass off (the model's remat policies
+  decide what is recomputed).
+- TPU (`LIBTPU_INIT_ARGS`): asynchronous collective fusion and compute/collective overlap, and the
+  data-parallel all-reduce optimisation, as MaxText sets them for v4/v5p/v6e.
+
+`enable_cache(dir)` points JAX's persistent compilation cache at a directory (local or gs://), so
+a restarted or resumed run loads the compiled step instead of compiling it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+GPU_XLA_FLAGS = (
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "--xla_gpu_enable_triton_gemm=false",
+    "--xla_gpu_all_reduce_combine_threshold_bytes=134217728",
+    "--xla_gpu_all_gather_combine_threshold_bytes=134217728",
+    "--xla_gpu_reduce_scatter_combine_threshold_bytes=67108864",
+    "--xla_gpu_enable_pipelined_all_gather=true",
+    "--xla_gpu_enable_pipelined_reduce_scatter=true",
+    "--xla_gpu_enable_pipelined_all_reduce=true",
+    "--xla_gpu_enable_while_loop_double_buffering=true",
+    "--xla_disable_hlo_passes=rematerialization",
+)
+TPU_LIBTPU_ARGS = (
+    "--xla_tpu_enable_data_parallel_all_reduce_opt=true",
+    "--xla_tpu_data_parallel_opt_different_sized_ops=true",
+    "--xla_tpu_enable_async_collective_fusion=true",
+    "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true",
+    "--xla_tpu_enable_async_collective_fusion_multiple_steps=true",
+    "--xla_tpu_overlap_compute_collective_tc=true",
+    "--xla_enable_async_all_gather=true",
+)
+
+
+def _merge(current: str, defaults: tuple[str, ...]) -> str:
+    """`current` plus each default whose flag name it does not already set."""
+    have = {part.split("=", 1)[0] for part in current.split()}
+    extra = [f for f in defaults if f.split("=", 1)[0] not in have]
+    return " ".join([current.strip(), *extra]).strip()
+
+
+def _platforms(env) -> set[str]:
+    """The accelerators this process may use, without initialising JAX: the installed plugins,
+    unless JAX_PLATFORMS names the platform."""
+    requested = env.get("JAX_PLATFORMS", "").lower()
+    if requested:
+        return {p.strip().replace("cuda", "gpu") for p in requested.split(",")}
+    import importlib.util
+
+    found = set()
+    if importlib.util.find_spec("libtpu") is not None:
+        found.add("tpu")
+    if any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin")):
+        found.add("gpu")
+    return found
+
+
+def apply_flags(env=None, platforms: set[str] | None = None) -> dict[str, str]:
+    """Adds the compiler flags of the platforms in use to the environment (before JAX starts its
+    backends). `QWENVL_NO_COMPILER_FLAGS=1` turns this off.
+
+    Args:
+        env: the environment to change (default os.environ).
+        platforms: {"gpu", "tpu", ...} (default: JAX_PLATFORMS, else the installed plugins).
+
+    Returns:
+        The variables set, {name: value}.
+    """
+    env = os.environ if env is None else env
+    if env.get("QWENVL_NO_COMPILER_FLAGS"):
+        return {}
+    platforms = _platforms(env) if platforms is None else platforms
+    out = {}
+    if "gpu" in platforms:
+        out["XLA_FLAGS"] = _merge(env.get("XLA_FLAGS", ""), GPU_XLA_FLAGS)
+    if "tpu" in platforms:
+        out["LIBTPU_INIT_ARGS"] = _merge(env.get("LIBTPU_INIT_ARGS", ""), TPU_LIBTPU_ARGS)
+    env.update(out)
+    return out
+
+
+class CacheStats:
+    """Counts persistent-cache hits and misses of this process (JAX's monitoring events)."""
+
+    def __init__(self):
+        import jax
+
+        self.hits = self.misses = 0
+
+        def listen(event: str, **kwargs):
+            if event == "/jax/compilation_cache/cache_hits":
+                self.hits += 1
+            elif event == "/jax/compilation_cache/cache_misses":
+                self.misses += 1
+
+        jax.monitoring.register_event_listener(listen)
+
+
+_STATS: list[CacheStats] = []
+
+
+def enable_cache(cache_dir: str, min_compile_secs: float = 1.0) -> CacheStats | None:
+    """JAX's persistent compilation cache in `cache_dir` (a local path or gs://...); returns the
+    process's hit/miss counter (None without a directory)."""
+    import jax
+
+    if not cache_dir:
+        return None
+    if "://" not in cache_dir:
+        cache_dir = os.path.abspath(cache_dir)
+        os.makedirs(cache_dir, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    logging.info("persistent compilation cache: %s", cache_dir)
+    if not _STATS:
+        _STATS.append(CacheStats())
+    return _STATS[0]
