@@ -2,13 +2,24 @@
 
 ChatML dialogues; the ViT is frozen, the LLM and adapter are trained; initialised from stage 2's
 workdir (`--config.init.workdir=...`) or a converted Qwen-VL checkpoint
-(`--config.init.checkpoint=...`). `--config=configs/sft.py:tiny` is the CPU variant."""
+(`--config.init.checkpoint=...`). `--config=configs/sft.py:tiny` is the CPU variant.
 
+`:lora` / `:qlora` (combinable with `tiny`): the published finetune.py's LoRA and Q-LoRA
+(finetune/finetune_lora_ds.sh, finetune_qlora_ds.sh): adapters r=64, alpha=16, dropout 0.05 on the
+LLM's c_attn, attn.c_proj, w1, w2, everything else frozen; Q-LoRA on 4-bit (NF4) base kernels. For
+the base (non-chat) Qwen-VL the published script also trains wte and lm_head:
+`--config.lora.modules_to_save='("^transformer\\.wte\\.", "^lm_head\\.")'`."""
+
+from qwenvl_jax import lora as lora_lib
 from qwenvl_jax.train import stage_config as common
+
+LORA_VARIANTS = ("lora", "qlora")
 
 
 def get_config(arg=None):
-    args = common.parse_arg(arg)
+    parts = [p for p in (arg or "").split(",") if p]
+    variant = [p for p in parts if p in LORA_VARIANTS]
+    args = common.parse_arg(",".join(p for p in parts if p not in LORA_VARIANTS))
     c = common.base()
     c.stage = "sft"
     c.data.image_size = 448  # Table 8: 448^2 (ViT sequence length 1024)
@@ -32,6 +43,16 @@ def get_config(arg=None):
     c.model.remat_vit = "none"
     c.mesh.model = 2  # Table 8: model parallelism 2
     c.init.workdir = ""  # Table 8: everything from Qwen-VL 2nd stage
+    c.lora = lora_config(variant[-1] if variant else "")
+    if variant:
+        # finetune_lora_ds.sh / finetune_qlora_ds.sh: lr 1e-5 (as above), AdamW beta2 0.95,
+        # weight decay 0.1; the base fits one GPU, so no model parallelism.
+        c.optim.b2 = 0.95
+        c.optim.weight_decay = 0.1
+        c.mesh.model = 1
+        # The frozen base is stored in bf16 as the published runs load it (--bf16); the adapters
+        # keep float32 masters (qwenvl_jax.lora), modules_to_save train in bf16.
+        c.model.param_dtype = "bfloat16"
     if args.get("tiny"):
         common.tiny(c)
         c.data.seq_len = 128
@@ -41,3 +62,19 @@ def get_config(arg=None):
     if "res" in args:
         c.data.image_size = int(args["res"])
     return common.finalize(c, args)
+
+
+def lora_config(variant: str):
+    """`config.lora`: rank 0 (off) unless the variant is lora / qlora."""
+    import ml_collections as mlc
+
+    lc = mlc.ConfigDict()
+    lc.rank = 64 if variant else 0  # finetune.py LoraArguments.lora_r
+    lc.alpha = 16.0  # lora_alpha
+    lc.dropout = 0.05  # lora_dropout
+    # Regexes over our module paths; the published target_modules c_attn, attn.c_proj, w1, w2.
+    lc.targets = lora_lib.DEFAULT_TARGETS
+    # Trained in full with the adapters (the published base-model run: wte and lm_head).
+    lc.modules_to_save = ()
+    lc.quantize_base = "nf4" if variant == "qlora" else "none"  # none | int4 | nf4
+    return lc

@@ -12,9 +12,11 @@ for `nnx.scan`).
 
 Decisions (documented here because the paper does not state them):
 - **Weight-decay mask**: decay applies to the matrices that multiply activations: every `kernel`,
-  the ViT's output `proj`, and the token embedding `wte.embedding`. No decay on biases, norm scales,
-  the ViT's learned `positional_embedding`, the adapter's `query` and `pos_embed` (position tables
-  and learned queries are "embedding-like" parameters, excluded as in CLIP/BEiT training recipes).
+  the ViT's output `proj`, the token embedding `wte.embedding`, and LoRA's `lora_A` / `lora_B`
+  (finetune.py's HF Trainer decays every weight but biases and norms, adapters included). No
+  decay on biases, norm scales, the ViT's learned `positional_embedding`, the adapter's `query`
+  and `pos_embed` (position tables and learned queries are "embedding-like" parameters, excluded
+  as in CLIP/BEiT training recipes).
 - **Layer-wise LR decay** (BEiT convention): with L ViT blocks, block k (0 = nearest the pixels)
   gets `decay ** (L - k)`, the patch embedding, position table and `ln_pre` get `decay ** (L + 1)`,
   and everything after the trunk (`ln_post`, `proj`, the adapter) and the whole LLM get 1. So
@@ -60,7 +62,9 @@ GROUPS: dict[str, str] = {
 
 _VIT_BLOCK = re.compile(r"^transformer\.visual\.transformer\.resblocks\.(?:(\d+)\.)?")
 _VIT_STEM = re.compile(r"^transformer\.visual\.(conv1|positional_embedding|ln_pre)\b")
-_DECAY = re.compile(r"(\.kernel|^transformer\.visual\.proj|^transformer\.wte\.embedding)$")
+_DECAY = re.compile(
+    r"(\.kernel|\.lora_[AB]|^transformer\.visual\.proj|^transformer\.wte\.embedding)$"
+)
 
 
 def path_str(path: Sequence[Any]) -> str:

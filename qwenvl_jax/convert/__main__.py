@@ -8,7 +8,9 @@
       checkpoints/<step>/: its latest complete step, or --step N) -> HF directory (safetensors
       shards + index, config.json, generation_config.json, qwen.tiktoken, tokenizer_config.json)
       that the published PyTorch code loads; --code_dir copies the published *.py files from a
-      directory you point to.
+      directory you point to. A LoRA workdir (configs/sft.py:lora) exports merged onto its
+      config.init weights, or with --peft as a PEFT adapter (adapter_config.json +
+      adapter_model.safetensors).
   python -m qwenvl_jax.convert import-llm QWEN7B_DIR OUT_DIR [--scan_layers] [--dtype ...]
       text-only HF Qwen (Qwen-7B) -> a decoder-only tower checkpoint (our format) for stage 1's
       --config.init.llm_checkpoint.

@@ -29,6 +29,8 @@ import numpy as np
 from flax import linen, nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from qwenvl_jax.model import quant
+
 # Closed vocabulary of logical axis names (docs/architecture.md). None means "never sharded".
 PARAM_AXES = frozenset(
     {
@@ -102,6 +104,44 @@ def shard_activation(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         return x
     spec = logical_to_spec(names, ctx.rules)
     return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(ctx.mesh, spec))
+
+
+# ----------------------------------------------------------------------------- dropout keys
+# LoRA dropout (the only dropout in training): `with dropout_rng(key):` around the traced forward
+# turns it on; each adapter folds in its own id and the index of the layer that runs it (set by
+# `run_stack`, a traced scalar under scan), so every adapter of every layer draws its own mask.
+_DROPOUT: list[dict] = []
+
+
+@contextlib.contextmanager
+def dropout_rng(key: jax.Array):
+    """Turn LoRA dropout on for forwards traced inside the context, drawing masks from `key`."""
+    _DROPOUT.append({"key": key, "layer": 0})
+    try:
+        yield
+    finally:
+        _DROPOUT.pop()
+
+
+@contextlib.contextmanager
+def _layer_index(i):
+    if not _DROPOUT:
+        yield
+        return
+    ctx = _DROPOUT[-1]
+    old, ctx["layer"] = ctx["layer"], i
+    try:
+        yield
+    finally:
+        ctx["layer"] = old
+
+
+def dropout_key(module_id: int) -> jax.Array | None:
+    """The dropout key of adapter `module_id` in the current layer, or None (dropout off)."""
+    if not _DROPOUT:
+        return None
+    ctx = _DROPOUT[-1]
+    return jax.random.fold_in(jax.random.fold_in(ctx["key"], module_id), ctx["layer"])
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -184,10 +224,31 @@ class Einsum(nnx.Module):
         else:
             self.bias = None
 
+    # A low-rank adapter and a 4-bit base kernel are attached by `qwenvl_jax.lora` (LoRA /
+    # Q-LoRA fine-tuning); a plain layer has neither.
+    lora_A = None  # Param [*contracted dims of kernel, r]
+    lora_B = None  # Param [r, *output dims of kernel]
+    quant = None  # "int4" | "nf4": `kernel` holds 4-bit codes, `kernel_scale` the block scales
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum(self.eqn, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x = x.astype(self.dtype)
+        if self.quant is None:
+            kernel = self.kernel[...]
+        else:
+            kernel = quant.dequantize(self.kernel[...], self.kernel_scale[...], self.quant)
+        y = jnp.einsum(self.eqn, x, kernel.astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora_A is not None:
+            # PEFT's order: base(x) + B(A(dropout(x))) * alpha / r.
+            h = x
+            key = dropout_key(self.lora_id) if self.lora_dropout else None
+            if key is not None:
+                keep = jax.random.bernoulli(key, 1.0 - self.lora_dropout, h.shape)
+                h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0).astype(self.dtype)
+            h = jnp.einsum(self.lora_eqn[0], h, self.lora_A[...].astype(self.dtype))
+            h = jnp.einsum(self.lora_eqn[1], h, self.lora_B[...].astype(self.dtype))
+            y = y + (h * self.lora_scale).astype(self.dtype)
         return y
 
 
@@ -431,21 +492,26 @@ def run_stack(
     """
     if scan:
         graphdef, state = nnx.split(blocks)
+        n = jax.tree.leaves(state)[0].shape[0]
 
         def body(carry, inputs):
-            st, xi = inputs
-            return call(nnx.merge(graphdef, st), carry, xi)
+            st, xi, i = inputs
+            with _layer_index(i):
+                return call(nnx.merge(graphdef, st), carry, xi)
 
-        return jax.lax.scan(maybe_remat(body, remat), x, (state, xs))
+        return jax.lax.scan(
+            maybe_remat(body, remat), x, (state, xs, jnp.arange(n, dtype=jnp.int32))
+        )
     ys = []
     for i in range(len(blocks)):
         st_i = nnx.state(blocks[i])
         graphdef_i = nnx.graphdef(blocks[i])
         xi = None if xs is None else jax.tree.map(lambda a, i=i: a[i], xs)
 
-        def body_i(carry, inputs, graphdef_i=graphdef_i):
+        def body_i(carry, inputs, graphdef_i=graphdef_i, i=i):
             st, xin = inputs
-            return call(nnx.merge(graphdef_i, st), carry, xin)
+            with _layer_index(i):
+                return call(nnx.merge(graphdef_i, st), carry, xin)
 
         x, y = maybe_remat(body_i, remat)(x, (st_i, xi))
         ys.append(y)

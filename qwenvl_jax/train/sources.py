@@ -6,12 +6,15 @@ import logging
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
 from qwenvl_jax import checkpoint as ckpt_lib
+from qwenvl_jax import lora as lora_lib
 from qwenvl_jax import optim as optim_lib
-from qwenvl_jax.train.state import Setup, init_params
+from qwenvl_jax.errors import ConfigError
+from qwenvl_jax.train.state import Setup, init_base_params, init_params
 
 
 def _check_same_tree(name: str, got: Any, want: Any) -> None:
@@ -100,6 +103,29 @@ def initial_params(s: Setup) -> tuple[Any, str]:
 
 
 def _initial_params(s: Setup) -> tuple[Any, str]:
+    if s.lora:
+        return _lora_initial_params(s)
+    return _place(s, *_load(s))
+
+
+def _place(s: Setup, loaded: Any, desc: str) -> tuple[Any, str]:
+    if loaded is None:
+        return init_params(s, int(s.cfg.seed)), desc
+    _check_same_tree(desc, loaded, s.abstract_params)
+    params = jax.tree.map(
+        lambda x, a: (
+            x
+            if isinstance(x, jax.Array) and x.sharding == a.sharding
+            else jax.device_put(np.asarray(x, a.dtype), a.sharding)
+        ),
+        loaded,
+        s.abstract_params,
+    )
+    return params, desc
+
+
+def _load(s: Setup) -> tuple[Any, str]:
+    """The init source's full parameter tree (None for random init) and its description."""
     init = s.cfg.init
     scan = bool(s.cfg.model.scan_layers)
     sources = [k for k in ("workdir", "checkpoint") if init.get(k)]
@@ -129,15 +155,80 @@ def _initial_params(s: Setup) -> tuple[Any, str]:
                 "config.init names no weights (workdir, checkpoint, vit_checkpoint/llm_checkpoint)"
                 " and allow_random is False; set one, e.g. --config.init.workdir=<stage-1 workdir>"
             )
-        return init_params(s, int(s.cfg.seed)), "random init"
-    _check_same_tree(desc, loaded, s.abstract_params)
-    params = jax.tree.map(
-        lambda x, a: (
-            x
-            if isinstance(x, jax.Array) and x.sharding == a.sharding
-            else jax.device_put(np.asarray(x, a.dtype), a.sharding)
-        ),
-        loaded,
-        s.abstract_params,
+        return None, "random init"
+    return loaded, desc
+
+
+def _lora_initial_params(s: Setup) -> tuple[Any, str]:
+    """LoRA: fresh adapters (B = 0) + modules_to_save from the init source; the frozen base from
+    the same source is kept in `s.base` (quantized when `config.lora.quantize_base` says so)."""
+    if s.cfg.init.get("vit_checkpoint") or s.cfg.init.get("llm_checkpoint"):
+        raise ConfigError(
+            "config.lora: LoRA fine-tunes one model; set config.init.checkpoint or"
+            " config.init.workdir, not vit_checkpoint/llm_checkpoint"
+        )
+    loaded, desc = _load(s)
+    trainable = init_params(s, int(s.cfg.seed))
+    if loaded is None:
+        s.base = init_base_params(s, int(s.cfg.seed))
+        return trainable, desc
+    s.base = _lora_base(s, loaded, desc)
+    flat = lora_lib._flat(loaded)
+    abstract = lora_lib._flat(s.abstract_params)
+
+    def from_source(p, x):
+        if p.endswith((".lora_A", ".lora_B")):
+            return x
+        return jax.device_put(np.asarray(flat[p], abstract[p].dtype), abstract[p].sharding)
+
+    trainable = optim_lib.map_with_path_str(from_source, trainable)
+    return trainable, f"{desc} (base frozen) + fresh LoRA adapters"
+
+
+def base_params(s: Setup) -> Any:
+    """The frozen base of a LoRA run, loaded from `config.init` once per process (cached)."""
+    if s.base is None:
+        loaded, desc = _load(s)
+        s.base = (
+            init_base_params(s, int(s.cfg.seed)) if loaded is None else _lora_base(s, loaded, desc)
+        )
+    return s.base
+
+
+def _lora_base(s: Setup, loaded: Any, desc: str) -> Any:
+    """The base tree on its shardings: the init source's leaves, 4-bit where the run quantizes."""
+    flat = lora_lib._flat(loaded)
+    want = lora_lib._flat(s.abstract_base)
+    need = {p for p in want if not p.endswith(".kernel_scale")}
+    trained = {
+        p for p in lora_lib._flat(s.abstract_params) if not p.endswith((".lora_A", ".lora_B"))
+    }
+    missing = sorted((need | trained) - set(flat))
+    extra = sorted(set(flat) - need - trained)
+    if missing or extra:
+        raise ValueError(
+            f"{desc}: parameters do not match the model: missing {missing[:10]} ({len(missing)}),"
+            f" unexpected {extra[:10]} ({len(extra)})"
+        )
+    mode = s.cfg.lora.quantize_base
+    quant = jax.jit(lora_lib.quantize, static_argnums=1)
+
+    def leaf(p, a):
+        if p.endswith(".kernel_scale"):
+            return "scale"  # filled in with its kernel's codes
+        if jnp.issubdtype(a.dtype, jnp.integer):  # a 4-bit kernel: quantize the source's
+            x = jnp.asarray(np.asarray(flat[p], np.float32))
+            codes, scale = quant(x, mode)
+            scales[p[: -len("kernel")] + "kernel_scale"] = scale
+            return jax.device_put(codes, a.sharding)
+        if np.shape(flat[p]) != a.shape:
+            raise ValueError(f"{desc}: {p} has shape {np.shape(flat[p])}, the model {a.shape}")
+        return jax.device_put(np.asarray(flat[p], a.dtype), a.sharding)
+
+    scales: dict[str, Any] = {}
+    out = optim_lib.map_with_path_str(leaf, s.abstract_base)
+    shard = lora_lib._flat(s.base_sharding)
+    return optim_lib.map_with_path_str(
+        lambda p, x: jax.device_put(scales[p], shard[p]) if isinstance(x, str) else x,
+        out,
     )
-    return params, desc

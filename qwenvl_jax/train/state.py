@@ -13,6 +13,7 @@ import optax
 from flax import nnx
 
 from qwenvl_jax import flops as flops_lib
+from qwenvl_jax import lora as lora_lib
 from qwenvl_jax import optim as optim_lib
 from qwenvl_jax import sharding as shd
 from qwenvl_jax.config import QWenConfig, get_preset
@@ -41,9 +42,10 @@ def _dtype(name: str, key: str = "config.model.dtype"):
 
 
 def make_model(cfg: ml_collections.ConfigDict, mcfg: QWenConfig, rngs: nnx.Rngs):
+    """The run's model: with `config.lora` enabled, its adapters and 4-bit kernels attached."""
     from qwenvl_jax.model.qwenvl import QWenLMHeadModel
 
-    return QWenLMHeadModel(
+    model = QWenLMHeadModel(
         mcfg,
         rngs=rngs,
         dtype=_dtype(cfg.model.dtype),
@@ -53,6 +55,10 @@ def make_model(cfg: ml_collections.ConfigDict, mcfg: QWenConfig, rngs: nnx.Rngs)
         visual_remat=cfg.model.remat_vit,
         attn_impl=cfg.model.get("attn_impl", "auto"),
     )
+    if lora_lib.enabled(cfg):
+        lora_lib.quantize_kernels(model, cfg.lora.quantize_base)
+        lora_lib.add_adapters(model, cfg.lora, rngs)
+    return model
 
 
 @dataclasses.dataclass
@@ -73,10 +79,22 @@ class Setup:
     abstract_opt: Any
     opt_sharding: Any
     accum: int  # micro-batches per optimizer step
+    # LoRA (`config.lora.rank` > 0): params / opt state above hold only the trainable leaves
+    # (adapters, modules_to_save); the frozen base (4-bit codes with quantize_base) is a second
+    # tree passed to the step, loaded from config.init once (`sources.base_params`).
+    abstract_base: Any = None
+    base_sharding: Any = None
+    base: Any = None
+
+    @property
+    def lora(self) -> bool:
+        return self.abstract_base is not None
 
 
 def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
     """Builds the abstract model, shardings and optimizer without allocating parameters."""
+    if lora_lib.enabled(cfg):
+        lora_lib.check_config(cfg.lora)
     mcfg = model_config(cfg)
     mesh = shd.make_mesh(cfg.mesh, devices)
     accum = grad_accum_steps(cfg, mesh)
@@ -91,7 +109,18 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, param_sharding
     )
+    abstract_base = base_sharding = None
+    if lora_lib.enabled(cfg):
+        keep = lora_lib.trainable_paths(
+            list(lora_lib._flat(abstract)), tuple(cfg.lora.modules_to_save or ())
+        )
+        abstract, abstract_base = lora_lib.split(abstract, keep)
+        param_sharding, base_sharding = lora_lib.split(param_sharding, keep)
     ocfg = dict(cfg.optim.to_dict(), total_steps=int(cfg.optim.total_steps))
+    if abstract_base is not None:
+        # PEFT freezes everything but the adapters and modules_to_save: optim.freeze (the
+        # stage's fix_vit) has nothing left to freeze.
+        ocfg["freeze"] = ()
     tx, labels, schedule = optim_lib.make_optimizer(ocfg, abstract)
     abstract_opt = jax.eval_shape(tx.init, abstract)
     opt_sharding = shd.opt_state_shardings(abstract_opt, param_sharding, mesh)
@@ -100,7 +129,7 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
     )
     return Setup(
         cfg, mcfg, mesh, rules, graphdef, state, abstract, param_sharding, tx, labels, schedule,
-        abstract_opt, opt_sharding, accum,
+        abstract_opt, opt_sharding, accum, abstract_base, base_sharding,
     )  # fmt: skip
 
 
@@ -130,8 +159,10 @@ def grad_accum_steps(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) ->
     return a
 
 
-def merge_model(s: Setup, params: Any):
-    """An NNX model view of pure-dict params (inside jit)."""
+def merge_model(s: Setup, params: Any, base: Any = None):
+    """An NNX model view of pure-dict params (inside jit); LoRA runs also pass the base tree."""
+    if base is not None:
+        params = lora_lib.join(params, base)
     state = jax.tree.map(lambda v: v, s.state_template)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(s.graphdef, state)
@@ -140,11 +171,24 @@ def merge_model(s: Setup, params: Any):
 def init_params(s: Setup, seed: int) -> Any:
     """Random initialisation directly into the parameter shardings."""
 
-    @functools.partial(jax.jit, out_shardings=s.param_sharding)
+    return _init(s, seed, s.abstract_params, s.param_sharding)
+
+
+def init_base_params(s: Setup, seed: int) -> Any:
+    """LoRA runs: a random frozen base (the same draw as the full model of `seed`)."""
+    return _init(s, seed, s.abstract_base, s.base_sharding)
+
+
+def _init(s: Setup, seed: int, like: Any, sharding: Any) -> Any:
+    keep = set(lora_lib._flat(like))
+
+    @functools.partial(jax.jit, out_shardings=sharding)
     def init(key):
         with nnx.use_eager_sharding(False):
             model = make_model(s.cfg, s.mcfg, nnx.Rngs(key))
-        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        full = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        # LoRA: only the requested part leaves the jit (XLA drops the rest of the draw).
+        return lora_lib.split(full, keep)[0] if s.lora else full
 
     return init(jax.random.key(seed))
 
@@ -199,6 +243,13 @@ def describe(s: Setup) -> str:
     lines.append(
         f"per-device bytes: params {pb / 2**30:.3f} GiB, optimizer state {ob / 2**30:.3f} GiB"
     )
+    if s.lora:
+        lc = s.cfg.lora
+        bb = shd.device_bytes(s.abstract_base, s.base_sharding)
+        lines.append(
+            f"LoRA r={lc.rank} alpha={lc.alpha} dropout={lc.dropout} base {lc.quantize_base}:"
+            f" frozen base {bb / 2**30:.3f} GiB per device (not checkpointed)"
+        )
     micro = int(s.cfg.batch_size) // s.accum
     lines.append(
         f"global batch {s.cfg.batch_size} x {s.cfg.data.seq_len} tokens = {s.accum} micro-batches"

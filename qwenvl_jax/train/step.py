@@ -63,36 +63,58 @@ def cross_entropy_sum(
 
 
 def make_train_step(s: Setup):
-    """The jitted step: (params, opt_state, batch[A, b, ...]) -> (params, opt_state, metrics)."""
+    """The jitted step: (params, opt_state, batch[A, b, ...]) -> (params, opt_state, metrics).
+
+    LoRA runs: params and opt_state are the trainable leaves only; the frozen base is the step's
+    fourth argument, bound by `LoraStep` so the loop calls both kinds alike."""
     cfg = s.cfg
     loss_chunk = int(cfg.get("loss_chunk", 0) or 0)
     budget, groups = image_budget_of(s)
     frozen = jax.tree.map(lambda lab: lab == "frozen", s.labels)
+    dropout = s.lora and float(cfg.lora.dropout) > 0
 
-    def loss_fn(params, mb):
+    def loss_fn(params, mb, base, key):
+        from qwenvl_jax.model import layers
+
         # Frozen params: no gradient flows, so XLA never computes their weight gradients.
         params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
-        model = merge_model(s, params)
-        loss, n, correct = cross_entropy_sum(model, mb, loss_chunk, budget, groups)
+        model = merge_model(s, params, None if base is None else jax.lax.stop_gradient(base))
+        if key is None:
+            loss, n, correct = cross_entropy_sum(model, mb, loss_chunk, budget, groups)
+        else:
+            with layers.dropout_rng(key):
+                loss, n, correct = cross_entropy_sum(model, mb, loss_chunk, budget, groups)
         return loss, (n, correct)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(params, opt_state, batch):
+    def step(params, opt_state, batch, base=None):
         from qwenvl_jax.model import layers
+
+        # LoRA dropout masks: one key per optimizer step (optax's count, so a resumed run draws
+        # the same masks) and micro-batch.
+        key = None
+        if dropout:
+            count = optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1]
+            key = jax.random.fold_in(jax.random.key(int(cfg.seed)), count)
+        n_micro = jax.tree.leaves(batch)[0].shape[0]
 
         with layers.logical_rules(s.mesh, s.rules):
 
-            def micro(carry, mb):
+            def micro(carry, inputs):
+                mb, i = inputs
                 g_acc, l_acc, n_acc, c_acc = carry
-                (loss, (n, correct)), g = grad_fn(params, mb)
+                k = None if key is None else jax.random.fold_in(key, i)
+                (loss, (n, correct)), g = grad_fn(params, mb, base, k)
                 g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
                 return (g_acc, l_acc + loss, n_acc + n, c_acc + correct), None
 
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
             zeros = jax.lax.with_sharding_constraint(zeros, s.param_sharding)
             init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
-            (grads, loss_sum, n_tok, correct), _ = jax.lax.scan(micro, init, batch)
+            (grads, loss_sum, n_tok, correct), _ = jax.lax.scan(
+                micro, init, (batch, jnp.arange(n_micro))
+            )
             denom = jnp.maximum(n_tok, 1.0)
             grads = jax.tree.map(lambda g: g / denom, grads)
             grads = jax.lax.with_sharding_constraint(grads, s.param_sharding)
@@ -108,12 +130,33 @@ def make_train_step(s: Setup):
         return new_params, new_opt, metrics
 
     batch_sh = batch_shardings(s)
-    return jax.jit(
+    in_sh = (s.param_sharding, s.opt_sharding, batch_sh)
+    jitted = jax.jit(
         step,
-        in_shardings=(s.param_sharding, s.opt_sharding, batch_sh),
+        in_shardings=in_sh + ((s.base_sharding,) if s.lora else ()),
         out_shardings=(s.param_sharding, s.opt_sharding, None),
         donate_argnums=(0, 1),
     )
+    return LoraStep(jitted, s) if s.lora else jitted
+
+
+class LoraStep:
+    """A LoRA run's jitted step with its frozen base bound as the fourth argument (loaded from
+    `config.init` on first use, so a fresh run and a resumed one get it the same way)."""
+
+    def __init__(self, jitted, s: Setup):
+        self.jitted, self.s = jitted, s
+
+    def __call__(self, params, opt_state, batch):
+        from qwenvl_jax.train.sources import base_params
+
+        return self.jitted(params, opt_state, batch, base_params(self.s))
+
+    def lower(self, params, opt_state, batch):
+        return self.jitted.lower(params, opt_state, batch, self.s.abstract_base)
+
+    def _cache_size(self) -> int:
+        return self.jitted._cache_size()
 
 
 def make_eval_step(s: Setup):
@@ -121,11 +164,11 @@ def make_eval_step(s: Setup):
     train step's loss (`cross_entropy_sum`) forward only, summed over the micro-batches."""
     loss_chunk = int(s.cfg.get("loss_chunk", 0) or 0)
 
-    def step(params, batch):
+    def step(params, batch, base=None):
         from qwenvl_jax.model import layers
 
         with layers.logical_rules(s.mesh, s.rules):
-            model = merge_model(s, params)
+            model = merge_model(s, params, base)
 
             def micro(carry, mb):
                 loss, n, correct = cross_entropy_sum(model, mb, loss_chunk, *image_budget_of(s))
@@ -135,7 +178,17 @@ def make_eval_step(s: Setup):
             (loss, n, correct), _ = jax.lax.scan(micro, (zero, zero, zero), batch)
         return {"loss_sum": loss, "tokens": n, "correct": correct}
 
-    return jax.jit(step, in_shardings=(s.param_sharding, batch_shardings(s)), out_shardings=None)
+    in_sh = (s.param_sharding, batch_shardings(s))
+    if not s.lora:
+        return jax.jit(step, in_shardings=in_sh, out_shardings=None)
+    jitted = jax.jit(step, in_shardings=in_sh + (s.base_sharding,), out_shardings=None)
+
+    def with_base(params, batch):
+        from qwenvl_jax.train.sources import base_params
+
+        return jitted(params, batch, base_params(s))
+
+    return with_base
 
 
 def batch_shardings(s: Setup) -> dict:

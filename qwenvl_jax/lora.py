@@ -1,0 +1,356 @@
+"""LoRA and Q-LoRA fine-tuning, as the published `finetune.py` sets up PEFT on Qwen-VL.
+
+The published recipe (QwenLM/Qwen-VL finetune.py, `--use_lora`): rank 64, alpha 16, dropout 0.05,
+no bias, adapters on the LLM's `c_attn`, `attn.c_proj`, `w1` and `w2`; everything else frozen; for
+the base (non-chat) model `wte` and `lm_head` are trained in full (PEFT `modules_to_save`). Q-LoRA
+is the same on 4-bit base weights (the published one loads the GPTQ Int4 checkpoint).
+
+Here an adapter is two Params on a targeted `layers.Einsum`: `lora_A` [*contracted dims, r] and
+`lora_B` [r, *output dims], so its path is the module's (`transformer.h.3.attn.c_attn.lora_A`)
+and the layer computes `base(x) + B(A(dropout(x))) * alpha / r`, PEFT's order. With
+`quantize_base`, the decoder blocks' kernels hold 4-bit codes (`int4`: symmetric absmax; `nf4`:
+QLoRA's NormalFloat levels; `model/quant.py`) with one float32 scale per block of 64 along the
+kernel's last axis, dequantized inside the layer (inside the layer scan, so one layer's
+full-precision kernel exists at a time).
+
+Why by hand and not qwix (Google's JAX quantisation/LoRA library, 0.1.8 resolves with jax 0.10.2
+and flax 0.12.8 without upgrading them): qwix finds an NNX model's weights by intercepting
+`jnp.einsum` / `dot_general` inside the model's one intercepted method and creates the LoRA Params
+lazily as attributes of the module that ran the op, during a first traced call. Our decoder stack
+(`layers.run_stack`) runs each block as `nnx.merge(graphdef, state)` under `jax.checkpoint`
+(unscanned) or `jax.lax.scan` (scan_layers), so those Params land on a throw-away copy: measured on
+the tiny model, `qwix.apply_lora_to_model` creates adapters only for `lm_head` (the one einsum
+outside the stack) with scan_layers=False, and fails with an IndexError inside `lax.scan` with
+scan_layers=True. It also intercepts one method per NNX model (our loss calls `transformer` and
+`lm_head` separately, for the chunked loss) and its dropout needs an `nnx.Rngs` threaded through
+the model's state. Making it work would mean restructuring the layer stack for the library; the
+adapter itself is two einsums. lorax (jax-lorax 0.3.1, 2024) wraps a whole function and
+rewrites every matrix it finds by shape, without NNX paths, sharding names or scan support.
+
+Trainer view (`qwenvl_jax.train`): the params split into the trainable tree (every `lora_A` /
+`lora_B` and the `modules_to_save` leaves: the only ones with optimizer state and the only ones
+in the training checkpoints) and the frozen base tree (read from `config.init` at start and on
+resume, never written).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwenvl_jax.errors import ConfigError
+from qwenvl_jax.model import quant
+
+# finetune.py: LoraArguments defaults and the target list of the Qwen-VL branch.
+PUBLISHED_TARGETS = ("c_attn", "attn.c_proj", "w1", "w2")
+# As regexes over our module paths (PEFT matches a list by name suffix; these are the same).
+DEFAULT_TARGETS = (
+    r"^transformer\.h\.(\d+\.)?attn\.c_attn$",
+    r"^transformer\.h\.(\d+\.)?attn\.c_proj$",
+    r"^transformer\.h\.(\d+\.)?mlp\.w1$",
+    r"^transformer\.h\.(\d+\.)?mlp\.w2$",
+)
+QUANT_MODES = ("none", "int4", "nf4")
+# Q-LoRA quantizes the decoder blocks' kernels (the bulk of the 7B; the published Int4 checkpoint
+# keeps the embedding, the LM head and the visual tower in 16 bits too).
+QUANT_MODULES = r"^transformer\.h\."
+
+
+NF4_LEVELS = quant.NF4_LEVELS
+
+
+# ----------------------------------------------------------------------------- config
+def enabled(cfg) -> bool:
+    """Whether a training config asks for LoRA (`config.lora.rank > 0`)."""
+    lc = cfg.get("lora")
+    return bool(lc) and int(lc.get("rank", 0) or 0) > 0
+
+
+def check_config(lc) -> None:
+    """Raises ConfigError naming the `config.lora` key whose value is not usable."""
+    if int(lc.rank) <= 0:
+        raise ConfigError(f"config.lora.rank={lc.rank}; use a positive rank (64 as published)")
+    if float(lc.alpha) <= 0:
+        raise ConfigError(f"config.lora.alpha={lc.alpha}; use a positive number (16 as published)")
+    if not 0.0 <= float(lc.dropout) < 1.0:
+        raise ConfigError(f"config.lora.dropout={lc.dropout}; valid: 0 <= dropout < 1")
+    if lc.quantize_base not in QUANT_MODES:
+        raise ConfigError(
+            f"config.lora.quantize_base={lc.quantize_base!r}; valid: {'|'.join(QUANT_MODES)}"
+        )
+    for key in ("targets", "modules_to_save"):
+        for rx in lc.get(key) or ():
+            try:
+                re.compile(rx)
+            except re.error as e:
+                raise ConfigError(f"config.lora.{key}: {rx!r} is not a regex ({e})") from None
+
+
+def _path(p) -> str:
+    return ".".join(str(x) for x in p)
+
+
+# ----------------------------------------------------------------------------- the model side
+def lora_eqns(eqn: str, kernel_ndim: int) -> tuple[str, str, int]:
+    """The two einsums of an adapter on `layers.Einsum(eqn)`, and how many leading kernel dims
+    are contracted.
+
+    `btd,dsnh->btsnh` gives (`btd,dr->btr`, `btr,rsnh->btsnh`, 1): A takes the kernel's
+    contracted dims, B its output dims, in the kernel's order."""
+    ins, out = eqn.split("->")
+    lhs, rhs = ins.split(",")
+    if len(rhs) != kernel_ndim:
+        raise ValueError(f"einsum {eqn}: kernel spec {rhs!r} for a {kernel_ndim}-d kernel")
+    n_in = 0
+    while n_in < len(rhs) and rhs[n_in] in lhs and rhs[n_in] not in out:
+        n_in += 1
+    contracted, outputs = rhs[:n_in], rhs[n_in:]
+    if not contracted or any(c in lhs or c not in out for c in outputs):
+        raise ValueError(f"einsum {eqn}: kernel is not [contracted dims..., output dims...]")
+    r = next(c for c in "rzyxwv" if c not in eqn)
+    rest = "".join(c for c in lhs if c not in contracted)
+    return f"{lhs},{contracted}{r}->{rest}{r}", f"{rest}{r},{r}{outputs}->{out}", n_in
+
+
+def _einsums(model: nnx.Module):
+    from qwenvl_jax.model import layers
+
+    for path, m in nnx.iter_modules(model):
+        if isinstance(m, layers.Einsum):
+            yield _path(path), m
+
+
+def _stacked(m) -> bool:
+    names = getattr(m.kernel, "out_sharding", None) or ()
+    return bool(names) and names[0] == "layers"
+
+
+def add_adapters(model: nnx.Module, lc, rngs: nnx.Rngs) -> list[str]:
+    """Attach LoRA Params to every Einsum whose path matches `lc.targets`; returns their paths.
+
+    A ~ U(+-1/sqrt(fan_in)) (PEFT's kaiming_uniform(a=sqrt(5))), B = 0, so the adapted model starts
+    equal to the base. Stacked (scan_layers) modules get a leading `layers` axis.
+
+    Raises:
+      ConfigError: a target regex matches no Einsum module.
+    """
+    from qwenvl_jax.model import layers
+
+    pats = [re.compile(rx) for rx in lc.targets]
+    used, done = set(), []
+    for k, (path, m) in enumerate(_einsums(model)):
+        hits = [rx.pattern for rx in pats if rx.search(path)]
+        if not hits:
+            continue
+        used.update(hits)
+        kshape = tuple(m.kernel.shape)
+        names = tuple(getattr(m.kernel, "out_sharding", None) or (None,) * len(kshape))
+        lead = 1 if _stacked(m) else 0
+        eqn_a, eqn_b, n_in = lora_eqns(m.eqn, len(kshape) - lead)
+        in_dims, out_dims = kshape[lead : lead + n_in], kshape[lead + n_in :]
+        in_names, out_names = names[lead : lead + n_in], names[lead + n_in :]
+        r = int(lc.rank)
+        bound = 1.0 / math.sqrt(math.prod(in_dims))
+        pdt = jnp.float32  # the trained weights keep float32 masters whatever the base's dtype
+        a_shape = kshape[:lead] + in_dims + (r,)
+        b_shape = kshape[:lead] + (r,) + out_dims
+        m.lora_A = layers.param(
+            rngs, layers.uniform(bound), a_shape, names[:lead] + in_names + (None,), pdt
+        )
+        m.lora_B = layers.param(
+            rngs, layers.zeros, b_shape, names[:lead] + (None,) + out_names, pdt
+        )
+        m.lora_eqn = (eqn_a, eqn_b)
+        m.lora_scale = float(lc.alpha) / r
+        m.lora_dropout = float(lc.dropout)
+        m.lora_id = k
+        done.append(path)
+    unused = [rx.pattern for rx in pats if rx.pattern not in used]
+    if unused:
+        raise ConfigError(
+            f"config.lora.targets {unused} match no einsum/linear module (paths look like"
+            f" {[p for p, _ in _einsums(model)][:3]})"
+        )
+    return done
+
+
+quantize, dequantize = quant.quantize, quant.dequantize
+
+
+def quantize_kernels(model: nnx.Module, mode: str) -> list[str]:
+    """Make the decoder blocks' Einsums hold 4-bit codes (values quantized from the current
+    kernels) and a `kernel_scale` Param; returns the paths."""
+    if mode == "none":
+        return []
+    rx = re.compile(QUANT_MODULES)
+    done = []
+    for path, m in _einsums(model):
+        if not rx.search(path):
+            continue
+        names = tuple(getattr(m.kernel, "out_sharding", None) or (None,) * m.kernel.ndim)
+        codes, scale = quantize(m.kernel[...], mode)
+        m.kernel = nnx.Param(codes, out_sharding=names, eager_sharding=False)
+        m.kernel_scale = nnx.Param(scale, out_sharding=names[:-1] + (None,), eager_sharding=False)
+        m.quant = mode
+        done.append(path)
+    return done
+
+
+# ----------------------------------------------------------------------------- trees
+_ADAPTER = re.compile(r"\.lora_[AB]$")
+
+
+def trainable_paths(paths: Sequence[str], modules_to_save: Sequence[str]) -> set[str]:
+    """The param paths LoRA training updates: adapters and `modules_to_save` matches.
+
+    Raises:
+      ConfigError: a modules_to_save regex matches no parameter.
+    """
+    pats = [re.compile(rx) for rx in modules_to_save]
+    out, used = set(), set()
+    for p in paths:
+        if _ADAPTER.search(p):
+            out.add(p)
+            continue
+        for rx in pats:
+            if rx.search(p):
+                used.add(rx.pattern)
+                out.add(p)
+    unused = [rx.pattern for rx in pats if rx.pattern not in used]
+    if unused:
+        raise ConfigError(
+            f"config.lora.modules_to_save {unused} match no parameter path (e.g. '^transformer"
+            r"\.wte\.', '^lm_head\.')"
+        )
+    return out
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    from qwenvl_jax.optim import map_with_path_str
+
+    out = {}
+    map_with_path_str(lambda p, x: out.__setitem__(p, x), tree)
+    return out
+
+
+def split(tree: dict, keep: set[str]) -> tuple[dict, dict]:
+    """A nested dict -> (the leaves whose dotted path is in `keep`, the others), same nesting."""
+    a, b = {}, {}
+    for path, x in _flat(tree).items():
+        _put(a if path in keep else b, path, x, tree)
+    return a, b
+
+
+def _put(out: dict, path: str, x, like: dict) -> None:
+    node, ref = out, like
+    keys = path.split(".")
+    for k in keys[:-1]:
+        k = _key(ref, k)
+        ref = ref[k]
+        node = node.setdefault(k, {})
+    node[_key(ref, keys[-1])] = x
+
+
+def _key(ref: dict, k: str):
+    return k if k in ref else int(k)
+
+
+def join(a: dict, b: dict) -> dict:
+    """The union of two nested dicts with disjoint leaves (the inverse of `split`)."""
+    out = dict(b)
+    for k, v in a.items():
+        out[k] = join(v, b[k]) if isinstance(v, dict) and k in b else v
+    return out
+
+
+# ----------------------------------------------------------------------------- export
+def adapters(params: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{module path: (A, B)} of per-layer (unstacked) params holding `lora_A` / `lora_B`."""
+    flat = _flat(params)
+    n = len(".lora_A")
+    return {p[:-n]: (flat[p], flat[p[:-1] + "B"]) for p in flat if p.endswith(".lora_A")}
+
+
+def delta(a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
+    """B @ A * alpha / r in the kernel's layout, float32: A [*in, r], B [r, *out] -> [*in, *out]."""
+    a32, b32 = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    n_in = a32.ndim - 1
+    m = a32.reshape(-1, a32.shape[-1]) @ b32.reshape(b32.shape[0], -1)
+    return (m * np.float32(scale)).reshape(a32.shape[:n_in] + b32.shape[1:])
+
+
+def merge(base: dict, trained: dict, scale: float) -> dict:
+    """Full per-layer params: `base` with `modules_to_save` leaves replaced and every adapter's
+    delta added to its kernel in float32 (then cast to the base kernel's dtype)."""
+    flat = _flat(trained)
+    plain = {p for p in flat if not _ADAPTER.search(p)}
+    saved, _ = split(trained, plain)
+    out = join(saved, split(base, plain)[1]) if plain else dict(base)
+    out = jax.tree.map(lambda x: x, out)  # a copy we may write into
+    for path, (a, b) in adapters(trained).items():
+        node = out
+        keys = path.split(".")
+        for k in keys:
+            node = node[_key(node, k)]
+        w = np.asarray(node["kernel"])
+        node["kernel"] = (w.astype(np.float32) + delta(a, b, scale)).astype(w.dtype)
+    return out
+
+
+def peft_key(path: str, which: str) -> str:
+    """Our adapter path -> the key PEFT saves for the published model (`get_peft_model_state_dict`
+    drops the adapter name): `base_model.model.transformer.h.0.attn.c_attn.lora_A.weight`."""
+    return f"base_model.model.{path}.lora_{which}.weight"
+
+
+def peft_state_dict(trained: dict) -> dict[str, np.ndarray]:
+    """The adapter weights as PEFT's `adapter_model.safetensors` holds them (torch layout:
+    lora_A.weight [r, in_features], lora_B.weight [out_features, r], in_features/out_features
+    the torch Linear's, whose order is our kernel dims flattened)."""
+    out = {}
+    for path, (a, b) in adapters(trained).items():
+        a, b = np.asarray(a), np.asarray(b)
+        out[peft_key(path, "A")] = np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)
+        out[peft_key(path, "B")] = np.ascontiguousarray(b.reshape(b.shape[0], -1).T)
+    return out
+
+
+@functools.cache
+def _hf_module_names() -> dict[str, str]:
+    # Our modules_to_save leaves -> the torch module PEFT wraps in ModulesToSaveWrapper.
+    return {"transformer.wte": "transformer.wte", "lm_head": "lm_head"}
+
+
+def adapter_config(lc, base_model_path: str = "") -> dict:
+    """PEFT's `adapter_config.json` for the published model with these settings."""
+    if tuple(lc.targets) == DEFAULT_TARGETS:
+        targets = list(PUBLISHED_TARGETS)
+    else:  # PEFT full-matches a string against the torch module names, which are our paths
+        targets = "|".join(f"(?:{t})" for t in lc.targets)
+    saved = []
+    for rx in lc.modules_to_save or ():
+        for ours, name in _hf_module_names().items():
+            if re.search(rx, ours + ".x") and name.split(".")[-1] not in saved:
+                saved.append(name.split(".")[-1])
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_path,
+        "r": int(lc.rank),
+        "lora_alpha": float(lc.alpha),
+        "lora_dropout": float(lc.dropout),
+        "bias": "none",
+        "target_modules": targets,
+        "modules_to_save": saved or None,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+    }
