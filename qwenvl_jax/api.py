@@ -38,7 +38,6 @@ from qwenvl_jax.errors import ConfigError
 from qwenvl_jax.model.qwen import dynamic_ntk_alpha
 from qwenvl_jax.model.qwenvl import QWenLMHeadModel, image_token_index
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Generation defaults when the checkpoint has no generation_config.json: greedy, as the API.
 DEFAULT_GENERATION = {"max_new_tokens": 512, "do_sample": False, "top_p": None, "top_k": None}
 GENERATION_KEYS = ("max_new_tokens", "do_sample", "top_p", "top_k", "temperature")
@@ -117,11 +116,7 @@ def resolve_mesh(mesh) -> jax.sharding.Mesh | None:
 
 
 def _dtype(dtype: str | Any):
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"unsupported dtype {dtype!r}; choose from {sorted(DTYPES)}")
-        return DTYPES[dtype]
-    return jnp.dtype(dtype).type
+    return config_lib.dtype_from_name(dtype)
 
 
 def _has(path: str, *names: str) -> bool:

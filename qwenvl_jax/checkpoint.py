@@ -17,7 +17,6 @@ previous step is tried; if every step fails the run stops with an error rather t
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
@@ -289,9 +288,6 @@ def _map_stacks(params: dict, fn) -> dict:
     return out
 
 
-def read_meta(workdir: str, step: int) -> dict:
-    path = epath.Path(workdir) / CKPT_DIR / str(step) / "meta" / "metadata"
-    return json.loads(path.read_text())
 
 
 def latest_params(workdir: str, scan_layers: bool = False) -> tuple[Any, dict]:
@@ -363,9 +359,3 @@ def _int_keys(tree):
             for k, v in tree.items()
         }
     return tree
-
-
-def param_paths(params: Any) -> list[str]:
-    out = []
-    map_with_path_str(lambda p, _: out.append(p), params)
-    return out

@@ -12,7 +12,27 @@ import dataclasses
 import json
 from typing import Any
 
+import ml_dtypes
+import numpy as np
+
 from qwenvl_jax import fileio
+from qwenvl_jax.errors import ConfigError
+
+# Dtype names accepted wherever a dtype is named (configs, flags, the API): one table.
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def dtype_from_name(name: Any, key: str = "dtype"):
+    """The numpy/JAX scalar type of a dtype name (or a dtype, passed through).
+
+    Raises:
+        ConfigError: naming `key` and the valid names.
+    """
+    if not isinstance(name, str):
+        return np.dtype(name).type
+    if name not in DTYPES:
+        raise ConfigError(f"{key}={name!r}: unknown dtype; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
 
 # Keys of the published config.json that only describe the PyTorch wrapper; kept verbatim on export.
 AUTO_MAP = {

@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from qwenvl_jax.grounding import box_text, quad_text
+
 SYSTEM_MESSAGE = "You are a helpful assistant."
 ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 BOX_FORMATS = ("xyxy_pixel", "xywh_pixel", "xyxy_norm", "yxyx_norm", "xyxy_1000")
@@ -153,18 +155,6 @@ def normalize_box(
         return min(999, max(0, int(math.floor(v * 1000 + 1e-9))))
 
     return q(x1), q(y1), q(x2), q(y2)
-
-
-def box_text(box: Sequence[int]) -> str:
-    """`<box>(x1,y1),(x2,y2)</box>` for a normalised box."""
-    x1, y1, x2, y2 = box
-    return f"<box>({x1},{y1}),({x2},{y2})</box>"
-
-
-def quad_text(quad: Sequence[int]) -> str:
-    """`<quad>(x1,y1),(x2,y2),(x3,y3),(x4,y4)</quad>` for 8 normalised numbers."""
-    pts = ",".join(f"({quad[i]},{quad[i + 1]})" for i in range(0, 8, 2))
-    return f"<quad>{pts}</quad>"
 
 
 def normalize_quad(quad: Sequence[float], fmt: str, width=None, height=None, events=None):
