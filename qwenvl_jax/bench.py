@@ -70,6 +70,7 @@ _SLOTS = flags.DEFINE_integer(
     "Static image slots per sequence (0: the shape's); only the first"
     " --images_filled hold a picture.",
 )
+_SIZE = flags.DEFINE_integer("image_size", 0, "Override the shape's image resolution (pixels).")
 _FILLED = flags.DEFINE_integer("images_filled", 1, "Pictures per sequence (with --image_slots).")
 _BUDGETS = flags.DEFINE_list(
     "image_budget",
@@ -87,10 +88,11 @@ _JSON = flags.DEFINE_string("json_out", "", "Also write the result as JSON here.
 def bench_config(
     shape: str, mode: str, remat: str, attn_impl: str, batch: int = 0, image_slots: int = 0,
     image_budget: int = 0,
+    image_size: int = 0,
 ):  # fmt: skip
     """A multitask-stage config with the benchmark's shape (single device, no accumulation)."""
     overrides, b, t, size, m = SHAPES[shape]
-    m = image_slots or m
+    m, size = image_slots or m, image_size or size
     c = stage_config.load("multitask:tiny" if overrides is None else "multitask")
     if overrides is not None:
         c.model.overrides.update(overrides)
@@ -134,7 +136,7 @@ def _host_batch(c, s, images_filled: int) -> dict:
 
 def run(
     shape="tiny", mode="grad", steps=3, warmup=1, remat="none", attn_impl="auto", batch=0, chip="",
-    image_slots=0, images_filled=1, image_budget=0,
+    image_slots=0, images_filled=1, image_budget=0, image_size=0,
 ):  # fmt: skip
     """Compiles and times `steps` steps; returns a dict of results.
 
@@ -142,7 +144,9 @@ def run(
     `images_filled` hold a picture; `image_budget` is `config.data.image_budget`.
     """
     dev = jax.devices()[0]
-    c = bench_config(shape, mode, remat, attn_impl or "auto", batch, image_slots, image_budget)
+    c = bench_config(
+        shape, mode, remat, attn_impl or "auto", batch, image_slots, image_budget, image_size
+    )
     s = train.build(c, jax.devices()[:1])
     params = train.init_params(s, 0)
     local = _host_batch(c, s, images_filled if image_slots else int(c.data.max_images))
@@ -277,6 +281,7 @@ def main(argv):
                 r = run(
                     _SHAPE.value, _MODE.value, _STEPS.value, _WARMUP.value, remat, attn,
                     _BATCH.value, _CHIP.value, _SLOTS.value, _FILLED.value, int(budget),
+                    _SIZE.value,
                 )  # fmt: skip
                 results.append(r)
                 print(_line(r), flush=True)
