@@ -31,9 +31,10 @@ import shutil
 import sys
 import time
 
+from qwenvl_jax import config as config_lib
 from qwenvl_jax.errors import EXIT_USAGE, ConfigError, MissingPathError, UserError
 
-DTYPES = ("keep", "float32", "bfloat16", "float16")
+DTYPES = ("keep", *config_lib.DTYPES)
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -47,10 +48,7 @@ class _Parser(argparse.ArgumentParser):
 def _dtype(name: str):
     if name == "keep":
         return None
-    import ml_dtypes
-    import numpy as np
-
-    return {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[name]
+    return config_lib.dtype_from_name(name, "--dtype")
 
 
 def _size(text: str) -> int:

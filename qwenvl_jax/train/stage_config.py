@@ -60,13 +60,13 @@ def base() -> mlc.ConfigDict:
     c.data.seq_len = 2048  # Table 8 "LLM sequence length"
     c.data.image_size = 448  # Table 8 "Image resolution"
     c.data.max_images = 1  # static image slots per packed sequence
-    c.data.worker_count = 0
-    c.data.spec = mlc.ConfigDict()  # the pipeline's config itself (from Python; pipeline.py)
     # Images the ViT encodes per micro-batch (over all data shards; a multiple of data x fsdp):
     # only the valid slots are gathered, up to this many, so image work follows the images, not
     # the slots. 0 = encode every slot. A micro-batch holding more images stops the run with an
     # error naming this key (train/step.py check_image_budget); nothing is dropped silently.
     c.data.image_budget = 0
+    c.data.worker_count = 0
+    c.data.spec = mlc.ConfigDict()  # the pipeline's config itself (from Python; pipeline.py)
 
     # Held-out loss and token accuracy every `every_steps` steps on the first `batches` batches of
     # `data` (files as data.train) or `mixture`, read in file order (the same batches each time).
@@ -107,6 +107,9 @@ def base() -> mlc.ConfigDict:
     c.checkpoint.every_steps = 1000
     c.checkpoint.keep = 3
     c.checkpoint.async_save = True
+    # Multi-host runs without JAX's preemption service: all-gather the SIGTERM flags every this
+    # many steps (with the service, the default, the check is free; train/loop.py _Preemption).
+    c.checkpoint.preemption_check_every = 10
 
     c.log_every = 10
     # LM head + float32 log-softmax in chunks of this many positions (0 = all at once), so the
@@ -118,9 +121,6 @@ def base() -> mlc.ConfigDict:
     c.chip = ""  # name for MFU ("v5p", "h100", ...); "" = guess from the device kind
     # Dry run / AOT: a TPU topology to compile for on a CPU host, e.g. "v5p:4x4x2".
     c.aot = mlc.ConfigDict(dict(topology="", chip_config="megacore", chips_per_host="2,2,1"))
-    # Multi-host runs without JAX's preemption service: all-gather the SIGTERM flags every this
-    # many steps (with the service, the default, the check is free; train/loop.py _Preemption).
-    c.checkpoint.preemption_check_every = 10
     return c
 
 

@@ -7,11 +7,11 @@ import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
 
+from qwenvl_jax import config as config_lib
 from qwenvl_jax import flops as flops_lib
 from qwenvl_jax import lora as lora_lib
 from qwenvl_jax import optim as optim_lib
@@ -32,13 +32,8 @@ def model_config(cfg: ml_collections.ConfigDict) -> QWenConfig:
     return get_preset(cfg.model.preset, visual=visual, **overrides)
 
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
 def _dtype(name: str, key: str = "config.model.dtype"):
-    if name not in _DTYPES:
-        raise ValueError(f"{key}={name!r}; use one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
+    return config_lib.dtype_from_name(name, key)
 
 
 def make_model(cfg: ml_collections.ConfigDict, mcfg: QWenConfig, rngs: nnx.Rngs):
