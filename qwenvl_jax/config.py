@@ -189,8 +189,11 @@ class QWenConfig:
         return d
 
     def save_hf_json(self, path: str) -> None:
-        """Write `config.json` (path may be a directory)."""
-        if fileio.isdir(path):
+        """Write `config.json` (path may be a directory).
+
+        A path not ending in `.json` is a directory: on GCS a directory exists only once it holds
+        an object, so an empty one cannot be told from a missing file."""
+        if not str(path).endswith(".json") or fileio.isdir(path):
             path = fileio.join(path, "config.json")
         fileio.write_text(path, json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
 

@@ -18,11 +18,17 @@ import os
 import posixpath
 import re
 
+import fsspec.config
 from etils import epath
 
 from qwenvl_jax.errors import UserError
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+# gcsfs caches directory listings per process, but Orbax writes its array files through
+# TensorStore, behind gcsfs's back: a listing cached before a save (say, "params/ does not exist")
+# would still answer after it. Listings are therefore not cached (a user's fsspec config wins).
+fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
 
 
 def is_remote(path: str | os.PathLike) -> bool:

@@ -26,6 +26,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -63,12 +64,15 @@ class GcsEmulator:
             )
         cmd = [sys.executable, os.path.abspath(__file__), "start", "--host=127.0.0.1"]
         cmd += [f"--port={self.port}", "--in-memory", "--quiet", f"--default-bucket={self.bucket}"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # A file, not a pipe: a pipe nobody reads would block the server once full.
+        self._log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._log)
         deadline = time.time() + timeout
         probe = f"{self.url}/storage/v1/b/{self.bucket}"
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the GCS emulator exited: {self.proc.stderr.read().decode()}")
+                self._log.seek(0)
+                raise RuntimeError(f"the GCS emulator exited: {self._log.read().decode()}")
             try:
                 with urllib.request.urlopen(probe, timeout=1) as r:
                     if r.status == 200:
