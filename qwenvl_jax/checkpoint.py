@@ -288,8 +288,6 @@ def _map_stacks(params: dict, fn) -> dict:
     return out
 
 
-
-
 def latest_params(workdir: str, scan_layers: bool = False) -> tuple[Any, dict]:
     """The model config and params of a training workdir's latest complete step.
 

@@ -34,6 +34,7 @@ def dtype_from_name(name: Any, key: str = "dtype"):
         raise ConfigError(f"{key}={name!r}: unknown dtype; use one of {sorted(DTYPES)}")
     return DTYPES[name]
 
+
 # Keys of the published config.json that only describe the PyTorch wrapper; kept verbatim on export.
 AUTO_MAP = {
     "AutoConfig": "configuration_qwen.QWenConfig",
