@@ -78,6 +78,11 @@ class MultiheadAttention(nnx.Module):
 
     def _project(self, x: jax.Array, s: int) -> jax.Array:
         kernel = self.in_proj.kernel[:, s].astype(self.dtype)
+        scale = getattr(self.in_proj, "kernel_scale", None)
+        if (
+            scale is not None
+        ):  # weight-only int8 (qwenvl_jax.quantize): per-channel scales [1, 3, N, H]
+            kernel = kernel * scale[:, s].astype(self.dtype)
         bias = self.in_proj.bias[s].astype(self.dtype)
         return jnp.einsum("...d,dnh->...nh", x.astype(self.dtype), kernel) + bias
 
