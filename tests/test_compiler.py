@@ -71,3 +71,43 @@ def test_second_run_loads_the_train_step_from_the_cache(tmp_path):
     second_s, second_hits = run("b")
     assert second_hits >= 1
     print(f"train step: compiled in {first_s:.1f}s, loaded from the cache in {second_s:.1f}s")
+
+
+_HLO = """HloModule jit_step, entry_computation_layout={()->()}
+
+%gather_body (p: bf16[2,4]) -> bf16[4,4] {
+  %p = bf16[2,4]{1,0} parameter(0)
+  ROOT %all-gather.7 = bf16[4,4]{1,0} all-gather(%p), channel_id=3, dimensions={0}
+}
+
+%async_collective_fusion.2 (q: f32[8]) -> f32[8] {
+  %q = f32[8]{0} parameter(0)
+  ROOT %all-gather.9 = f32[8]{0} all-gather(%q), channel_id=4, dimensions={0}
+}
+
+ENTRY %main (a: bf16[2,4], b: f32[8]) -> f32[8] {
+  %a = bf16[2,4]{1,0} parameter(0)
+  %b = f32[8]{0} parameter(1)
+  %async-collective-start.1 = (bf16[2,4], bf16[4,4]) fusion(%a), kind=kCustom, calls=%gather_body
+  %all-reduce.3 = f32[8]{0} all-reduce(%b), channel_id=5, to_apply=%add
+  %all-reduce-start.4 = f32[8]{0} all-reduce-start(%b), channel_id=6, to_apply=%add
+  %cc.5 = f32[8] custom-call(%b), custom_call_target="tpu_custom_call", backend_config="splash_fwd"
+  ROOT %fusion.6 = f32[8]{0} fusion(%b), kind=kCustom, calls=%async_collective_fusion.2
+}
+"""
+
+
+def test_program_summary_counts_kernels_and_async_collectives():
+    """Read from hand-written HLO: the all-gather called from an async-collective-start and the one
+    inside an async collective fusion are asynchronous, as is the all-reduce-start; the plain
+    all-reduce is synchronous; one Pallas (TPU custom) call, the splash kernel."""
+    from qwenvl_jax.train.aot import program_summary
+
+    got = program_summary(_HLO)
+    assert got["pallas_calls"] == 1 and got["splash_attention"]
+    assert got["collectives_by_op"] == {
+        "all-gather": {"async": 2, "sync": 0},
+        "all-reduce": {"async": 1, "sync": 1},
+    }
+    assert (got["collectives_async"], got["collectives_sync"]) == (3, 1)
+    assert not program_summary(_HLO.replace("splash_fwd", "matmul"))["splash_attention"]

@@ -403,6 +403,9 @@ def test_tiny_aot_compile_for_tpu_slice():
     assert res["argument_size_in_bytes"] >= res["param_bytes"] + res["opt_bytes"]
     assert 0 < res["peak_estimate_bytes"] < 4 * 2**30
     assert res["xla_flops_per_device_loop_bodies_once"] > 0
+    # The trainer's TPU flags reach the AOT compile: parameter all-gathers run asynchronously.
+    assert res["program"]["splash_attention"] and res["program"]["pallas_calls"] >= 3
+    assert res["program"]["collectives_by_op"]["all-gather"]["async"] > 0
 
 
 @pytest.mark.slow
