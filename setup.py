@@ -53,6 +53,8 @@ setup(
         "tfds": ["tensorflow-datasets>=4.9.6"],
         "test": [
             "pytest>=8",
+            # The suite runs on every core (pyproject.toml: -n auto, at most 4 workers).
+            "pytest-xdist>=3.6",
             "ruff>=0.6",
             "nbformat>=5.9",
             "nbclient>=0.10",

@@ -33,3 +33,15 @@ def quick_run(  # the quick demo, run once per session (demo and notebook tests)
     assert "held-out evaluation (quick)" in proc.stdout and "blind prior" in proc.stdout
     with open(os.path.join(workdir, "results.json")) as f:
         return workdir, json.load(f)
+
+
+def pytest_collection_modifyitems(items):
+    """With pytest-xdist's `--dist=loadgroup`: each module is one group (its module fixtures are
+    built once, on one worker), and every test of the session's quick demo is in one group, so the
+    demo runs once."""
+    for item in items:
+        if "quick_run" in getattr(item, "fixturenames", ()):
+            group = "quick_demo"
+        else:
+            group = item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))
