@@ -36,7 +36,7 @@ from qwenvl_jax import sharding as shd
 from qwenvl_jax import tokenizer as tok_lib
 from qwenvl_jax.errors import ConfigError
 from qwenvl_jax.model.qwen import dynamic_ntk_alpha
-from qwenvl_jax.model.qwenvl import QWenLMHeadModel, image_token_index
+from qwenvl_jax.model.qwenvl import QWenLMHeadModel
 
 # Generation defaults when the checkpoint has no generation_config.json: greedy, as the API.
 DEFAULT_GENERATION = {"max_new_tokens": 512, "do_sample": False, "top_p": None, "top_k": None}
@@ -403,7 +403,7 @@ class QwenVL:
         if self.image_root:
             paths = [image_lib.resolve_path(p, self.image_root) for p in paths]
         images = image_lib.load_images(paths, size, allow_urls=self.allow_urls)[None]
-        index, _ = image_token_index(
+        index, _ = tok_lib.image_token_index(
             input_ids, self.config.visual.image_start_id, self.config.visual.n_queries
         )
         return {"input_ids": input_ids, "images": images, "image_token_index": index}
@@ -487,7 +487,7 @@ class QwenVL:
         index = None
         if images is not None:
             images = np.concatenate([images, np.zeros((bsz - len(rows),) + images.shape[1:])])
-            index, _ = image_token_index(
+            index, _ = tok_lib.image_token_index(
                 ids, self.config.visual.image_start_id, self.config.visual.n_queries
             )
             index = jnp.asarray(index)

@@ -44,7 +44,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from qwenvl_jax import sharding as shd
 from qwenvl_jax.model import layers
 from qwenvl_jax.model.qwen import inference_scaling, init_cache
-from qwenvl_jax.model.qwenvl import QWenLMHeadModel, image_token_index
+from qwenvl_jax.model.qwenvl import QWenLMHeadModel
+from qwenvl_jax.tokenizer import image_token_index
 
 EOD_ID = 151643  # <|endoftext|>, the eos of Qwen-VL's generation_config
 

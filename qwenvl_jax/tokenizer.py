@@ -13,6 +13,8 @@ published): `<img>`, the UTF-8 bytes of the path as byte ids, `<imgpad>` up to `
 positions, `</img>`. The model replaces the inner positions with its `visual.n_queries` image
 features, so their ids only serve to carry the path; a small model with fewer adapter queries uses a
 tokenizer made with `image_span=n_queries` (paths then hold at most `image_span - 1` bytes).
+The span rule itself (`image_span_starts`) and the model's `image_token_index` live here too, so
+that the packer, the API and generation read spans exactly as this module writes them.
 
 `make_context` builds the ChatML prompt exactly as the published
 `qwen_generation_utils.make_context` (piecewise encoding, oldest-first history
@@ -32,6 +34,7 @@ import unicodedata
 from collections.abc import Collection, Iterable, Sequence
 from typing import Literal
 
+import numpy as np
 import tiktoken
 
 from qwenvl_jax.errors import optional_import
@@ -132,6 +135,104 @@ class ImageSpanError(ValueError):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
+
+
+def image_span_starts(
+    ids: Sequence[int] | np.ndarray, img_start_id: int, img_end_id: int, n_queries: int
+) -> list[int]:
+    """The positions of the `<img>` tokens of `ids`' image spans: the span rule, checked.
+
+    A span is `<img>`, exactly `n_queries` inner positions, `</img>`; spans do not nest. Every
+    reader of packed or encoded ids (the packer, `image_token_index`, `Tokenizer.image_spans`)
+    goes through this function.
+
+    Args:
+      ids: int [T] token ids (a sequence or a numpy array).
+      img_start_id, img_end_id: the `<img>` and `</img>` ids (adjacent: `</img>` = `<img>` + 1).
+      n_queries: inner positions per span (the tokenizer's `image_span`, the model's n_queries).
+
+    Returns:
+      The `<img>` positions, ascending.
+
+    Raises:
+      ImageSpanError: the first malformed span, by position; when the tag counts differ the
+        message starts with them ("0 <img> but 1 </img> tokens: ..."). `reason` is
+        "unclosed_img", "stray_img_end" or "bad_image_tag" (nested, or the wrong length).
+    """
+    ids = np.asarray(ids)
+    is_start = ids == img_start_id
+    tags = np.flatnonzero(is_start | (ids == img_end_id))
+
+    def error(reason: str, msg: str) -> ImageSpanError:
+        n_start = int(is_start.sum())
+        if n_start != len(tags) - n_start:
+            msg = f"{n_start} <img> but {len(tags) - n_start} </img> tokens: {msg}"
+        return ImageSpanError(reason, msg)
+
+    starts: list[int] = []
+    open_at = None
+    for pos in tags.tolist():
+        if is_start[pos]:
+            if open_at is not None:
+                raise error(
+                    "bad_image_tag",
+                    f"<img> at token {pos} inside the image span opened at {open_at}",
+                )
+            open_at = pos
+        elif open_at is None:
+            raise error("stray_img_end", f"</img> at token {pos} has no matching <img>")
+        elif pos - open_at - 1 != n_queries:
+            raise error(
+                "bad_image_tag",
+                f"<img> at token {open_at} does not open a {n_queries + 2}-token image span:"
+                f" the span closed at token {pos} holds {pos - open_at - 1} tokens",
+            )
+        else:
+            starts.append(open_at)
+            open_at = None
+    if open_at is not None:
+        raise error(
+            "unclosed_img", f"the image span opened at token {open_at} is never closed by </img>"
+        )
+    return starts
+
+
+def image_token_index(
+    input_ids: Sequence[int] | np.ndarray, image_start_id: int, n_queries: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The model's `image_token_index` of token ids (host-side numpy; spans as `image_span_starts`).
+
+    Images are numbered per row in order of appearance. The n_queries positions strictly between
+    `<img>` (image_start_id) and `</img>` (image_start_id + 1) of the m-th image of a row get
+    `m * n_queries + q` (q = 0 .. n_queries-1); every other position gets -1.
+
+    Args:
+      input_ids: int [B, T] (or [T], treated as one row).
+      image_start_id: the `<img>` id (config.visual.image_start_id).
+      n_queries: feature vectors per image (config.visual.n_queries).
+
+    Returns:
+      (index int32 [B, T], counts int32 [B] = images per row).
+
+    Raises:
+      ImageSpanError: a malformed span (see `image_span_starts`); the message names the row.
+    """
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {ids.shape}")
+    index = np.full(ids.shape, -1, np.int32)
+    counts = np.zeros(ids.shape[0], np.int32)
+    for b, row in enumerate(ids):
+        try:
+            starts = image_span_starts(row, image_start_id, image_start_id + 1, n_queries)
+        except ImageSpanError as e:
+            raise ImageSpanError(e.reason, f"row {b}: {e}") from None
+        for m, a in enumerate(starts):
+            index[b, a + 1 : a + 1 + n_queries] = m * n_queries + np.arange(n_queries)
+        counts[b] = len(starts)
+    return index, counts
 
 
 class _QwenTokenizerBase(abc.ABC):
@@ -292,7 +393,10 @@ class _QwenTokenizerBase(abc.ABC):
         return out
 
     def _segments(self, ids: Sequence[int]) -> Iterable[tuple[str, list[int]]]:
-        """Split ids into ("text", ids) and ("image", [<img>, ..., </img>]) chunks in order."""
+        """Split ids into ("text", ids) and ("image", [<img>, ..., </img>]) chunks in order.
+
+        Not the span rule (`image_span_starts`): encode meets `<img>path</img>` before expansion
+        and decode must read back any closed span, so chunks here may have any length."""
         ids = list(ids)
         end = 0
         while True:
@@ -330,13 +434,13 @@ class _QwenTokenizerBase(abc.ABC):
             raise ValueError(f"image span holds id {e.args[0]}, which is not a byte id") from None
 
     def image_spans(self, ids: Sequence[int]) -> list[tuple[int, int]]:
-        """(start, end) index pairs of `<img>` and its `</img>` for every closed span, in order."""
-        spans, pos = [], 0
-        for kind, chunk in self._segments(ids):
-            if kind == "image":
-                spans.append((pos, pos + len(chunk) - 1))
-            pos += len(chunk)
-        return spans
+        """(start, end) index pairs of `<img>` and its `</img>` for every span, in order.
+
+        Raises:
+          ImageSpanError: a malformed span (`image_span_starts`, with this tokenizer's span).
+        """
+        starts = image_span_starts(ids, self.img_start_id, self.img_end_id, self.image_span)
+        return [(a, a + self.image_span + 1) for a in starts]
 
     def image_paths(self, ids: Sequence[int]) -> list[str]:
         """The image paths (or URLs) carried by the expanded `<img>` spans of `ids`, in order."""

@@ -13,8 +13,8 @@ from PIL import Image
 
 from qwenvl_jax.config import get_preset
 from qwenvl_jax.data import pipeline
-from qwenvl_jax.model.qwenvl import QWenLMHeadModel, image_token_index
-from qwenvl_jax.tokenizer import QWenTokenizer
+from qwenvl_jax.model.qwenvl import QWenLMHeadModel
+from qwenvl_jax.tokenizer import QWenTokenizer, image_token_index
 
 TINY = get_preset("tiny")
 S = TINY.visual.image_size

@@ -9,7 +9,8 @@ from flax import nnx
 from qwenvl_jax import generate as gen
 from qwenvl_jax.config import get_preset
 from qwenvl_jax.model.qwen import dynamic_ntk_alpha
-from qwenvl_jax.model.qwenvl import QWenLMHeadModel, image_token_index
+from qwenvl_jax.model.qwenvl import QWenLMHeadModel
+from qwenvl_jax.tokenizer import image_token_index
 
 CFG = get_preset("tiny", vocab_size=1000, visual={"image_start_id": 990})
 IMG = CFG.visual.image_start_id

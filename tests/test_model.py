@@ -13,12 +13,12 @@ from jax.sharding import AxisType
 from qwenvl_jax.config import get_preset
 from qwenvl_jax.model import layers
 from qwenvl_jax.model.qwen import dynamic_ntk_alpha, init_cache, logn_table, rotary_inv_freq
-from qwenvl_jax.model.qwenvl import QWenLMHeadModel, image_token_index
+from qwenvl_jax.model.qwenvl import QWenLMHeadModel
 from qwenvl_jax.model.resampler import sincos_2d
 from qwenvl_jax.model.visual import bicubic_matrix, pos_resize_matrix
+from qwenvl_jax.tokenizer import image_token_index
 
 TINY = get_preset("tiny")
-IMG = TINY.visual.image_start_id
 
 
 def _aten_cubic_weight(x: float, a: float = -0.75) -> float:
@@ -99,38 +99,6 @@ def test_ntk_alpha_and_logn_values():
     inv = np.asarray(rotary_inv_freq(128, 10000.0, 3.0))
     base = 10000.0 * 3.0 ** (128 / 126)
     np.testing.assert_allclose(inv, 1.0 / base ** (np.arange(0, 128, 2) / 128), rtol=1e-6)
-
-
-# ----------------------------------------------------------------------------- image spans
-def _span(n=256):
-    return [IMG] + [IMG + 2] * n + [IMG + 1]
-
-
-def test_image_token_index_numbering():
-    row0 = [1, 2] + _span() + [3] + _span() + [4]
-    row1 = [5] * 3 + _span() + [6] * (len(row0) - 261)
-    idx, counts = image_token_index(np.array([row0, row1]), IMG, 256)
-    assert counts.tolist() == [2, 1]
-    assert idx[0, :3].tolist() == [-1, -1, -1]
-    assert idx[0, 3:259].tolist() == list(range(256))
-    assert idx[0, 259:262].tolist() == [-1, -1, -1]
-    assert idx[0, 262:518].tolist() == list(range(256, 512))
-    assert idx[1, 4:260].tolist() == list(range(256))
-    assert (idx[1, 260:] == -1).all() and (idx[1, :4] == -1).all()
-
-
-@pytest.mark.parametrize(
-    "row,msg",
-    [
-        ([1, IMG] + [7] * 256, "never closed"),
-        ([1, IMG + 1, 2], "no matching <img>"),
-        ([IMG] + [7] * 10 + [IMG + 1], "holds 10 tokens"),
-        ([IMG, IMG] + [7] * 255 + [IMG + 1], "inside the span"),
-    ],
-)
-def test_image_token_index_errors(row, msg):
-    with pytest.raises(ValueError, match=msg):
-        image_token_index(np.array([row]), IMG, 256)
 
 
 # ----------------------------------------------------------------------------- model structure

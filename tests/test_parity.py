@@ -23,7 +23,8 @@ from reference_weights import REF, reference_tensors
 from qwenvl_jax.convert import assign_params, import_tensors
 from qwenvl_jax.generate import generate
 from qwenvl_jax.model.qwen import dynamic_ntk_alpha
-from qwenvl_jax.model.qwenvl import QWenLMHeadModel, image_token_index
+from qwenvl_jax.model.qwenvl import QWenLMHeadModel
+from qwenvl_jax.tokenizer import image_token_index
 
 RTOL = 1e-4  # the criterion, relative to the largest reference logit
 

@@ -5,6 +5,7 @@ import json
 import os
 import unicodedata
 
+import numpy as np
 import pytest
 
 from qwenvl_jax import tokenizer as tk
@@ -285,3 +286,55 @@ def test_short_image_span(sp_tok):
         tk.SentencePieceQWenTokenizer(sp_tok.model_file, image_span=1)
     loaded = tk.load_tokenizer(sp_tok.model_file, image_span=36)
     assert loaded.encode(f"<img>{path}</img>") == short.encode(f"<img>{path}</img>")
+
+
+# ------------------------------------------------------- the span rule (image_span_starts, index)
+IMG = 151857  # <img> of the published vocabulary (test_special_ids_and_sizes)
+
+
+def _span(n=256):
+    return [IMG] + [IMG + 2] * n + [IMG + 1]
+
+
+def test_image_token_index_numbering():
+    row0 = [1, 2] + _span() + [3] + _span() + [4]
+    row1 = [5] * 3 + _span() + [6] * (len(row0) - 261)
+    idx, counts = tk.image_token_index(np.array([row0, row1]), IMG, 256)
+    assert counts.tolist() == [2, 1]
+    assert idx[0, :3].tolist() == [-1, -1, -1]
+    assert idx[0, 3:259].tolist() == list(range(256))
+    assert idx[0, 259:262].tolist() == [-1, -1, -1]
+    assert idx[0, 262:518].tolist() == list(range(256, 512))
+    assert idx[1, 4:260].tolist() == list(range(256))
+    assert (idx[1, 260:] == -1).all() and (idx[1, :4] == -1).all()
+
+
+@pytest.mark.parametrize(
+    "row,reason,msg",
+    [
+        ([1, IMG] + [7] * 256, "unclosed_img", "1 <img> but 0 </img> tokens: .* never closed"),
+        ([1, IMG + 1, 2], "stray_img_end", "^row 0: 0 <img> but 1 </img> tokens: .* no matching"),
+        ([IMG] + [7] * 10 + [IMG + 1], "bad_image_tag", "258-token image span: .* holds 10 tokens"),
+        (
+            [IMG, IMG] + [7] * 255 + [IMG + 1],
+            "bad_image_tag",
+            "token 1 inside the image span opened at 0",
+        ),
+        # Nested spans whose </img> land 257 tokens after each <img>: equal tag counts and the
+        # right distance, still no well-formed span (the packer's old check let this through).
+        ([IMG, IMG] + [7] * 255 + [IMG + 1] * 2, "bad_image_tag", "inside the image span"),
+    ],
+)
+def test_image_span_errors(row, reason, msg):
+    with pytest.raises(tk.ImageSpanError, match=msg) as e:
+        tk.image_token_index(np.array([row]), IMG, 256)
+    assert e.value.reason == reason
+    with pytest.raises(tk.ImageSpanError, match=msg.replace("^row 0: ", "^")):
+        tk.image_span_starts(row, IMG, IMG + 1, 256)
+
+
+def test_image_span_starts_short_spans():
+    row = [0] + _span(4) + [0, 0] + _span(4)
+    assert tk.image_span_starts(row, IMG, IMG + 1, 4) == [1, 9]
+    assert tk.image_span_starts(np.asarray(row), IMG, IMG + 1, 4) == [1, 9]
+    assert tk.image_span_starts([1, 2, 3], IMG, IMG + 1, 4) == []

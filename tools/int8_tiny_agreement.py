@@ -19,7 +19,7 @@ import numpy as np
 
 from qwenvl_jax.api import QwenVL
 from qwenvl_jax.generate import generate
-from qwenvl_jax.model.qwenvl import image_token_index
+from qwenvl_jax.tokenizer import image_token_index
 
 N, NEW = 20, 16
 f32 = QwenVL.random("tiny", seed=0)

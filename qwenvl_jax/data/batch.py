@@ -8,7 +8,7 @@ A batch is a dict of numpy arrays with B rows of T tokens and M image slots:
 - `segment_ids` int32 [B, T]: 0 = padding, 1.. = the packed sample (attention stays inside it);
 - `positions` int32 [B, T]: rotary positions, restarting at 0 per sample;
 - `image_token_index` int32 [B, T]: m * n_queries + q inside the m-th image span of the row, else
-  -1 (`qwenvl_jax.model.qwenvl.image_token_index`);
+  -1 (`qwenvl_jax.tokenizer.image_token_index`);
 - `images` float32 [B, M, S, S, 3]: normalised pixels; `image_valid` bool [B, M]: the slot holds a
   picture (the two are absent when M = 0).
 

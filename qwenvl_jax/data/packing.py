@@ -22,6 +22,7 @@ import grain
 import numpy as np
 
 from qwenvl_jax.data.tasks import Example, Skip
+from qwenvl_jax.tokenizer import image_span_starts
 
 N_QUERIES = 256  # inner positions of an image span as published (functions take n_queries)
 
@@ -66,25 +67,6 @@ def pad_counts(counts, shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def image_spans(
-    ids: np.ndarray, img_start_id: int, img_end_id: int, n_queries: int = N_QUERIES
-) -> list[int]:
-    """Start positions of the `<img>` tokens of well-formed (n_queries + 2)-token image spans.
-
-    Raises:
-      ValueError: an `<img>` not followed by `</img>` n_queries + 1 tokens later.
-    """
-    span = n_queries + 2
-    starts = np.flatnonzero(ids == img_start_id)
-    for a in starts:
-        if a + span - 1 >= len(ids) or ids[a + span - 1] != img_end_id:
-            raise ValueError(f"<img> at token {a} does not open a {span}-token image span")
-    n_end = int(np.sum(ids == img_end_id))
-    if n_end != len(starts):
-        raise ValueError(f"{len(starts)} <img> but {n_end} </img> tokens")
-    return [int(a) for a in starts]
-
-
 def fit_example(
     ex: Example,
     seq_len: int,
@@ -105,7 +87,7 @@ def fit_example(
       when the sample fit as it was).
     """
     span = n_queries + 2
-    starts = image_spans(ex.ids, img_start_id, img_end_id, n_queries)
+    starts = image_span_starts(ex.ids, img_start_id, img_end_id, n_queries)
     cut = len(ex.ids)
     if cut > seq_len:
         cut = seq_len
@@ -173,7 +155,7 @@ def pack_row(
         loss_mask[pos : pos + n - 1] = ex.labels[1:]
         segment_ids[sl] = seg
         positions[sl] = np.arange(n, dtype=np.int32)
-        starts = image_spans(ex.ids, img_start_id, img_end_id, n_queries)
+        starts = image_span_starts(ex.ids, img_start_id, img_end_id, n_queries)
         if len(starts) != len(ex.images):
             raise ValueError(
                 f"{ex.source}[{ex.index}]: {len(starts)} image spans but {len(ex.images)} images"

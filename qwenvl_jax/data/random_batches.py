@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from qwenvl_jax.config import QWenConfig
-from qwenvl_jax.model.qwenvl import image_token_index
+from qwenvl_jax.tokenizer import image_token_index
 
 
 class RandomBatches:

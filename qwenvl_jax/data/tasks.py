@@ -216,10 +216,11 @@ def _encode(tok, text: str) -> list[int]:
         # tokenizer.ImageSpanError names its reason; other encode errors are bad image tags too.
         raise BadSample(getattr(e, "reason", "bad_image_tag"), str(e)) from None
     # encode closes every <img> with its </img>; one more </img> has no opening tag and would
-    # break the image spans the packer finds (one owner: tokenizer spans).
-    n_end = ids.count(tok.img_end_id)
-    if n_end != ids.count(tok.img_start_id):
-        raise BadSample("stray_img_end", f"a </img> without its <img> in {text[:80]!r}")
+    # break the image spans the packer finds: the span rule (tokenizer.image_span_starts) says so.
+    try:
+        tok.image_spans(ids)
+    except ValueError as e:
+        raise BadSample(getattr(e, "reason", "bad_image_tag"), f"{e} in {text[:80]!r}") from None
     return ids
 
 

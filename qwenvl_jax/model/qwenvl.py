@@ -5,79 +5,19 @@ Public:
   model(input_ids, *, images, image_token_index, segment_ids, positions, cache, cache_index,
         ntk_alpha, use_logn, image_valid, image_budget, image_groups)
     -> logits [B, T, V]  (or (logits, cache) when a cache is passed)
-  image_token_index(input_ids, image_start_id, n_queries) -> (index [B, T], images per row [B])
+The `image_token_index` of token ids comes from `qwenvl_jax.tokenizer.image_token_index`.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from qwenvl_jax.config import QWenConfig
 from qwenvl_jax.model import layers
 from qwenvl_jax.model.qwen import QWenBlock, rotary_inv_freq
 from qwenvl_jax.model.visual import VisionTransformer
-
-
-def image_token_index(
-    input_ids: np.ndarray, image_start_id: int, n_queries: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Locate the `<img> ... </img>` spans and number their interior positions (host-side numpy).
-
-    Images are numbered per row in order of appearance. The n_queries positions strictly between
-    `<img>` (image_start_id) and `</img>` (image_start_id + 1) of the m-th image of a row get
-    `m * n_queries + q` (q = 0 .. n_queries-1); every other position gets -1.
-
-    Args:
-      input_ids: int [B, T] (or [T], treated as one row).
-      image_start_id: the `<img>` id (config.visual.image_start_id).
-      n_queries: feature vectors per image (config.visual.n_queries).
-
-    Returns:
-      (index int32 [B, T], counts int32 [B] = images per row).
-
-    Raises:
-      ValueError: on an unclosed `<img>`, a `</img>` without `<img>`, nested `<img>`, or a span
-        whose interior is not exactly n_queries tokens long; the message names row and position.
-    """
-    ids = np.asarray(input_ids)
-    if ids.ndim == 1:
-        ids = ids[None]
-    if ids.ndim != 2:
-        raise ValueError(f"input_ids must be [B, T], got shape {ids.shape}")
-    end_id = image_start_id + 1
-    index = np.full(ids.shape, -1, np.int32)
-    counts = np.zeros(ids.shape[0], np.int32)
-    for b, row in enumerate(ids):
-        starts = np.flatnonzero(row == image_start_id)
-        ends = np.flatnonzero(row == end_id)
-        open_at = None
-        events = sorted([(int(p), 0) for p in starts] + [(int(p), 1) for p in ends])
-        for pos, is_end in events:
-            if not is_end:
-                if open_at is not None:
-                    raise ValueError(
-                        f"row {b}: <img> at position {pos} inside the span opened at {open_at}"
-                    )
-                open_at = pos
-                continue
-            if open_at is None:
-                raise ValueError(f"row {b}: </img> at position {pos} has no matching <img>")
-            length = pos - open_at - 1
-            if length != n_queries:
-                raise ValueError(
-                    f"row {b}: image span <img>@{open_at} .. </img>@{pos} holds {length} tokens; "
-                    f"expected exactly {n_queries}"
-                )
-            m = counts[b]
-            index[b, open_at + 1 : pos] = m * n_queries + np.arange(n_queries, dtype=np.int32)
-            counts[b] += 1
-            open_at = None
-        if open_at is not None:
-            raise ValueError(f"row {b}: <img> at position {open_at} is never closed by </img>")
-    return index, counts
 
 
 def splice_features(embeds: jax.Array, features: jax.Array, token_index: jax.Array) -> jax.Array:
