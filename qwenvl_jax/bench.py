@@ -25,6 +25,10 @@ earlier Python loop of one compiled step per token (`generate.generate_stepwise`
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 import time
 
 import jax
@@ -32,18 +36,25 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from qwenvl_jax import bench_reference, train
 from qwenvl_jax import flops as flops_lib
-from qwenvl_jax import train
+from qwenvl_jax.config import get_preset
 from qwenvl_jax.data.random_batches import RandomBatches
+from qwenvl_jax.errors import ConfigError, MissingPathError, UserError, run_cli
 from qwenvl_jax.train import stage_config
-from qwenvl_jax.train.state import encoded_images
+from qwenvl_jax.train.cli import parse_absl_flags
+from qwenvl_jax.train.state import encoded_images, model_config
 from qwenvl_jax.train.step import image_budget_of
 
 SHAPES = {
-    # name: (model overrides, batch, seq_len, image_size, images per sequence)
-    "ref8": (dict(num_hidden_layers=8), 4, 2048, 448, 1),
-    "full": ({}, 2, 2048, 448, 1),
-    "tiny": (None, 4, 128, 56, 1),
+    # name: (stage config, model overrides, batch, seq_len, image_size, images per sequence)
+    "ref8": ("multitask", dict(num_hidden_layers=8), 4, 2048, 448, 1),
+    "full": ("multitask", {}, 2, 2048, 448, 1),
+    "tiny": ("multitask:tiny", {}, 4, 128, 56, 1),
+    # The tiny model with the 256 adapter queries the published code hard-codes (multitask:tiny
+    # has 16), so the reference can build it; one row, long enough for `<img>` + 256 + `</img>`
+    # in the first of its two packed halves (random_batches.py).
+    "tiny_ref": ("multitask:tiny", dict(visual=dict(n_queries=256)), 1, 528, 56, 1),
 }
 
 _SHAPE = flags.DEFINE_enum("shape", "ref8", sorted(SHAPES), "Benchmark shape.")
@@ -83,6 +94,23 @@ _CHIP = flags.DEFINE_string(
     "chip", "", "Chip name for MFU (h100, h200, v5p, ...); default guessed."
 )
 _JSON = flags.DEFINE_string("json_out", "", "Also write the result as JSON here.")
+_REF_DIR = flags.DEFINE_string(
+    "reference_dir",
+    "",
+    "A directory holding the published PyTorch Qwen-VL code (modeling_qwen.py, visual.py, ...):"
+    " also time its step at the same shape and print the ratio.",
+)
+_REF_PY = flags.DEFINE_string(
+    "reference_python",
+    "",
+    "The Python of the environment with torch and transformers for --reference_dir"
+    " (default: this interpreter).",
+)
+
+# What the reference needs in its environment (the published files import these).
+REFERENCE_PACKAGES = ("torch", "transformers", "einops", "PIL", "requests", "numpy")
+REFERENCE_PIP = "torch transformers==4.37.2 einops tiktoken pillow requests numpy"
+_PROBE = "import importlib.util as u, sys; print(*[m for m in sys.argv[1:] if not u.find_spec(m)])"
 
 
 def bench_config(
@@ -91,11 +119,15 @@ def bench_config(
     image_size: int = 0,
 ):  # fmt: skip
     """A multitask-stage config with the benchmark's shape (single device, no accumulation)."""
-    overrides, b, t, size, m = SHAPES[shape]
+    stage, overrides, b, t, size, m = SHAPES[shape]
     m, size = image_slots or m, image_size or size
-    c = stage_config.load("multitask:tiny" if overrides is None else "multitask")
-    if overrides is not None:
-        c.model.overrides.update(overrides)
+    c = stage_config.load(stage)
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            c.model.overrides[key].update(value)
+        else:
+            c.model.overrides[key] = value
+    if not stage.endswith(":tiny"):
         c.model.dtype = "bfloat16"
     c.model.remat_llm = c.model.remat_vit = remat
     c.model.attn_impl = attn_impl
@@ -114,14 +146,14 @@ def bench_config(
     return c
 
 
-def _host_batch(c, s, images_filled: int) -> dict:
+def _host_batch(c, mcfg, images_filled: int) -> dict:
     """Random rows with `images_filled` pictures each in `data.max_images` slots (the rest empty:
     zero pixels, image_valid False)."""
     m = int(c.data.max_images)
     filled = min(images_filled, m) if m else 0
     gen_cfg = c.copy_and_resolve_references()
     gen_cfg.data.max_images = filled
-    local = next(RandomBatches(gen_cfg, s.mcfg, int(c.batch_size), 0))
+    local = next(RandomBatches(gen_cfg, mcfg, int(c.batch_size), 0))
     if m > filled:
         b, size = int(c.batch_size), int(c.data.image_size)
         local["images"] = np.concatenate(
@@ -149,7 +181,8 @@ def run(
     )
     s = train.build(c, jax.devices()[:1])
     params = train.init_params(s, 0)
-    local = _host_batch(c, s, images_filled if image_slots else int(c.data.max_images))
+    n_params = int(sum(x.size for x in jax.tree.leaves(params)))
+    local = _host_batch(c, s.mcfg, images_filled if image_slots else int(c.data.max_images))
     real_images = float(np.sum(local.get("image_valid", 0)))
     batch_arr = train.to_step_batch(local, s)
     budget, groups = image_budget_of(s)
@@ -216,8 +249,108 @@ def run(
         mfu_real_images=(f_real / dt / (peak * 1e12)) if peak else None,
         peak_memory_gb=stats.get("peak_bytes_in_use", 0) / 1e9 if stats else None,
         loss=float(np.asarray(m["loss"])),
+        params=n_params,
     )
     return out
+
+
+def check_reference(reference_dir: str, python: str) -> str:
+    """Raises a one-line UserError unless `reference_dir` holds the published model code and
+    `python` imports what it needs; returns the interpreter's path."""
+    code = "the published Qwen-VL code: " + ", ".join(bench_reference.REFERENCE_FILES)
+    if not os.path.isdir(reference_dir):
+        raise MissingPathError(f"--reference_dir={reference_dir} is not a directory ({code})")
+    missing = [
+        f for f in bench_reference.REFERENCE_FILES
+        if not os.path.isfile(os.path.join(reference_dir, f))
+    ]  # fmt: skip
+    if missing:
+        raise MissingPathError(
+            f"--reference_dir={reference_dir} has no {', '.join(missing)} ({code})"
+        )
+    exe = shutil.which(python) or python
+    if not os.path.isfile(exe):
+        raise MissingPathError(f"--reference_python={python} does not exist")
+    probe = subprocess.run(
+        [exe, "-c", _PROBE, *REFERENCE_PACKAGES], capture_output=True, text=True
+    )  # fmt: skip
+    missing = probe.stdout.split() if probe.returncode == 0 else ["python itself"]
+    if missing:
+        raise UserError(
+            f"--reference_python={python} cannot import {', '.join(missing)}; install the"
+            f" reference's packages there: {exe} -m pip install {REFERENCE_PIP}"
+        )
+    return exe
+
+
+def reference_inputs(c, shape: str, images_filled: int) -> tuple[dict, list[int]]:
+    """The HF config.json dict of the benchmark's model and the pictures in each row of its batch
+    (as `run` builds it), for the published code; a ConfigError when that code cannot build the
+    same model."""
+    mcfg = model_config(c)
+    hf = mcfg.to_hf_dict()
+    # to_hf_dict writes the values the published code hard-codes (256 adapter queries, ...) only
+    # where they differ from them: any key beyond the published config.json's is a model the
+    # published code would silently build differently.
+    published = get_preset("qwen-vl-7b").to_hf_dict()
+    extra = sorted(set(hf) - set(published)) + [
+        f"visual.{k}" for k in sorted(set(hf["visual"]) - set(published["visual"]))
+    ]
+    if extra:
+        values = ", ".join(f"{k}={hf.get(k, hf['visual'].get(k[7:]))}" for k in extra)
+        raise ConfigError(
+            f"--shape={shape} has {values}, which the published code"
+            f" hard-codes differently; compare at --shape=tiny_ref, ref8 or full"
+        )
+    local = _host_batch(c, mcfg, images_filled)
+    valid = local.get("image_valid", np.zeros((int(c.batch_size), 0), bool))
+    return hf, [int(n) for n in valid.sum(axis=1)]
+
+
+def run_reference(
+    shape="tiny_ref", mode="grad", steps=3, warmup=1, batch=0, chip="", image_slots=0,
+    images_filled=1, image_size=0, reference_dir="", python="",
+):  # fmt: skip
+    """Times the published PyTorch step at the benchmark's shape in a subprocess of `python`
+    (bench_reference.py); returns its JSON result with model TFLOP/s and MFU added.
+
+    The batch has as many pictures per row as `run`'s (`images_filled` with `image_slots`); the
+    published code encodes only those. It has no remat, attention choice or sequence packing:
+    each row is one causal sequence of `seq_len` tokens."""
+    if mode not in ("grad", "train"):
+        raise ConfigError(f"--reference_dir times --mode=grad or train, not --mode={mode}")
+    exe = check_reference(reference_dir, python or sys.executable)
+    c = bench_config(shape, mode, "none", "auto", batch, image_slots, 0, image_size)
+    hf, per_row = reference_inputs(
+        c, shape, images_filled if image_slots else int(c.data.max_images)
+    )
+    cmd = [
+        exe, bench_reference.__file__, f"--reference_dir={reference_dir}",
+        f"--config_json={json.dumps(hf)}", f"--batch={int(c.batch_size)}",
+        f"--seq_len={int(c.data.seq_len)}", f"--images_per_row={','.join(map(str, per_row))}",
+        f"--mode={mode}", f"--dtype={c.model.dtype}", f"--steps={steps}", f"--warmup={warmup}",
+    ]  # fmt: skip
+    # stderr (the reference's warnings, a traceback) goes to the terminal; stdout is the result.
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    if proc.returncode or not lines:
+        raise UserError(
+            f"the published PyTorch step failed (exit {proc.returncode}, its error is above):"
+            f" {exe} {bench_reference.__file__} --reference_dir={reference_dir} ..."
+        )
+    ref = json.loads(lines[-1])
+    f = flops_lib.step_flops(
+        model_config(c), sequences=ref["batch"], seq_len=ref["seq_len"],
+        images=ref["images_per_step"], image_size=int(c.data.image_size),
+    )  # fmt: skip
+    peak = flops_lib.chip_peak(chip or None, ref["device"])
+    ref.update(
+        shape=shape,
+        model_tflop_per_step=f / 1e12,
+        model_tflops_per_s=f / ref["step_s"] / 1e12,
+        mfu=(f / ref["step_s"] / (peak * 1e12)) if peak else None,
+    )
+    return ref
 
 
 def _timed(fn, repeats: int = 2) -> float:
@@ -234,10 +367,8 @@ def run_decode(shape="tiny", batches=(1, 32), prompt_len=64, new_tokens=64) -> d
     """Generation tokens/s per batch size (prefill included), and the stepwise baseline at B=1."""
     from qwenvl_jax import api
     from qwenvl_jax import generate as gen
-    from qwenvl_jax.config import get_preset
 
-    overrides = SHAPES[shape][0]
-    cfg = get_preset("tiny") if overrides is None else get_preset("qwen-vl-7b", **overrides)
+    cfg = model_config(bench_config(shape, "decode", "none", "auto"))
     dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     model = api.build_model(cfg, None, dtype)
     rng = np.random.default_rng(0)
@@ -257,7 +388,10 @@ def run_decode(shape="tiny", batches=(1, 32), prompt_len=64, new_tokens=64) -> d
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise UserError(f"unexpected argument {argv[1]!r}; flags take the form --name=value")
+    if _REF_DIR.value and _MODE.value == "decode":
+        raise ConfigError("--reference_dir times --mode=grad or train, not --mode=decode")
     if _MODE.value == "decode":
         batches = [int(b) for b in _BATCHES.value]
         r = run_decode(_SHAPE.value, batches, _PROMPT.value, _NEW.value)
@@ -274,6 +408,14 @@ def main(argv):
             with open(_JSON.value, "w") as f:
                 json.dump(r, f, indent=2)
         return
+    ref = None
+    if _REF_DIR.value:
+        # First, before JAX takes the accelerator's memory (the subprocess frees it on exit).
+        ref = run_reference(
+            _SHAPE.value, _MODE.value, _STEPS.value, _WARMUP.value, _BATCH.value, _CHIP.value,
+            _SLOTS.value, _FILLED.value, _SIZE.value, _REF_DIR.value, _REF_PY.value,
+        )  # fmt: skip
+        print(_ref_line(ref), flush=True)
     results = []
     for attn in _ATTN.value:
         for remat in _REMAT.value:
@@ -290,11 +432,42 @@ def main(argv):
         print(f"A/B against the first ({_label(base)}):")
         for r in results[1:]:
             print(f"  {_label(r)}: {r['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s")
-    if _SHAPE.value == "ref8":
+    if ref is not None:
+        print(f"ours / published PyTorch ({ref['device']}), same shape and batch:")
+        for r in results:
+            print(f"  {_label(r)}: {_vs_reference(r, ref)}")
+    elif _SHAPE.value == "ref8":
         print("PyTorch reference, H200, same shape: 0.466 s/step, 17,576 tokens/s, MFU 36.5 %")
     if _JSON.value:
+        out = results if len(results) > 1 else results[0]
+        if ref is not None:
+            out = dict(ours=out, reference=ref)
         with open(_JSON.value, "w") as f:
-            json.dump(results if len(results) > 1 else results[0], f, indent=2)
+            json.dump(out, f, indent=2)
+
+
+def _ref_line(ref: dict) -> str:
+    return (
+        f"{ref['shape']} ({ref['mode']}) published PyTorch on {ref['device']}, torch"
+        f" {ref['torch']}, transformers {ref['transformers']}, {ref['dtype']} weights:"
+        f" {ref['step_s']:.3f} s/step, {ref['tokens_per_s']:,.0f} tokens/s,"
+        f" {ref['images_per_step']} images/step, {ref['model_tflops_per_s']:.3g} model TFLOP/s"
+        + (f", MFU {ref['mfu']:.1%}" if ref["mfu"] is not None else "")
+        + (f", peak {ref['peak_memory_gb']:.1f} GB" if ref["peak_memory_gb"] else "")
+        + f", {ref['params']:,} parameters"
+    )
+
+
+def _vs_reference(r: dict, ref: dict) -> str:
+    out = (
+        f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x tokens/s ({r['tokens_per_s']:,.0f}"
+        f" vs {ref['tokens_per_s']:,.0f})"
+    )
+    if r["mfu"] is not None and ref["mfu"] is not None:
+        out += f", MFU {r['mfu']:.1%} vs {ref['mfu']:.1%}"
+    if r["params"] != ref["params"]:
+        out += f"; parameters differ: {r['params']:,} vs {ref['params']:,}"
+    return out
 
 
 def _label(r: dict) -> str:
@@ -317,9 +490,9 @@ def _line(r: dict) -> str:
             else ""
         )  # fmt: skip
         + (f", peak {r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] else "")
-        + f" (compile {r['compile_s']:.0f} s)"
+        + f", {r['params']:,} parameters (compile {r['compile_s']:.0f} s)"
     )
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(run_cli(lambda: app.run(main, flags_parser=parse_absl_flags)))
