@@ -3,6 +3,8 @@
   python -m qwenvl_jax.bench --shape=ref8      # the PyTorch reference's shape (performance.md)
   python -m qwenvl_jax.bench --shape=full      # full Qwen-VL, batch 2 x 2048
   python -m qwenvl_jax.bench --shape=tiny      # CPU smoke test
+  python -m qwenvl_jax.bench --shape=ref8 --reference_dir=/path/to/Qwen-VL-Chat \
+      --reference_python=/path/to/torch-venv/bin/python   # ours and the published PyTorch step
 
 `ref8` is the shape measured for the published PyTorch code on one H200: ViT-bigG at 448 px (48
 layers) + the adapter + 8 Qwen-7B decoder layers, batch 4 x 2048 tokens, one image per sequence
@@ -15,6 +17,17 @@ tokens/s and the ratio to the first. Image work: `--image_slots=4 --images_fille
 --image_budget=0,4` times 4 static slots per sequence with one picture each, encoding every slot
 (0) against encoding only the valid ones (a budget of 4 = one per sequence at batch 4); MFU is
 printed counting the encoded images and counting the real ones.
+
+Side by side: `--reference_dir` (a directory holding the published code: modeling_qwen.py,
+visual.py, configuration_qwen.py, qwen_generation_utils.py; never part of this repository) first
+times the published PyTorch step at the same shape, in a subprocess of `--reference_python` (an
+environment with torch, transformers==4.37.2, einops; default this interpreter) running
+bench_reference.py: the same config.json numbers, batch, tokens and pictures per row, random
+weights, bf16 for ref8/full (float32 for tiny_ref), on CUDA when there is one, the same --mode
+(grad, or train with torch AdamW), --steps and --warmup. Then ours runs, and it prints both
+tokens/s, MFU with the same FLOP formula, the parameter counts and the ratio ours / published. The
+reference has no packing, remat or flash attention: each row is one causal sequence. `tiny_ref` is
+the CPU-sized shape it can build (the tiny model with the published 256 adapter queries).
 
 `--mode=decode` times generation instead (random weights of the shape's model, text prompts of
 `--prompt_len` ids, `--new_tokens` greedy tokens per row, eos never emitted): tokens/s at each of
