@@ -171,6 +171,49 @@ def _random_params(abstract: dict, std: float, seed: int) -> dict:
     return jax.tree_util.tree_map_with_path(init, abstract)
 
 
+def make_model(
+    cfg: config_lib.QWenConfig,
+    rngs: nnx.Rngs,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    scan_layers: bool = False,
+    remat: str = "none",
+    visual_remat: str | None = None,
+    attn_impl: str = "auto",
+    lora=None,
+) -> QWenLMHeadModel:
+    """The model factory: a freshly initialised QWenLMHeadModel (call it under `nnx.eval_shape`
+    for its structure alone).
+
+    `build_model` (given or random weights, placed on a mesh) and the trainer (its abstract model
+    and its jitted init) both build through it.
+
+    Args:
+      cfg: the model config.
+      rngs: the initialisers' random streams (LoRA adapters draw from them too).
+      dtype, param_dtype, scan_layers, remat, visual_remat, attn_impl: as `QWenLMHeadModel`.
+      lora: a `config.lora` block with rank > 0, or None: its adapters attached, the base
+        kernels first quantized to 4 bits when it sets `quantize_base` (`qwenvl_jax.lora`).
+    """
+    model = QWenLMHeadModel(
+        cfg,
+        rngs=rngs,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scan_layers=scan_layers,
+        remat=remat,
+        visual_remat=visual_remat,
+        attn_impl=attn_impl,
+    )
+    if lora is not None:
+        from qwenvl_jax import lora as lora_lib
+
+        lora_lib.quantize_kernels(model, lora.quantize_base)
+        lora_lib.add_adapters(model, lora, rngs)
+    return model
+
+
 def build_model(
     cfg: config_lib.QWenConfig,
     params: dict | None,
@@ -189,10 +232,9 @@ def build_model(
     matrix as int8 with per-channel scales, quantized on the host (`qwenvl_jax.quantize`).
     """
 
-    def make(rngs):
-        return QWenLMHeadModel(cfg, rngs=rngs, dtype=dtype, param_dtype=dtype, attn_impl=attn_impl)
-
-    abstract = nnx.eval_shape(lambda: make(nnx.Rngs(seed)))
+    abstract = nnx.eval_shape(
+        lambda: make_model(cfg, nnx.Rngs(seed), dtype=dtype, param_dtype=dtype, attn_impl=attn_impl)
+    )
     want = nnx.to_pure_dict(nnx.state(abstract))
     if params is None:
         params = _random_params(want, cfg.initializer_range, seed)

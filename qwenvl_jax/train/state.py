@@ -1,4 +1,5 @@
-"""The static side of a run: model config and factory, mesh, shardings, optimizer (`Setup`)."""
+"""The static side of a run: model config and options (`api.make_model` builds it), mesh,
+shardings, optimizer (`Setup`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from qwenvl_jax import api
 from qwenvl_jax import config as config_lib
 from qwenvl_jax import flops as flops_lib
 from qwenvl_jax import lora as lora_lib
@@ -36,24 +38,18 @@ def _dtype(name: str, key: str = "config.model.dtype"):
     return config_lib.dtype_from_name(name, key)
 
 
-def make_model(cfg: ml_collections.ConfigDict, mcfg: QWenConfig, rngs: nnx.Rngs):
-    """The run's model: with `config.lora` enabled, its adapters and 4-bit kernels attached."""
-    from qwenvl_jax.model.qwenvl import QWenLMHeadModel
-
-    model = QWenLMHeadModel(
-        mcfg,
-        rngs=rngs,
+def model_options(cfg: ml_collections.ConfigDict) -> dict:
+    """`api.make_model`'s options for a training config: dtypes, layer scan, remat, attention,
+    and the LoRA block when `config.lora` is enabled."""
+    return dict(
         dtype=_dtype(cfg.model.dtype),
         param_dtype=_dtype(cfg.model.param_dtype, "config.model.param_dtype"),
         scan_layers=bool(cfg.model.scan_layers),
         remat=cfg.model.remat_llm,
         visual_remat=cfg.model.remat_vit,
         attn_impl=cfg.model.get("attn_impl", "auto"),
+        lora=cfg.lora if lora_lib.enabled(cfg) else None,
     )
-    if lora_lib.enabled(cfg):
-        lora_lib.quantize_kernels(model, cfg.lora.quantize_base)
-        lora_lib.add_adapters(model, cfg.lora, rngs)
-    return model
 
 
 @dataclasses.dataclass
@@ -95,7 +91,9 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
     accum = grad_accum_steps(cfg, mesh)
     rules = shd.rules_from_config(cfg.sharding.rules)
     with nnx.use_eager_sharding(False):
-        abstract_model = nnx.eval_shape(lambda: make_model(cfg, mcfg, nnx.Rngs(0)))
+        abstract_model = nnx.eval_shape(
+            lambda: api.make_model(mcfg, nnx.Rngs(0), **model_options(cfg))
+        )
     graphdef, state = nnx.split(abstract_model, nnx.Param)
     logical = nnx.to_pure_dict(shd.logical_axes_of_state(state))
     pure = nnx.to_pure_dict(state)
@@ -180,7 +178,7 @@ def _init(s: Setup, seed: int, like: Any, sharding: Any) -> Any:
     @functools.partial(jax.jit, out_shardings=sharding)
     def init(key):
         with nnx.use_eager_sharding(False):
-            model = make_model(s.cfg, s.mcfg, nnx.Rngs(key))
+            model = api.make_model(s.mcfg, nnx.Rngs(key), **model_options(s.cfg))
         full = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         # LoRA: only the requested part leaves the jit (XLA drops the rest of the draw).
         return lora_lib.split(full, keep)[0] if s.lora else full
