@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from qwenvl_jax import config as config_lib
-from qwenvl_jax import convert
+from qwenvl_jax import convert, fileio
 from qwenvl_jax import image as image_lib
 from qwenvl_jax import sharding as shd
 from qwenvl_jax import tokenizer as tok_lib
@@ -124,13 +124,19 @@ def _has(path: str, *names: str) -> bool:
 
 
 def checkpoint_kind(path: str) -> str:
-    """ "hf", "ours" or "workdir" for a checkpoint directory (see `QwenVL.from_pretrained`)."""
-    if not os.path.isdir(path):
+    """ "hf", "ours" or "workdir" for a checkpoint directory (see `QwenVL.from_pretrained`).
+
+    Our format and the workdir are told by the converters' own tests (`convert.ours.is_ours`,
+    `convert.workdir.is_workdir`), so the library and `python -m qwenvl_jax.convert` agree.
+    """
+    from qwenvl_jax.convert import ours, workdir
+
+    if not fileio.isdir(path):
         raise FileNotFoundError(f"no checkpoint directory at {path}")
-    files = os.listdir(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+    files = fileio.listdir(path)
+    if workdir.is_workdir(path):
         return "workdir"
-    if os.path.isdir(os.path.join(path, "params")):
+    if ours.is_ours(path):
         return "ours"
     if any(
         f.endswith(".safetensors") or (f.startswith("pytorch_model") and f.endswith(".bin"))
@@ -139,7 +145,7 @@ def checkpoint_kind(path: str) -> str:
         return "hf"
     raise FileNotFoundError(
         f"{path} is not a Qwen-VL checkpoint: expected *.safetensors / pytorch_model*.bin (HF),"
-        " params/ (qwenvl_jax format) or checkpoints/ (training workdir);"
+        " config.json + params/ (qwenvl_jax format) or checkpoints/ (training workdir);"
         f" found {sorted(files)[:20]}"
     )
 
