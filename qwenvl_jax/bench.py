@@ -270,7 +270,7 @@ def run(
 def check_reference(reference_dir: str, python: str) -> str:
     """Raises a one-line UserError unless `reference_dir` holds the published model code and
     `python` imports what it needs; returns the interpreter's path."""
-    code = "the published Qwen-VL code: " + ", ".join(bench_reference.REFERENCE_FILES)
+    code = "it must hold the published Qwen-VL code: " + ", ".join(bench_reference.REFERENCE_FILES)
     if not os.path.isdir(reference_dir):
         raise MissingPathError(f"--reference_dir={reference_dir} is not a directory ({code})")
     missing = [
@@ -279,7 +279,8 @@ def check_reference(reference_dir: str, python: str) -> str:
     ]  # fmt: skip
     if missing:
         raise MissingPathError(
-            f"--reference_dir={reference_dir} has no {', '.join(missing)} ({code})"
+            f"--reference_dir={reference_dir} has no {', '.join(missing)} (it must hold the"
+            " published Qwen-VL code)"
         )
     exe = shutil.which(python) or python
     if not os.path.isfile(exe):
