@@ -17,6 +17,7 @@ import importlib.util
 import os
 import posixpath
 import re
+import shutil
 
 import fsspec.config
 from etils import epath
@@ -105,6 +106,13 @@ def write_bytes(p: str | os.PathLike, data: bytes) -> None:
     target.write_bytes(data)
 
 
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copies one file (either end may be remote) in chunks: a 2 GiB shard is never in memory."""
+    makedirs(os.path.dirname(os.fspath(dst)) or ".")
+    with path(src).open("rb") as r, path(dst).open("wb") as w:
+        shutil.copyfileobj(r, w, 16 * 2**20)
+
+
 def copy_tree(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
     """Copies the files under `src` to `dst` (either may be remote); returns the written paths."""
     written = []
@@ -113,7 +121,7 @@ def copy_tree(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
         if isdir(s):
             written += copy_tree(s, d)
         else:
-            write_bytes(d, read_bytes(s))
+            copy_file(s, d)
             written.append(d)
     return written
 
@@ -147,6 +155,7 @@ class JsonLines:
 __all__ = [
     "JsonLines",
     "absolute",
+    "copy_file",
     "copy_tree",
     "exists",
     "is_remote",

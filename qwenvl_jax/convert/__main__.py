@@ -7,10 +7,10 @@
       our format (config.json + params/), or a training workdir (config.json +
       checkpoints/<step>/: its latest complete step, or --step N) -> HF directory (safetensors
       shards + index, config.json, generation_config.json, qwen.tiktoken, tokenizer_config.json)
-      that the published PyTorch code loads; --code_dir copies the published *.py files from a
-      directory you point to. A LoRA workdir (configs/sft.py:lora) exports merged onto its
-      config.init weights, or with --peft as a PEFT adapter (adapter_config.json +
-      adapter_model.safetensors).
+      that the published PyTorch code loads; SRC_DIR and OUT_DIR may be gs:// paths; --code_dir
+      copies the published *.py files from a directory you point to. A LoRA workdir
+      (configs/sft.py:lora) exports merged onto its config.init weights, or with --peft as a PEFT
+      adapter (adapter_config.json + adapter_model.safetensors).
   python -m qwenvl_jax.convert import-llm QWEN7B_DIR OUT_DIR [--scan_layers] [--dtype ...]
       text-only HF Qwen (Qwen-7B) -> a decoder-only tower checkpoint (our format) for stage 1's
       --config.init.llm_checkpoint.
@@ -27,11 +27,11 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import shutil
 import sys
 import time
 
 from qwenvl_jax import config as config_lib
+from qwenvl_jax import fileio
 from qwenvl_jax.errors import EXIT_USAGE, ConfigError, MissingPathError, UserError
 
 DTYPES = ("keep", *config_lib.DTYPES)
@@ -90,9 +90,9 @@ def _one_line(e: BaseException) -> str:
 
 def _check_out(out: str) -> None:
     """The output directory: absent, or a directory without params/ (import never overwrites)."""
-    if os.path.exists(out) and not os.path.isdir(out):
+    if fileio.exists(out) and not fileio.isdir(out):
         raise UserError(f"output {out} is a file; give a directory")
-    if os.path.exists(os.path.join(out, "params")):
+    if fileio.exists(fileio.join(out, "params")):
         raise UserError(f"output {out} already holds params/; choose a new or empty directory")
 
 
@@ -100,22 +100,22 @@ def _kind(path: str) -> str | None:
     """ "ours" / "workdir" / "hf" / None (neither) for an existing directory, else UserError."""
     from qwenvl_jax.convert import ours, workdir
 
-    if not os.path.exists(path):
+    if not fileio.exists(path):
         raise MissingPathError(f"{path} does not exist")
-    if not os.path.isdir(path):
+    if not fileio.isdir(path):
         raise UserError(f"{path} is a file, not a checkpoint directory")
     if ours.is_ours(path):
         return "ours"
     if workdir.is_workdir(path):
         return "workdir"
-    if any(n.endswith((".safetensors", ".bin")) for n in os.listdir(path)):
+    if any(n.endswith((".safetensors", ".bin")) for n in fileio.listdir(path)):
         return "hf"
     return None
 
 
 def _contents(path: str) -> str:
     """What a directory holds, for a message: `a, b/, c, ...` (at most 8 names)."""
-    names = sorted(n + "/" * os.path.isdir(os.path.join(path, n)) for n in os.listdir(path))
+    names = sorted(n + "/" * fileio.isdir(fileio.join(path, n)) for n in fileio.listdir(path))
     return ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") if names else "nothing"
 
 
@@ -233,7 +233,7 @@ def _export(args) -> int:
             f"--step {args.step}: {args.src} is a qwenvl_jax checkpoint (one set of params);"
             " --step picks a step of a training workdir (checkpoints/<step>/)"
         )
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
+    if fileio.exists(args.out) and not fileio.isdir(args.out):
         raise UserError(f"output {args.out} is a file; give a directory")
     code = []
     if args.code_dir:
@@ -275,7 +275,7 @@ def _export(args) -> int:
         progress=_log,
     )
     for f in code:
-        shutil.copy(f, args.out)
+        fileio.copy_file(f, fileio.join(args.out, os.path.basename(f)))
     written += code
     _log(f"wrote {len(written)} files")
     _log(f"done in {time.time() - t0:.1f} s")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -350,7 +351,8 @@ def export_hf(
     Args:
       params: our parameter tree (pure dict, nnx.State or model), either layer layout.
       cfg: its config.
-      out_dir: created if needed.
+      out_dir: created if needed; local or `gs://` (each file is written in a local scratch
+        directory and uploaded at once, so the scratch holds at most one shard).
       dtype: cast on export (e.g. ml_dtypes.bfloat16); None keeps each parameter's dtype.
       max_shard_bytes: start a new shard when the next tensor would pass this size.
       tokenizer: an object with `save_vocabulary(dir)`; "default" is the published vocabulary;
@@ -360,6 +362,23 @@ def export_hf(
     Returns:
       the paths written.
     """
+    args = dict(dtype=dtype, max_shard_bytes=max_shard_bytes, tokenizer=tokenizer)
+    if not fileio.is_remote(out_dir):
+        return _export_hf(params, cfg, out_dir, progress=progress, **args)
+    with tempfile.TemporaryDirectory(prefix="qwenvl_export_") as stage:
+
+        def upload(local: str) -> str:
+            remote = fileio.join(out_dir, os.path.basename(local))
+            fileio.copy_file(local, remote)
+            os.remove(local)
+            return remote
+
+        return _export_hf(params, cfg, stage, progress=progress, done=upload, **args)
+
+
+def _export_hf(params, cfg, out_dir, *, dtype, max_shard_bytes, tokenizer, progress, done=None):
+    """`export_hf` into a local `out_dir`; `done(path)` takes each file once it is written."""
+    done = done or (lambda p: p)
     params = _as_pure_dict(params)
     check_params(params, cfg)  # before any file is written
     scanned = is_scanned(params)
@@ -395,7 +414,7 @@ def export_hf(
         del tensors
         weight_map.update({r.hf_key: name for r, _, _ in shard})
         total += nbytes
-        written.append(os.path.join(out_dir, name))
+        written.append(done(os.path.join(out_dir, name)))
         if progress:
             progress(
                 f"[{i + 1}/{n}] {name}: {len(shard)} tensors, {nbytes / 2**20:.1f} MiB,"
@@ -405,20 +424,20 @@ def export_hf(
     with open(index, "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         f.write("\n")
-    written.append(index)
+    written.append(done(index))
     cfg.save_hf_json(out_dir)
-    written.append(os.path.join(out_dir, "config.json"))
+    written.append(done(os.path.join(out_dir, "config.json")))
     gen = os.path.join(out_dir, "generation_config.json")
     with open(gen, "w") as f:
         json.dump(GENERATION_CONFIG, f, indent=2)
         f.write("\n")
-    written.append(gen)
+    written.append(done(gen))
     if tokenizer is not None:
         if isinstance(tokenizer, str) and tokenizer == "default":
             from qwenvl_jax.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer()
-        written += list(tokenizer.save_vocabulary(out_dir))
+        written += [done(f) for f in tokenizer.save_vocabulary(out_dir)]
     return written
 
 

@@ -13,27 +13,28 @@ workdir's `train_config.json`), read here again. Two exports:
   with the keys PEFT writes for the published model (`base_model.model.transformer.h.0.attn.
   c_attn.lora_A.weight`, `...lora_B.weight`; modules_to_save as
   `base_model.model.lm_head.weight`), loadable with `PeftModel.from_pretrained(published, OUT)`.
+
+Workdirs, base checkpoints and OUT may be local or `gs://` (`qwenvl_jax.fileio`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import numpy as np
 
+from qwenvl_jax import fileio
 from qwenvl_jax.config import QWenConfig
 from qwenvl_jax.convert.errors import CheckpointError
 
 
 def train_config(workdir: str) -> dict | None:
     """The workdir's resolved training config (train_config.json), or None if absent."""
-    path = os.path.join(workdir, "train_config.json")
-    if not os.path.isfile(path):
+    path = fileio.join(workdir, "train_config.json")
+    if not fileio.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(fileio.read_text(path))
 
 
 def lora_settings(workdir: str) -> dict | None:
@@ -63,7 +64,7 @@ def base_params(workdir: str) -> tuple[Any, str]:
         from qwenvl_jax.convert import ours
 
         src = init["checkpoint"]
-        if not os.path.isdir(src):
+        if not fileio.isdir(src):
             raise CheckpointError(f"{workdir}: its base checkpoint {src} (config.init) is gone")
         _, params = ours.load_params(src, scan_layers=False)
         return params, src
@@ -93,7 +94,7 @@ def load_merged(workdir: str, step: int | None = None) -> tuple[QWenConfig, dict
 
 def export_peft(workdir: str, out_dir: str, step: int | None = None) -> list[str]:
     """Write `adapter_config.json` and `adapter_model.safetensors` (float32) into `out_dir`."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     from qwenvl_jax import lora
     from qwenvl_jax.convert.workdir import load_workdir_params
@@ -105,11 +106,11 @@ def export_peft(workdir: str, out_dir: str, step: int | None = None) -> list[str
         tensors[f"base_model.model.{path}"] = x
     init = (train_config(workdir) or {}).get("init") or {}
     conf = lora.adapter_config(_Lc(lc), init.get("checkpoint") or init.get("workdir") or "")
-    os.makedirs(out_dir, exist_ok=True)
     tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
-    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), {"format": "pt"})
-    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
-        json.dump(conf, f, indent=2)
+    # In memory, then one write (local or gs://): adapters are a small fraction of the model.
+    data = save(tensors, {"format": "pt"})
+    fileio.write_bytes(fileio.join(out_dir, "adapter_model.safetensors"), data)
+    fileio.write_text(fileio.join(out_dir, "adapter_config.json"), json.dumps(conf, indent=2))
     return ["adapter_config.json", "adapter_model.safetensors"]
 
 

@@ -4,17 +4,17 @@ A workdir, as `qwenvl_jax.checkpoint` lays it out: `config.json` (the model conf
 `checkpoints/<step>/{params,opt_state,meta}/`. Orbax gives a step directory its final name only
 once the save is complete, so every listed step is complete. Only `params` is read (as numpy, whole
 on this host: no devices or mesh of the training run are needed); the optimizer state is not.
+The workdir may be local or `gs://` (through `qwenvl_jax.fileio`; Orbax reads GCS itself).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import numpy as np
 
-from qwenvl_jax import checkpoint
+from qwenvl_jax import checkpoint, fileio
 from qwenvl_jax.config import QWenConfig
 from qwenvl_jax.convert import ours
 from qwenvl_jax.convert.errors import CheckpointError
@@ -23,15 +23,14 @@ from qwenvl_jax.convert.hf import read_config
 
 def is_workdir(path: str) -> bool:
     """Whether `path` is laid out as a training workdir (holds `checkpoints/`)."""
-    return os.path.isdir(os.path.join(path, checkpoint.CKPT_DIR))
+    return fileio.isdir(fileio.join(path, checkpoint.CKPT_DIR))
 
 
 def _manager(workdir: str):
     import orbax.checkpoint as ocp
-    from etils import epath
 
     return ocp.CheckpointManager(
-        epath.Path(os.path.abspath(workdir)) / checkpoint.CKPT_DIR,
+        fileio.path(fileio.absolute(workdir)) / checkpoint.CKPT_DIR,
         item_names=("params", "opt_state", "meta"),
         item_handlers={
             "params": ocp.PyTreeCheckpointHandler(),
@@ -75,7 +74,7 @@ def load_workdir_params(
             f"{workdir} is a training workdir without a complete checkpoint under"
             f" {checkpoint.CKPT_DIR}/ (a run that has not saved yet?)"
         )
-    if not os.path.isfile(os.path.join(workdir, "config.json")):
+    if not fileio.isfile(fileio.join(workdir, "config.json")):
         raise CheckpointError(
             f"{workdir} is a training workdir without config.json (the trainer writes it at start)"
         )
