@@ -127,14 +127,15 @@ def checkpoint_kind(path: str) -> str:
     """ "hf", "ours" or "workdir" for a checkpoint directory (see `QwenVL.from_pretrained`).
 
     Our format and the workdir are told by the converters' own tests (`convert.ours.is_ours`,
-    `convert.workdir.is_workdir`), so the library and `python -m qwenvl_jax.convert` agree.
+    `checkpoint.is_workdir`), so the library and `python -m qwenvl_jax.convert` agree.
     """
-    from qwenvl_jax.convert import ours, workdir
+    from qwenvl_jax import checkpoint
+    from qwenvl_jax.convert import ours
 
     if not fileio.isdir(path):
         raise FileNotFoundError(f"no checkpoint directory at {path}")
     files = fileio.listdir(path)
-    if workdir.is_workdir(path):
+    if checkpoint.is_workdir(path):
         return "workdir"
     if ours.is_ours(path):
         return "ours"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -27,6 +28,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from qwenvl_jax import fileio
+from qwenvl_jax.errors import CheckpointError
 from qwenvl_jax.optim import map_with_path_str
 
 CKPT_DIR = "checkpoints"
@@ -251,109 +253,198 @@ class Checkpointer:
 
 
 # ------------------------------------------------------------------------ params for inference
-def stack_layers(params: dict) -> dict:
-    """Per-layer dicts `h.{i}` / `resblocks.{i}` -> one dict with a leading layer axis."""
-    return _map_stacks(params, _stack)
+# The two layer lists of the parameter tree. Per-layer layout: dicts keyed 0..L-1 (the HF keys
+# `h.{i}`); stacked layout (scan_layers): one dict whose leaves have a leading layer axis.
+LAYER_LISTS = (("transformer", "h"), ("transformer", "visual", "transformer", "resblocks"))
 
 
-def unstack_layers(params: dict) -> dict:
-    """Leading layer axis -> per-layer dicts keyed 0..L-1 (the HF-key layout)."""
-    return _map_stacks(params, _unstack)
+def _is_layer_key(k) -> bool:
+    return isinstance(k, int) or (isinstance(k, str) and k.isdigit())
 
 
-def _stack(d):
-    keys = sorted(d, key=int) if d and all(str(k).isdigit() for k in d) else None
-    if keys is None:
-        return d
-    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *[d[k] for k in keys])
+def _lookup(tree: Mapping, path: tuple):
+    for k in path:
+        if not isinstance(tree, Mapping) or k not in tree:
+            return None
+        tree = tree[k]
+    return tree
 
 
-def _unstack(d):
-    if d and all(str(k).isdigit() for k in d):
-        return d
-    n = jax.tree.leaves(d)[0].shape[0]
-    return {i: jax.tree.map(lambda x, i=i: x[i], d) for i in range(n)}
+def _map_layer_lists(params: Mapping, fn) -> dict:
+    """Apply fn to the layer-list nodes present, copying the dicts on the way (no array copies)."""
 
+    def rec(node, path):
+        node = dict(node)
+        node[path[0]] = fn(node[path[0]]) if len(path) == 1 else rec(node[path[0]], path[1:])
+        return node
 
-def _map_stacks(params: dict, fn) -> dict:
-    out = dict(params)
-    tr = dict(out["transformer"])
-    tr["h"] = fn(tr["h"])
-    vis = dict(tr["visual"])
-    vt = dict(vis["transformer"])
-    vt["resblocks"] = fn(vt["resblocks"])
-    vis["transformer"] = vt
-    tr["visual"] = vis
-    out["transformer"] = tr
+    out = params
+    for path in LAYER_LISTS:
+        if _lookup(out, path) is not None:  # a one-tower tree (stage-1 tower) lacks the other
+            out = rec(out, path)
     return out
 
 
-def latest_params(workdir: str, scan_layers: bool = False) -> tuple[Any, dict]:
-    """The model config and params of a training workdir's latest complete step.
+def is_stacked(params: Mapping) -> bool:
+    """True when the layers are stacked dicts (scan_layers layout).
 
-    Args:
-        workdir: a training workdir (holds config.json and checkpoints/).
-        scan_layers: the layout to return (stacked layers or per-layer dicts keyed by int).
-
-    Returns:
-        (QWenConfig, pure nested dict of numpy arrays matching `nnx.to_pure_dict` of the model).
+    Looks at the decoder layers, or at the ViT blocks for a ViT-only tree (a stage-1 tower).
     """
-    from qwenvl_jax import config as config_lib
+    for path in LAYER_LISTS:
+        node = _lookup(params, path)
+        if node is not None:
+            return not any(_is_layer_key(k) for k in node)
+    raise ValueError("the parameters hold neither transformer.h nor visual resblocks")
 
-    workdir = fileio.absolute(workdir)
-    cfg = config_lib.load_hf_json(fileio.join(workdir, "config.json"))
-    mngr = ocp.CheckpointManager(
-        epath.Path(workdir) / CKPT_DIR,
+
+def stack_layers(params: Mapping) -> dict:
+    """Per-layer dicts keyed 0..L-1 -> one dict whose leaves have a leading layer axis."""
+
+    def stack(d):
+        if not any(_is_layer_key(k) for k in d):
+            return d
+        keys = sorted(d, key=int)
+        return jax.tree.map(
+            lambda *xs: np.stack([np.asarray(x) for x in xs]), *[d[k] for k in keys]
+        )
+
+    return _map_layer_lists(params, stack)
+
+
+def unstack_layers(params: Mapping) -> dict:
+    """A stacked layer dict -> per-layer dicts keyed by int (views of the stacked arrays)."""
+
+    def unstack(d):
+        if any(_is_layer_key(k) for k in d):
+            return {int(k): v for k, v in d.items()}
+        n = jax.tree.leaves(d)[0].shape[0]
+        return {i: jax.tree.map(lambda x, i=i: x[i], d) for i in range(n)}
+
+    return _map_layer_lists(params, unstack)
+
+
+def int_layer_keys(tree):
+    """Layer indices back to ints: Orbax restores every dict key as a string."""
+    if isinstance(tree, Mapping):
+        return {(int(k) if _is_layer_key(k) else k): int_layer_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def is_workdir(path: str) -> bool:
+    """Whether `path` is laid out as a training workdir (holds `checkpoints/`)."""
+    return fileio.isdir(fileio.join(path, CKPT_DIR))
+
+
+def _reader(workdir: str) -> ocp.CheckpointManager:
+    """A read-only manager of a workdir's steps (local or gs://), without the run's devices."""
+    return ocp.CheckpointManager(
+        fileio.path(fileio.absolute(workdir)) / CKPT_DIR,
         item_names=("params", "opt_state", "meta"),
         item_handlers={
             "params": ocp.PyTreeCheckpointHandler(),
             "opt_state": ocp.PyTreeCheckpointHandler(),
             "meta": ocp.JsonCheckpointHandler(),
         },
+        options=ocp.CheckpointManagerOptions(create=False),
     )
-    steps = sorted(mngr.all_steps())
+
+
+def workdir_steps(workdir: str) -> list[int]:
+    """The complete steps saved in a training workdir, ascending."""
+    mngr = _reader(workdir)
+    try:
+        return sorted(mngr.all_steps())
+    finally:
+        mngr.close()
+
+
+def _restore_numpy(mngr: ocp.CheckpointManager, step: int) -> dict:
+    # Every array whole into host memory as numpy, on each process: restoring onto the saved
+    # shardings would need the saving run's devices, and arrays spanning other hosts cannot be
+    # fetched.
+    md = mngr.item_metadata(step)["params"]
+    as_numpy = jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), getattr(md, "tree", md)
+    )
+    out = mngr.restore(
+        step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(restore_args=as_numpy))
+    )
+    return int_layer_keys(jax.tree.map(np.asarray, out["params"]))
+
+
+def _first_line(e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}"
+
+
+def read_params(
+    workdir: str, step: int | None = None, *, scan_layers: bool = False
+) -> tuple[Any, dict, int]:
+    """The model config and params of one complete step of a training workdir.
+
+    Only `params` is read (numpy, whole on this host); the optimizer state is not.
+
+    Args:
+        workdir: a training workdir (config.json and checkpoints/), local or gs://.
+        step: the step to read. None: the latest complete one; a step that fails to restore is
+            logged and the one before it tried (nothing is moved, unlike the trainer's resume).
+        scan_layers: the layout to return (stacked layers or per-layer dicts keyed by int),
+            whatever the run saved.
+
+    Returns:
+        (QWenConfig, pure nested dict of numpy arrays matching `nnx.to_pure_dict` of the model,
+        the step read).
+
+    Raises:
+        CheckpointError: not a workdir, no complete step, no config.json (or a bad one), no step
+            `step` (the message lists those there are), or no step that can be restored.
+    """
+    from qwenvl_jax import config as config_lib
+
+    if not is_workdir(workdir):
+        raise CheckpointError(f"{workdir} is not a training workdir: no {CKPT_DIR}/")
+    steps = workdir_steps(workdir)
     if not steps:
-        raise FileNotFoundError(f"no complete checkpoint under {workdir}/{CKPT_DIR}")
-    last_err = None
-    for step in reversed(steps):
-        try:
-            # Read every array whole into host memory as numpy, on each process: restoring onto
-            # the saved shardings would need the saving run's devices, and arrays spanning other
-            # hosts cannot be fetched.
-            md = mngr.item_metadata(step)["params"]
-            as_numpy = jax.tree.map(
-                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), getattr(md, "tree", md)
-            )
-            out = mngr.restore(
-                step,
-                args=ocp.args.Composite(
-                    params=ocp.args.PyTreeRestore(restore_args=as_numpy),
-                    meta=ocp.args.JsonRestore(),
-                ),
-            )
-            break
-        except Exception as e:  # noqa: BLE001
-            logging.error(
-                "checkpoint step %d in %s unreadable (%s); trying older", step, workdir, e
-            )
-            last_err = e
-    else:
-        raise RuntimeError(f"no readable checkpoint under {workdir}: {last_err}")
-    mngr.close()
-    params = jax.tree.map(np.asarray, out["params"])
-    params = _int_keys(params)
-    saved_scan = bool(out["meta"].get("scan_layers", False))
-    if saved_scan and not scan_layers:
-        params = unstack_layers(params)
-    elif scan_layers and not saved_scan:
-        params = stack_layers(params)
+        raise CheckpointError(
+            f"{workdir} is a training workdir without a complete checkpoint under {CKPT_DIR}/"
+            " (a run that has not saved yet?)"
+        )
+    cfg_path = fileio.join(workdir, "config.json")
+    if not fileio.isfile(cfg_path):
+        raise CheckpointError(
+            f"{workdir} is a training workdir without config.json (the trainer writes it at start)"
+        )
+    try:
+        cfg = config_lib.load_hf_json(cfg_path)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from None
+    if step is not None and step not in steps:
+        raise CheckpointError(f"{workdir} has no step {step}; its complete steps are {steps}")
+    errors, params = [], None
+    mngr = _reader(workdir)
+    try:
+        for s in [step] if step is not None else steps[::-1]:
+            try:
+                params = _restore_numpy(mngr, s)
+                break
+            except Exception as e:  # noqa: BLE001 - Orbax raises many types for a damaged step
+                errors.append(f"step {s} ({_first_line(e)})")
+                logging.error("%s: step %d cannot be restored (%s)", workdir, s, e)
+    finally:
+        mngr.close()
+    if params is None and step is not None:
+        others = [x for x in steps if x != step]
+        raise CheckpointError(
+            f"{workdir}: {errors[0]} cannot be restored; other complete steps: {others}"
+        )
+    if params is None:
+        raise CheckpointError(f"{workdir}: no complete step can be restored: {'; '.join(errors)}")
+    if scan_layers != is_stacked(params):
+        params = stack_layers(params) if scan_layers else unstack_layers(params)
+    return cfg, params, s
+
+
+def latest_params(workdir: str, scan_layers: bool = False) -> tuple[Any, dict]:
+    """(config, params) of a training workdir's latest readable step (`read_params`)."""
+    cfg, params, _ = read_params(workdir, scan_layers=scan_layers)
     return cfg, params
-
-
-def _int_keys(tree):
-    if isinstance(tree, dict):
-        return {
-            (int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v)
-            for k, v in tree.items()
-        }
-    return tree

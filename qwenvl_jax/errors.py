@@ -26,6 +26,10 @@ class MissingPathError(UserError, FileNotFoundError):
     """A path the user gave does not exist or does not hold what it should."""
 
 
+class CheckpointError(UserError, ValueError):
+    """A checkpoint, or its config.json, that cannot be read or converted (the message says why)."""
+
+
 def one_line(message: str) -> str:
     """The first non-empty line of `message` (absl and ml_collections wrap theirs in usage text)."""
     for line in str(message).splitlines():

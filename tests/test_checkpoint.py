@@ -93,6 +93,60 @@ def test_stack_unstack_round_trip():
     jax.tree.map(np.testing.assert_array_equal, back, per_layer)
 
 
+def test_stack_unstack_one_tower_tree():
+    # A stage-1 ViT tower has no decoder layers; its blocks stack and unstack on their own.
+    vit = {"transformer": {"visual": {"transformer": {"resblocks": {"0": {"b": np.zeros(2)}}}}}}
+    assert not ckpt_lib.is_stacked(vit)
+    st = ckpt_lib.stack_layers(vit)
+    assert ckpt_lib.is_stacked(st)
+    assert st["transformer"]["visual"]["transformer"]["resblocks"]["b"].shape == (1, 2)
+    assert list(
+        ckpt_lib.unstack_layers(st)["transformer"]["visual"]["transformer"]["resblocks"]
+    ) == [0]
+
+
+def _layers(value: float) -> dict:
+    return {
+        "transformer": {
+            "h": {i: {"w": np.full((3,), value + i, np.float32)} for i in range(2)},
+            "visual": {"transformer": {"resblocks": {0: {"b": np.full((2,), value, np.float32)}}}},
+        }
+    }
+
+
+def test_read_params_steps_layouts_and_a_damaged_step(tmp_path):
+    from qwenvl_jax.config import get_preset
+    from qwenvl_jax.errors import CheckpointError
+
+    wd = str(tmp_path)
+    with pytest.raises(CheckpointError, match="not a training workdir"):
+        ckpt_lib.read_params(wd)
+    get_preset("tiny").save_hf_json(wd)
+    ck = ckpt_lib.Checkpointer(wd, keep=3, async_save=False)
+    for step in (1, 2):
+        ck.save(step, _layers(10.0 * step), {"count": np.zeros((), np.int32)}, {}, wait=True)
+    ck.close()
+
+    cfg, params, step = ckpt_lib.read_params(wd)
+    assert cfg == get_preset("tiny") and step == 2
+    jax.tree.map(np.testing.assert_array_equal, params, _layers(20.0))  # int layer keys
+    _, stacked, step = ckpt_lib.read_params(wd, 1, scan_layers=True)
+    assert step == 1
+    np.testing.assert_array_equal(stacked["transformer"]["h"]["w"][:, 0], [10.0, 11.0])
+    with pytest.raises(CheckpointError, match=r"no step 5; its complete steps are \[1, 2\]"):
+        ckpt_lib.read_params(wd, 5)
+
+    for root, _, files in os.walk(tmp_path / "checkpoints" / "2" / "params"):
+        for name in files:
+            open(os.path.join(root, name), "wb").close()
+    # No step given: the latest readable one, and nothing is moved (unlike a training resume).
+    _, params, step = ckpt_lib.read_params(wd)
+    assert step == 1 and ckpt_lib.workdir_steps(wd) == [1, 2]
+    jax.tree.map(np.testing.assert_array_equal, params, _layers(10.0))
+    with pytest.raises(CheckpointError, match=r"step 2 .* other complete steps: \[1\]"):
+        ckpt_lib.read_params(wd, 2)
+
+
 def test_config_mismatch_is_an_error_and_moves_nothing(tmp_path):
     """A readable step that does not fit the run's trees (e.g. a changed freeze list) is reported,
     not quarantined as corrupt: quarantining would make the next run start from scratch."""

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from qwenvl_jax import lora
+from qwenvl_jax import checkpoint, lora
 from qwenvl_jax.convert import ours
 from qwenvl_jax.train import stage_config
 from qwenvl_jax.train.sources import base_params, initial_params
@@ -173,7 +173,7 @@ def test_merged_export_equals_base_plus_adapter(lora_run, tmp_path):
 
     s = build(cfg)
     _, trained, _ = load_workdir_params(wd)
-    trained = ours.stack_layers(trained)
+    trained = checkpoint.stack_layers(trained)
     got = np.asarray(merge_model(s, trained, base_params(s))(ids), np.float32)
     # The adapters moved the logits (so the comparison is not base vs base).
     base_only = np.asarray(

@@ -45,6 +45,7 @@ def train_with_qwenvl_jax(out: str) -> None:
     import jax
     from make_reference_fixtures import recipe_array
 
+    from qwenvl_jax import checkpoint
     from qwenvl_jax import config as config_lib
     from qwenvl_jax.convert import import_tensors, ours
     from qwenvl_jax.convert.__main__ import main as convert_main
@@ -84,7 +85,7 @@ def train_with_qwenvl_jax(out: str) -> None:
     s = build(cfg)
     _, trained, _ = load_workdir_params(wd)
     ids = np.asarray([_ids()], np.int32)
-    logits = merge_model(s, ours.stack_layers(trained), base_params(s))(ids)
+    logits = merge_model(s, checkpoint.stack_layers(trained), base_params(s))(ids)
     plain = stage_config.load("sft:tiny,data=random")
     plain.model.overrides.visual = cfg.model.overrides.visual.to_dict()
     sp = build(plain)

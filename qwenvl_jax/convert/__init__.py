@@ -23,7 +23,7 @@ from qwenvl_jax.convert.hf import (
     import_tensors,
 )
 from qwenvl_jax.convert.mapping import hf_shapes, rules
-from qwenvl_jax.convert.ours import load_params, save_params, stack_layers, unstack_layers
+from qwenvl_jax.convert.ours import load_params, save_params
 
 
 def assign_params(model, params) -> None:
@@ -84,6 +84,4 @@ __all__ = [
     "load_params",
     "rules",
     "save_params",
-    "stack_layers",
-    "unstack_layers",
 ]

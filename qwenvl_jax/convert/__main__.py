@@ -98,7 +98,8 @@ def _check_out(out: str) -> None:
 
 def _kind(path: str) -> str | None:
     """ "ours" / "workdir" / "hf" / None (neither) for an existing directory, else UserError."""
-    from qwenvl_jax.convert import ours, workdir
+    from qwenvl_jax import checkpoint
+    from qwenvl_jax.convert import ours
 
     if not fileio.exists(path):
         raise MissingPathError(f"{path} does not exist")
@@ -106,7 +107,7 @@ def _kind(path: str) -> str | None:
         raise UserError(f"{path} is a file, not a checkpoint directory")
     if ours.is_ours(path):
         return "ours"
-    if workdir.is_workdir(path):
+    if checkpoint.is_workdir(path):
         return "workdir"
     if any(n.endswith((".safetensors", ".bin")) for n in fileio.listdir(path)):
         return "hf"

@@ -3,13 +3,11 @@
 Each is a `qwenvl_jax.errors.UserError` (a command line prints it as one line, exit code 2) and a
 ValueError (what a library caller catches); each message names the file, key or tensor. A path that
 does not exist raises `qwenvl_jax.errors.MissingPathError` (a FileNotFoundError).
+`CheckpointError` itself lives in `qwenvl_jax.errors`: `qwenvl_jax.checkpoint`, below the
+converters, raises it too.
 """
 
-from qwenvl_jax.errors import UserError
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint, or its config.json, that cannot be converted (the message says why)."""
+from qwenvl_jax.errors import CheckpointError
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -22,3 +20,6 @@ class TensorFileError(CheckpointError):
 
 class UnsupportedDtypeError(CheckpointError):
     """A tensor in a checkpoint file has a dtype other than float32 / bfloat16 / float16."""
+
+
+__all__ = ["CheckpointError", "CheckpointMismatchError", "TensorFileError", "UnsupportedDtypeError"]
