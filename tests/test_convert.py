@@ -279,6 +279,12 @@ def test_export_files(tmp_path, mini):
     # Safetensors metadata "format": "pt" is what transformers requires to load the shards.
     raw = (out / index["weight_map"]["lm_head.weight"]).read_bytes()
     assert b'"__metadata__":{"format":"pt"}' in raw[:4096]
+    # Every file with the mode open() gives (safetensors alone leaves its shards 0600).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {n: oct(os.stat(out / n).st_mode & 0o777) for n in names} == {
+        n: oct(0o666 & ~umask) for n in names
+    }
 
 
 # ----------------------------------------------------------------------------- errors

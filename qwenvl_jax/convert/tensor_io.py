@@ -163,7 +163,12 @@ def save_safetensors(
         # The library writes `nbytes` from the array's data pointer: it must be contiguous.
         arrays[name] = np.ascontiguousarray(a)
     try:
+        # The file's mode as open() gives it (0666 less the umask, or an existing file's own):
+        # the library writes a private (0600) temporary file and renames it over `path`.
+        with open(path, "ab"):
+            mode = os.stat(path).st_mode & 0o7777
         safetensors.numpy.save_file(arrays, path, metadata=dict(metadata or {}))
+        os.chmod(path, mode)
     except (safetensors.SafetensorError, OSError) as e:
         raise TensorFileError(f"{path}: could not write ({e})") from None
     return sum(a.nbytes for a in arrays.values())
