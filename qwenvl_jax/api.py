@@ -30,10 +30,11 @@ import numpy as np
 from flax import nnx
 
 from qwenvl_jax import config as config_lib
-from qwenvl_jax import convert, fileio
+from qwenvl_jax import convert
 from qwenvl_jax import image as image_lib
 from qwenvl_jax import sharding as shd
 from qwenvl_jax import tokenizer as tok_lib
+from qwenvl_jax.convert import checkpoint_kind
 from qwenvl_jax.errors import ConfigError
 from qwenvl_jax.model.qwen import dynamic_ntk_alpha
 from qwenvl_jax.model.qwenvl import QWenLMHeadModel
@@ -121,34 +122,6 @@ def _dtype(dtype: str | Any):
 
 def _has(path: str, *names: str) -> bool:
     return any(os.path.exists(os.path.join(path, n)) for n in names)
-
-
-def checkpoint_kind(path: str) -> str:
-    """ "hf", "ours" or "workdir" for a checkpoint directory (see `QwenVL.from_pretrained`).
-
-    Our format and the workdir are told by the converters' own tests (`convert.ours.is_ours`,
-    `checkpoint.is_workdir`), so the library and `python -m qwenvl_jax.convert` agree.
-    """
-    from qwenvl_jax import checkpoint
-    from qwenvl_jax.convert import ours
-
-    if not fileio.isdir(path):
-        raise FileNotFoundError(f"no checkpoint directory at {path}")
-    files = fileio.listdir(path)
-    if checkpoint.is_workdir(path):
-        return "workdir"
-    if ours.is_ours(path):
-        return "ours"
-    if any(
-        f.endswith(".safetensors") or (f.startswith("pytorch_model") and f.endswith(".bin"))
-        for f in files
-    ):
-        return "hf"
-    raise FileNotFoundError(
-        f"{path} is not a Qwen-VL checkpoint: expected *.safetensors / pytorch_model*.bin (HF),"
-        " config.json + params/ (qwenvl_jax format) or checkpoints/ (training workdir);"
-        f" found {sorted(files)[:20]}"
-    )
 
 
 def load_params(path: str) -> tuple[config_lib.QWenConfig, dict]:

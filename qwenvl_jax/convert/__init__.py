@@ -5,12 +5,15 @@ export_hf(params, config, out_dir)                      -> safetensors shards + 
 save_params(dir, params, config) / load_params(dir)     our Orbax format (config.json + params/)
 assign_params(model, params)                            put a parameter dict into an NNX model
 workdir.load_workdir_params(workdir, step=None)         a training workdir's params, for export
+checkpoint_kind(path)                                   "hf", "ours" or "workdir"
 python -m qwenvl_jax.convert {import,export} --help     the command line
 """
 
+from qwenvl_jax import fileio
 from qwenvl_jax.convert.errors import (
     CheckpointError,
     CheckpointMismatchError,
+    NotACheckpointError,
     TensorFileError,
     UnsupportedDtypeError,
 )
@@ -23,7 +26,45 @@ from qwenvl_jax.convert.hf import (
     import_tensors,
 )
 from qwenvl_jax.convert.mapping import hf_shapes, rules
-from qwenvl_jax.convert.ours import load_params, save_params
+from qwenvl_jax.convert.ours import is_ours, load_params, save_params
+from qwenvl_jax.errors import MissingPathError
+
+
+def checkpoint_kind(path: str) -> str:
+    """ "hf", "ours" or "workdir": which checkpoint a directory (local or gs://) holds.
+
+    The one classifier of `QwenVL.from_pretrained`, `python -m qwenvl_jax.convert` and evaluate.
+    A training workdir (`checkpoint.is_workdir`) wins over our format (`ours.is_ours`), which wins
+    over HF weight files (`*.safetensors`, `pytorch_model*.bin`).
+
+    Raises:
+      MissingPathError (a FileNotFoundError): nothing at `path`, or a file there.
+      NotACheckpointError (a MissingPathError): a directory of none of the three kinds; the
+        message says what each kind holds and lists what the directory holds.
+    """
+    from qwenvl_jax import checkpoint
+
+    if not fileio.exists(path):
+        raise MissingPathError(f"{path} does not exist")
+    if not fileio.isdir(path):
+        raise MissingPathError(f"{path} is a file, not a checkpoint directory")
+    if checkpoint.is_workdir(path):
+        return "workdir"
+    if is_ours(path):
+        return "ours"
+    files = fileio.listdir(path)
+    if any(
+        f.endswith(".safetensors") or (f.startswith("pytorch_model") and f.endswith(".bin"))
+        for f in files
+    ):
+        return "hf"
+    names = sorted(n + "/" * fileio.isdir(fileio.join(path, n)) for n in files)
+    held = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") if names else "nothing"
+    raise NotACheckpointError(
+        f"{path} is not a Qwen-VL checkpoint: expected *.safetensors / pytorch_model*.bin (HF),"
+        " config.json + params/ (qwenvl_jax format) or config.json + checkpoints/<step>/"
+        f" (training workdir); it holds {held}"
+    )
 
 
 def assign_params(model, params) -> None:
@@ -71,11 +112,13 @@ def assign_params(model, params) -> None:
 __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
+    "NotACheckpointError",
     "TensorFileError",
     "UnsupportedDtypeError",
     "assign_params",
     "check_params",
     "checkpoint_files",
+    "checkpoint_kind",
     "export_hf",
     "hf_shapes",
     "hf_tensors",

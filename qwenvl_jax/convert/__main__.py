@@ -96,30 +96,6 @@ def _check_out(out: str) -> None:
         raise UserError(f"output {out} already holds params/; choose a new or empty directory")
 
 
-def _kind(path: str) -> str | None:
-    """ "ours" / "workdir" / "hf" / None (neither) for an existing directory, else UserError."""
-    from qwenvl_jax import checkpoint
-    from qwenvl_jax.convert import ours
-
-    if not fileio.exists(path):
-        raise MissingPathError(f"{path} does not exist")
-    if not fileio.isdir(path):
-        raise UserError(f"{path} is a file, not a checkpoint directory")
-    if ours.is_ours(path):
-        return "ours"
-    if checkpoint.is_workdir(path):
-        return "workdir"
-    if any(n.endswith((".safetensors", ".bin")) for n in fileio.listdir(path)):
-        return "hf"
-    return None
-
-
-def _contents(path: str) -> str:
-    """What a directory holds, for a message: `a, b/, c, ...` (at most 8 names)."""
-    names = sorted(n + "/" * fileio.isdir(fileio.join(path, n)) for n in fileio.listdir(path))
-    return ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") if names else "nothing"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = _Parser(
         prog="python -m qwenvl_jax.convert",
@@ -186,14 +162,17 @@ def _log(msg: str) -> None:
 
 def _import(args) -> int:
     """`import`: an HF Qwen-VL directory -> our format."""
-    from qwenvl_jax.convert import hf, save_params
+    from qwenvl_jax.convert import NotACheckpointError, checkpoint_kind, hf, save_params
 
     if os.path.isfile(args.src):
         raise UserError(
             f"{args.src} is a file; `import` takes the HF checkpoint directory (config.json +"
             " model*.safetensors or pytorch_model*.bin shards)"
         )
-    kind = _kind(args.src)
+    try:
+        kind = checkpoint_kind(args.src)
+    except NotACheckpointError:  # no weights or no config.json: the HF reader says which
+        kind = None
     if kind == "ours":
         raise UserError(f"{args.src} is already a qwenvl_jax checkpoint (params/); nothing to do")
     if kind == "workdir":
@@ -216,18 +195,13 @@ def _import(args) -> int:
 
 def _export(args) -> int:
     """`export`: our format -> an HF directory."""
-    from qwenvl_jax.convert import export_hf, load_params
+    from qwenvl_jax.convert import checkpoint_kind, export_hf, load_params
 
-    kind = _kind(args.src)
+    kind = checkpoint_kind(args.src)  # none of the kinds: the error lists what the directory holds
     if kind == "hf":
         raise UserError(
             f"{args.src} is an HF checkpoint (weight shards), already in HF format; `export`"
             " takes a qwenvl_jax checkpoint (config.json + params/), which `import` makes"
-        )
-    if kind is None:
-        raise UserError(
-            f"{args.src} is neither a qwenvl_jax checkpoint (config.json + params/) nor a training"
-            f" workdir (config.json + checkpoints/<step>/); it holds {_contents(args.src)}"
         )
     if args.step is not None and kind != "workdir":
         raise UserError(

@@ -7,7 +7,7 @@ does not exist raises `qwenvl_jax.errors.MissingPathError` (a FileNotFoundError)
 converters, raises it too.
 """
 
-from qwenvl_jax.errors import CheckpointError
+from qwenvl_jax.errors import CheckpointError, MissingPathError
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -22,4 +22,14 @@ class UnsupportedDtypeError(CheckpointError):
     """A tensor in a checkpoint file has a dtype other than float32 / bfloat16 / float16."""
 
 
-__all__ = ["CheckpointError", "CheckpointMismatchError", "TensorFileError", "UnsupportedDtypeError"]
+class NotACheckpointError(MissingPathError):
+    """An existing directory that holds no checkpoint of any kind we read (the message lists it)."""
+
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "NotACheckpointError",
+    "TensorFileError",
+    "UnsupportedDtypeError",
+]
