@@ -12,8 +12,9 @@ Step 2, in the torch environment (torch, transformers 4.37.2, peft), from a scra
 holding an empty SimSun.ttf (see make_reference_fixtures.py): the published QWenLMHeadModel loads
 each merged export (`from_pretrained(..., output_loading_info=True)`: missing / unexpected keys),
 and the walk-through's starting model (the tiny recipe weights) with `PeftModel.from_pretrained`
-(the keys PEFT itself would save for that LoraConfig compared with ours); each gives logits on the
-same ids and picture, compared with ours; greedy chat answers to the training questions. The record
+(the keys PEFT itself would save for that LoraConfig, modules_to_save wte and lm_head included,
+compared with ours); each gives logits on the same ids and picture, compared with ours; greedy chat
+answers to the training questions from all three. The record
 goes to tests/fixtures/walkthrough/torch_check.json::
 
   /tmp/peftref/bin/python tools/check_walkthrough_export.py --reference_dir /path/to/Qwen-VL-Chat \
@@ -60,6 +61,8 @@ def check(reference_dir: str, walk: str, record: str) -> None:
             return m(input_ids=ids).logits[0].float().numpy()
 
     def answers(m):
+        # A PeftModel's LoRA layers sit inside its base model: chat through that.
+        m = m.get_base_model() if isinstance(m, peft.PeftModel) else m
         m.generation_config = transformers.GenerationConfig(
             chat_format="chatml", max_window_size=6144, do_sample=False, max_new_tokens=4,
             eos_token_id=tok.eod_id, pad_token_id=tok.eod_id,
@@ -108,9 +111,13 @@ def check(reference_dir: str, walk: str, record: str) -> None:
         **compare(logits(loaded.eval()), ours["lora"]),
         "peft_keys_equal_ours": peft_keys == our_keys,
         "n_tensors": len(ours_sd),
-        "missing_keys": sorted(k for k in res.missing_keys if "lora_" in k),
+        "modules_to_save": conf["modules_to_save"],
+        "missing_keys": sorted(
+            k for k in res.missing_keys if "lora_" in k or "modules_to_save" in k
+        ),
         "unexpected_keys": sorted(res.unexpected_keys),
     }
+    said["peft_adapter"] = answers(loaded)
     result = {
         "how": "QWENVL_WALKTHROUGH_DIR=DIR pytest tests/test_finetune_walkthrough.py -k readme,"
         " then tools/check_walkthrough_export.py --check DIR",
