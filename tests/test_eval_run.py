@@ -134,7 +134,7 @@ def test_cli_errors_are_one_line(hf_dir, data_dir, tmp_path, capsys):
         "--benchmark",
         "vqav2_val",
     ]
-    assert "no checkpoint directory" in err(*bad)
+    assert "nope does not exist" in err(*bad)
 
 
 @pytest.mark.slow

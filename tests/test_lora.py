@@ -124,10 +124,10 @@ def lora_run(base_ckpt, tmp_path_factory):
 
 
 def test_checkpoint_holds_only_adapters_and_their_optimizer_state(lora_run):
-    from qwenvl_jax.convert.workdir import _manager
+    from qwenvl_jax.checkpoint import _reader
 
     cfg, wd, _ = lora_run
-    mngr = _manager(wd)
+    mngr = _reader(wd)
     assert sorted(mngr.all_steps()) == [2, 4]
     md = mngr.item_metadata(4)
     params = lora._flat(md["params"].tree if hasattr(md["params"], "tree") else md["params"])

@@ -614,7 +614,7 @@ def test_bad_init_path_and_dtype_name_the_config_key(tmp_path):
             train.initial_params(train.build(c, jax.devices()[:1]))
     c = tiny(steps=4)
     c.init.workdir = str(tmp_path)  # exists, but holds no training run
-    with pytest.raises(FileNotFoundError, match="config.init.workdir=.*config.json"):
+    with pytest.raises(FileNotFoundError, match="config.init.workdir=.*not a training workdir"):
         train.initial_params(train.build(c, jax.devices()[:1]))
     c = tiny(steps=4)
     c.model.dtype = "bf16"

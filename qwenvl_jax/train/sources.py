@@ -13,7 +13,7 @@ from etils import epath
 from qwenvl_jax import checkpoint as ckpt_lib
 from qwenvl_jax import lora as lora_lib
 from qwenvl_jax import optim as optim_lib
-from qwenvl_jax.errors import ConfigError
+from qwenvl_jax.errors import CheckpointError, ConfigError, MissingPathError
 from qwenvl_jax.train.state import Setup, init_base_params, init_params
 
 
@@ -97,9 +97,9 @@ def initial_params(s: Setup) -> tuple[Any, str]:
             raise FileNotFoundError(f"config.init.{key}={path!r} does not exist")
     try:
         return _initial_params(s)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         named = [f"config.init.{k}={init.get(k)!r}" for k in _INIT_KEYS if init.get(k)]
-        raise FileNotFoundError(f"{', '.join(named)}: {e}") from e
+        raise MissingPathError(f"{', '.join(named)}: {e}") from e
 
 
 def _initial_params(s: Setup) -> tuple[Any, str]:
