@@ -189,7 +189,7 @@ def test_train_files_end_to_end_with_held_out_loss(tmp_path, capsys):
     c.data.train = f"{a},{b}"
     c.eval.data = val
     c.eval.every_steps, c.eval.batches = 2, 2
-    c.batch_size, c.grad_accum, c.steps, c.data.seq_len = 4, 1, 3, 64
+    c.batch_size, c.grad_accum, c.steps, c.data.seq_len = 4, 1, 4, 64
     # The held-out batches are the same each time (file order, from the start).
     mcfg = train.model_config(c)
     firsts = []
@@ -206,9 +206,13 @@ def test_train_files_end_to_end_with_held_out_loss(tmp_path, capsys):
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith(f"data: a (chatml, {a}, weight 1), b (chatml, {b}, weight 1)")
     assert "eval every 2 steps on 2 batches of" in first
-    assert [r["step"] for r in hist] == [1, 2, 3]
+    assert [r["step"] for r in hist] == [1, 2, 3, 4]
     evals = [r for r in hist if "eval/loss" in r]
-    assert [r["step"] for r in evals] == [2, 3]
+    assert [r["step"] for r in evals] == [2, 4]
+    # A step followed by an evaluation is timed like one that is not: the evaluation waits for
+    # the dispatched step, and that wait is training time (it was once counted as evaluation,
+    # reporting steps 30x too fast).
+    assert evals[-1]["step_s"] > 0.3 * hist[2]["step_s"], [r["step_s"] for r in hist]
     for r in evals:
         assert np.isfinite(r["eval/loss"]) and 0 <= r["eval/accuracy"] <= 1
         assert r["eval/tokens"] > 0

@@ -194,6 +194,9 @@ def train(
                 imgs_since += float(np.sum(local["image_valid"]))
             ev = None
             if eval_step is not None and (step % int(cfg.eval.every_steps) == 0 or step == total):
+                # The steps dispatched so far finish first: their time is training time, not
+                # evaluation time (subtracted below).
+                jax.block_until_ready(params)
                 t_eval = time.time()
                 ev = evaluate(cfg, s, params, eval_step)
                 t_last += time.time() - t_eval  # step_s and tokens/s time the training alone
