@@ -51,7 +51,7 @@ def get_config(arg=None):
         c.optim.weight_decay = 0.1
         c.mesh.model = 1
         # The frozen base is stored in bf16 as the published runs load it (--bf16); the adapters
-        # keep float32 masters (qwenvl_jax.lora), modules_to_save train in bf16.
+        # and modules_to_save keep float32 masters (train.state.build), as DeepSpeed's do.
         c.model.param_dtype = "bfloat16"
     if args.get("tiny"):
         common.tiny(c)

@@ -292,7 +292,11 @@ def merge(base: dict, trained: dict, scale: float) -> dict:
     delta added to its kernel in float32 (then cast to the base kernel's dtype)."""
     flat = _flat(trained)
     plain = {p for p in flat if not _ADAPTER.search(p)}
-    saved, _ = split(trained, plain)
+    # modules_to_save train as float32 masters; the merged model keeps the base's dtypes.
+    base_flat, saved = _flat(base), {}
+    for p in plain:
+        dt = base_flat[p].dtype if p in base_flat else flat[p].dtype
+        _put(saved, p, np.asarray(flat[p]).astype(dt), trained)
     out = join(saved, split(base, plain)[1]) if plain else dict(base)
     out = jax.tree.map(lambda x: x, out)  # a copy we may write into
     for path, (a, b) in adapters(trained).items():

@@ -11,6 +11,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -109,6 +110,41 @@ def test_lora_step_moves_only_adapters_and_keeps_base_bit_identical(base_ckpt):
     assert set(got) == set(ref) - {p for p in ref if p.endswith((".lora_A", ".lora_B"))}
     for p, x in got.items():
         assert x.dtype == ref[p].dtype and np.array_equal(x, ref[p]), p
+
+
+def test_modules_to_save_keep_float32_masters_and_the_step_compiles_once(base_ckpt):
+    """The published base-model recipe (wte and lm_head trained) on a bf16 base at the published
+    lr 1e-5: the trained leaves are float32 masters, so Adam's first steps (about lr each) move
+    nearly every weight (a bf16 weight of this size rounds them away), and the step compiles once
+    (Adam's moments no longer change dtype after step 1). The merged model keeps bf16."""
+    from qwenvl_jax.data.random_batches import RandomBatches
+
+    saved = (r"^transformer\.wte\.", r"^lm_head\.")
+    cfg = _from(base_ckpt, small(**{"lora.modules_to_save": saved, "optim.lr": 1e-5}))
+    cfg.model.param_dtype = "bfloat16"
+    cfg.optim.warmup_steps = 0
+    s = build(cfg)
+    trained = lora._flat(s.abstract_params)
+    assert {p: trained[p].dtype for p in ("lm_head.kernel", "transformer.wte.embedding")} == {
+        "lm_head.kernel": np.float32, "transformer.wte.embedding": np.float32
+    }  # fmt: skip
+    assert lora._flat(s.abstract_base)["transformer.h.attn.c_attn.kernel"].dtype == jnp.bfloat16
+    params, _ = initial_params(s)
+    opt = jax.jit(s.tx.init, out_shardings=s.opt_sharding)(params)
+    step = make_train_step(s)
+    data = RandomBatches(s.cfg, s.mcfg, int(s.cfg.batch_size), 0)
+    before = _flat(params)["lm_head.kernel"].copy()
+    for _ in range(2):
+        params, opt, _ = step(params, opt, to_step_batch(next(data), s))
+    assert step._cache_size() == 1
+    moved = np.mean(_flat(params)["lm_head.kernel"] != before)
+    assert moved > 0.9, moved
+    # In bf16 the same update leaves most of these weights (|w| ~ 0.02, ulp ~ 1e-4) unchanged.
+    assert np.mean((before + 1e-5).astype(jnp.bfloat16) != before.astype(jnp.bfloat16)) < 0.5
+
+    base = {"lm_head": {"kernel": before.astype(jnp.bfloat16)}, "transformer": {}}
+    merged = lora.merge(base, {"lm_head": {"kernel": _flat(params)["lm_head.kernel"]}}, 0.25)
+    assert merged["lm_head"]["kernel"].dtype == jnp.bfloat16
 
 
 @pytest.fixture(scope="module")

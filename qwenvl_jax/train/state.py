@@ -8,6 +8,7 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
@@ -109,6 +110,16 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
         )
         abstract, abstract_base = lora_lib.split(abstract, keep)
         param_sharding, base_sharding = lora_lib.split(param_sharding, keep)
+        # Every trained leaf keeps a float32 master, modules_to_save too (as DeepSpeed's bf16
+        # runs of finetune.py do): a bf16 wte would round away Adam steps of lr 1e-5.
+        abstract = jax.tree.map(
+            lambda a: (
+                jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding)
+                if jnp.issubdtype(a.dtype, jnp.floating)
+                else a
+            ),
+            abstract,
+        )
     ocfg = dict(cfg.optim.to_dict(), total_steps=int(cfg.optim.total_steps))
     if abstract_base is not None:
         # PEFT freezes everything but the adapters and modules_to_save: optim.freeze (the
@@ -181,7 +192,8 @@ def _init(s: Setup, seed: int, like: Any, sharding: Any) -> Any:
             model = api.make_model(s.mcfg, nnx.Rngs(key), **model_options(s.cfg))
         full = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         # LoRA: only the requested part leaves the jit (XLA drops the rest of the draw).
-        return lora_lib.split(full, keep)[0] if s.lora else full
+        out = lora_lib.split(full, keep)[0] if s.lora else full
+        return jax.tree.map(lambda x, a: x.astype(a.dtype), out, like)
 
     return init(jax.random.key(seed))
 

@@ -120,6 +120,12 @@ def make_train_step(s: Setup):
             grads = jax.lax.with_sharding_constraint(grads, s.param_sharding)
             updates, new_opt = s.tx.update(grads, opt_state, params)
             new_params = optax.apply_updates(params, updates)
+            # The state leaves keep their dtypes (optax's moments follow float32 gradients):
+            # a changed dtype would compile the step a second time.
+            new_params, new_opt = jax.tree.map(
+                lambda x, a: x.astype(a.dtype), (new_params, new_opt),
+                (s.abstract_params, s.abstract_opt),
+            )  # fmt: skip
         metrics = {
             "loss": loss_sum / denom,
             "accuracy": correct / denom,
