@@ -124,16 +124,17 @@ def _has(path: str, *names: str) -> bool:
     return any(os.path.exists(os.path.join(path, n)) for n in names)
 
 
-def load_params(path: str) -> tuple[config_lib.QWenConfig, dict]:
-    """(config, pure nested param dict in the per-layer layout) from any supported checkpoint."""
+def load_params(path: str, scan_layers: bool = False) -> tuple[config_lib.QWenConfig, dict]:
+    """(config, pure nested param dict) from any supported checkpoint (`checkpoint_kind`): a
+    training workdir's latest step, our format, or HF weights; per-layer, or stacked layers."""
     kind = checkpoint_kind(path)
     if kind == "workdir":
         from qwenvl_jax import checkpoint
 
-        return checkpoint.latest_params(path, scan_layers=False)
+        return checkpoint.latest_params(path, scan_layers=scan_layers)
     if kind == "ours":
-        return convert.load_params(path, scan_layers=False)
-    return convert.import_hf(path)
+        return convert.load_params(path, scan_layers=scan_layers)
+    return convert.import_hf(path, scan_layers=scan_layers)
 
 
 def _random_params(abstract: dict, std: float, seed: int) -> dict:

@@ -461,7 +461,7 @@ def test_chunked_loss_equals_full_loss():
 
 
 def test_init_sources_previous_workdir_checkpoint_and_towers(reference, tmp_path):
-    from qwenvl_jax.convert import ours
+    from qwenvl_jax.convert import hf, ours
 
     wd, _ = reference
     mcfg, prev = ckpt_lib.latest_params(wd, scan_layers=False)
@@ -479,6 +479,13 @@ def test_init_sources_previous_workdir_checkpoint_and_towers(reference, tmp_path
     c.init.checkpoint = str(tmp_path / "ckpt")
     got, _ = train.initial_params(train.build(c, jax.devices()[:1]))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), want)
+    # 2b. config.init.checkpoint also takes a workdir and an HF checkpoint (converted in memory)
+    hf.export_hf(prev, mcfg, str(tmp_path / "hf"), tokenizer=None)
+    for path in (wd, str(tmp_path / "hf")):
+        c = tiny(steps=4)
+        c.init.checkpoint = path
+        got, _ = train.initial_params(train.build(c, jax.devices()[:1]))
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), want)
     # 3. separate towers: the ViT trunk from one checkpoint, the LLM from another, adapter random
     c = tiny(steps=4)
     c.init.vit_checkpoint = c.init.llm_checkpoint = str(tmp_path / "ckpt")

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from qwenvl_jax import api
 from qwenvl_jax import checkpoint as ckpt_lib
 from qwenvl_jax import lora as lora_lib
 from qwenvl_jax import optim as optim_lib
@@ -35,11 +36,10 @@ def _flat_shapes(tree):
     return out
 
 
-def _load_our_checkpoint(path: str, scan: bool) -> dict:
-    """Params of a converted checkpoint (qwenvl_jax.convert.ours format) in the run's layout."""
-    from qwenvl_jax.convert import ours
-
-    _, params = ours.load_params(path, scan_layers=scan)
+def _load_checkpoint(path: str, scan: bool) -> dict:
+    """Params of any checkpoint `api.load_params` reads (our format, HF weights converted in
+    memory, a workdir's latest step) in the run's layer layout."""
+    _, params = api.load_params(path, scan_layers=scan)
     return jax.tree.map(np.asarray, params)
 
 
@@ -136,17 +136,17 @@ def _load(s: Setup) -> tuple[Any, str]:
         _, loaded = ckpt_lib.latest_params(init.workdir, scan_layers=scan)
         desc = f"previous stage {init.workdir}"
     elif init.get("checkpoint"):
-        loaded = _load_our_checkpoint(init.checkpoint, scan)
+        loaded = _load_checkpoint(init.checkpoint, scan)
         desc = f"checkpoint {init.checkpoint}"
     elif towers:
         # Fresh leaves stay sharded jax arrays: on a pod they span other hosts' devices and
         # cannot be fetched to this host.
         loaded = init_params(s, int(s.cfg.seed))
         if init.get("vit_checkpoint"):
-            vit = _load_our_checkpoint(init.vit_checkpoint, scan)
+            vit = _load_checkpoint(init.vit_checkpoint, scan)
             loaded = _subtree_merge(loaded, vit, "vit", _VIT_FRESH_IF_ABSENT)
         if init.get("llm_checkpoint"):
-            llm = _load_our_checkpoint(init.llm_checkpoint, scan)
+            llm = _load_checkpoint(init.llm_checkpoint, scan)
             loaded = _subtree_merge(loaded, llm, "llm")
         desc = f"towers vit={init.vit_checkpoint or 'random'} llm={init.llm_checkpoint or 'random'}"
     else:

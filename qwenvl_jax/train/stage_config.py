@@ -43,7 +43,7 @@ def base() -> mlc.ConfigDict:
     # `checkpoint` or (`vit_checkpoint`, `llm_checkpoint`); none means random init (`allow_random`).
     c.init = mlc.ConfigDict()
     c.init.workdir = ""  # a previous stage's training workdir: its latest complete step's params
-    c.init.checkpoint = ""  # our converted checkpoint dir (config.json + params/), e.g. Qwen-VL
+    c.init.checkpoint = ""  # a converted checkpoint, an HF one (converted in memory) or a workdir
     c.init.vit_checkpoint = ""  # our-format checkpoint whose transformer.visual trunk is taken
     c.init.llm_checkpoint = ""  # our-format checkpoint whose LLM (wte, h, ln_f, lm_head) is taken
     c.init.allow_random = False
