@@ -28,7 +28,7 @@ def get_config(arg=None):
     c.optim.freeze = ("llm", "adapter_pos_embed")
     # Remat per tower from memory (launch/README.md "Remat"): at 224 px a ViT image is 256 patches,
     # so keeping the weight-matmul outputs ("dots") is small next to the frozen 7B decoder's 512
-    # tokens x 8 sequences, which recomputes everything ("full", the base default).
+    # tokens x 8 sequences (its remat "auto", the base default, picks from memory).
     c.model.remat_vit = "dots"
     c.mesh.model = 1  # Table 8: no model parallelism in stage 1
     # Table 8: ViT init Open-CLIP-bigG, LLM init Qwen-7B, adapter random: set both paths (our

@@ -39,7 +39,7 @@ def get_config(arg=None):
     # included, is trained.
     c.optim.freeze = ("vit",)
     # The frozen ViT is the bottom of the graph: no gradient flows through it, so it saves no
-    # activations and remat would only add work. The decoder keeps "full" (launch/README.md).
+    # activations and remat would only add work. The decoder's is "auto" (launch/README.md).
     c.model.remat_vit = "none"
     c.mesh.model = 2  # Table 8: model parallelism 2
     c.init.workdir = ""  # Table 8: everything from Qwen-VL 2nd stage

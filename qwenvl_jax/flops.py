@@ -20,6 +20,16 @@ PEAK_TFLOPS = {
     "v5p": 459.0,
     "v6e": 918.0,
 }
+# Memory per chip: as the vendors state it (GB), except v6e's, which is what XLA:TPU reports
+# available when it refuses a program (31.25 GiB).
+CHIP_HBM_BYTES = {
+    "h100": 80 * 10**9,
+    "h200": 141 * 10**9,
+    "v4": 32 * 10**9,
+    "v5e": 16 * 10**9,
+    "v5p": 95 * 10**9,
+    "v6e": int(31.25 * 2**30),
+}
 
 
 def decoder_matmul_params(cfg: QWenConfig) -> int:
@@ -86,6 +96,12 @@ def chip_peak(name: str | None = None, device_kind: str | None = None) -> float 
         if key not in PEAK_TFLOPS:
             raise ValueError(f"unknown chip {name!r}; known: {sorted(PEAK_TFLOPS)}")
         return PEAK_TFLOPS[key]
+    guess = chip_name(device_kind)
+    return PEAK_TFLOPS.get(guess) if guess else None
+
+
+def chip_name(device_kind: str | None) -> str | None:
+    """The key of PEAK_TFLOPS / CHIP_HBM_BYTES for a `jax.Device.device_kind`, or None."""
     kind = (device_kind or "").lower().replace(" ", "")
     for key, guess in (
         ("h200", "h200"),
@@ -99,8 +115,14 @@ def chip_peak(name: str | None = None, device_kind: str | None = None) -> float 
         ("tpuv4", "v4"),
     ):
         if key in kind:
-            return PEAK_TFLOPS.get(guess) if guess else None
+            return guess
     return None
+
+
+def chip_hbm_bytes(device_kind: str | None) -> int | None:
+    """The chip's memory by its device kind (for ahead-of-time devices, which report none)."""
+    name = chip_name(device_kind)
+    return CHIP_HBM_BYTES.get(name) if name else None
 
 
 def mfu(

@@ -444,6 +444,10 @@ REMAT_POLICIES = {
 }
 
 
+# Remat "auto" (train/remat.py) tries these in turn; a model built outside it gets the first.
+REMAT_AUTO_LADDER = ("dots", "save_attn", "full")
+
+
 def check_remat(remat: str) -> str:
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}; choose from {sorted(REMAT_POLICIES)}")

@@ -9,43 +9,9 @@ import ml_collections
 
 from qwenvl_jax import sharding as shd
 from qwenvl_jax.train import inputs
-from qwenvl_jax.train.state import Setup, build, check_setup, describe, step_model_flops
-from qwenvl_jax.train.step import abstract_batch, make_train_step
-
-
-def aot_compile(s: Setup):
-    """Lowers and compiles the real train step for the setup's devices with abstract inputs."""
-    step = make_train_step(s)
-    lowered = step.lower(s.abstract_params, s.abstract_opt, abstract_batch(s))
-    return lowered.compile()
-
-
-def compiled_report(compiled) -> dict:
-    out = {}
-    mem = compiled.memory_analysis()
-    if mem is not None:
-        for k in (
-            "argument_size_in_bytes",
-            "output_size_in_bytes",
-            "temp_size_in_bytes",
-            "alias_size_in_bytes",
-            "generated_code_size_in_bytes",
-        ):
-            out[k] = int(getattr(mem, k, 0) or 0)
-        out["peak_estimate_bytes"] = (
-            out["argument_size_in_bytes"]
-            + out["output_size_in_bytes"]
-            - out["alias_size_in_bytes"]
-            + out["temp_size_in_bytes"]
-        )
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list):
-        cost = cost[0] if cost else {}
-    if cost:
-        # XLA counts the body of each while loop (micro-batch scan, layer scans) once.
-        out["xla_flops_per_device_loop_bodies_once"] = float(cost.get("flops", 0.0))
-    return out
-
+from qwenvl_jax.train import remat as remat_lib
+from qwenvl_jax.train.state import check_setup, describe, step_model_flops
+from qwenvl_jax.train.step import aot_compile, compiled_report  # noqa: F401 (aot's API too)
 
 _COLLECTIVE = re.compile(
     r" (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-start)?\("
@@ -119,15 +85,15 @@ def dry_run(cfg: ml_collections.ConfigDict) -> dict:
     print(inputs.describe(cfg, dry_run=True))
     print(cfg)
     devices = topology_devices(cfg)
-    s = build(cfg, devices)
+    t0 = time.time()
+    s, compiled = remat_lib.resolve(cfg, devices)  # "auto" remat compiles to choose
     print(describe(s))
     check_setup(s)
     out = {"mesh": dict(s.mesh.shape)}
     out["param_bytes"] = shd.device_bytes(s.abstract_params, s.param_sharding)
     out["opt_bytes"] = shd.device_bytes(s.abstract_opt, s.opt_sharding)
     if devices is not None:
-        t0 = time.time()
-        compiled = aot_compile(s)
+        compiled = compiled or aot_compile(s)
         rep = compiled_report(compiled)
         program = program_summary(compiled.as_text())
         out.update(rep)

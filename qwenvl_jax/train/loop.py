@@ -16,9 +16,10 @@ from qwenvl_jax import fileio
 from qwenvl_jax import flops as flops_lib
 from qwenvl_jax.metrics import MetricsWriter
 from qwenvl_jax.train import compiler, inputs
+from qwenvl_jax.train import remat as remat_lib
 from qwenvl_jax.train.inputs import make_data_iterator, make_eval_iterator
 from qwenvl_jax.train.sources import initial_params
-from qwenvl_jax.train.state import build, check_setup, describe, log, step_model_flops
+from qwenvl_jax.train.state import check_setup, describe, log, step_model_flops
 from qwenvl_jax.train.step import make_eval_step, make_train_step, to_step_batch
 
 
@@ -122,7 +123,8 @@ def train(
     # What the run trains on comes first, and a run with no data stops here, before the model.
     log(inputs.describe(cfg))
     fileio.makedirs(workdir)
-    s = build(cfg, devices)
+    s, compiled = remat_lib.resolve(cfg, devices)  # "auto" remat: compiles to choose
+    cfg = s.cfg
     check_setup(s)
     if jax.process_index() == 0:
         s.mcfg.save_hf_json(fileio.join(workdir, "config.json"))
@@ -160,7 +162,7 @@ def train(
 
     cache = compiler.enable_cache(str(cfg.get("compilation_cache_dir", "") or ""))
     hits0 = cache.hits if cache else 0
-    step_fn = make_train_step(s)
+    step_fn = make_train_step(s, compiled)
     eval_step = make_eval_step(s) if inputs.eval_spec(cfg) is not None else None
     writer = MetricsWriter(workdir, total)
     flops_step = step_model_flops(s)
@@ -184,7 +186,7 @@ def train(
             batch = to_step_batch(local, s)
             t_step = time.time()
             params, opt_state, m = step_fn(params, opt_state, batch)
-            if step == start:  # the call compiled (or loaded from the cache) the step
+            if step == start and compiled is None:  # the call compiled (or loaded) the step
                 compile_s = time.time() - t_step
                 hit = "" if cache is None else f", persistent cache hits {cache.hits - hits0}"
                 log(f"train step compiled in {compile_s:.1f}s{hit}")
@@ -243,7 +245,7 @@ def train(
                 break
             if stop_after is not None and step - start >= stop_after:
                 break
-        n_compiled = step_fn._cache_size()
+        n_compiled = 1 if compiled is not None else step_fn._cache_size()
         if n_compiled > 1:
             logging.warning("the train step was compiled %d times (expected once)", n_compiled)
     finally:

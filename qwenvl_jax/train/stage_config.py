@@ -29,11 +29,13 @@ def base() -> mlc.ConfigDict:
     c.model.dtype = "bfloat16"  # compute (Table 8: bfloat16)
     c.model.param_dtype = "float32"  # master weights
     c.model.scan_layers = True
-    # Remat policy per tower: "none" | "full" | "dots" (save matmul outputs). Table 8 lists no
-    # activation
-    # checkpointing; at 2048 tokens and micro-batch 512 on 32 chips the 7B stages need it on TPU.
-    c.model.remat_llm = "full"
-    c.model.remat_vit = "full"
+    # Remat policy per tower: "auto" (the lightest of dots, save_attn, full whose compiled step
+    # fits the device: train/remat.py; dots on a CPU) or one of layers.REMAT_POLICIES ("none",
+    # "dots", "save_attn", "full", ...). Table 8 lists no activation checkpointing; at 2048
+    # tokens the 7B stages need some (launch/README.md "Remat").
+    c.model.remat_llm = "auto"
+    c.model.remat_vit = "auto"
+    c.model.remat_fit_gib = 0.0  # "auto": memory per device to fit in, GiB (0: the device's)
     # dot_product_attention implementation: "auto" = splash on TPU, Triton flash (packed decoder)
     # and cuDNN (ViT, adapter) on GPU, XLA on CPU (model/attention.py); or "xla", "splash",
     # "pallas_gpu", "cudnn", "jax".

@@ -46,11 +46,18 @@ def model_options(cfg: ml_collections.ConfigDict) -> dict:
         dtype=_dtype(cfg.model.dtype),
         param_dtype=_dtype(cfg.model.param_dtype, "config.model.param_dtype"),
         scan_layers=bool(cfg.model.scan_layers),
-        remat=cfg.model.remat_llm,
-        visual_remat=cfg.model.remat_vit,
+        remat=_remat(cfg.model.remat_llm),
+        visual_remat=_remat(cfg.model.remat_vit),
         attn_impl=cfg.model.get("attn_impl", "auto"),
         lora=cfg.lora if lora_lib.enabled(cfg) else None,
     )
+
+
+def _remat(name: str) -> str:
+    """A tower's remat policy; "auto" not resolved by `train.remat.resolve` is its first rung."""
+    from qwenvl_jax.model import layers
+
+    return layers.REMAT_AUTO_LADDER[0] if name == "auto" else name
 
 
 @dataclasses.dataclass

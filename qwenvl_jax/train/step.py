@@ -62,11 +62,14 @@ def cross_entropy_sum(
     return loss, jnp.sum(mask), correct
 
 
-def make_train_step(s: Setup):
+def make_train_step(s: Setup, compiled=None):
     """The jitted step: (params, opt_state, batch[A, b, ...]) -> (params, opt_state, metrics).
 
     LoRA runs: params and opt_state are the trainable leaves only; the frozen base is the step's
-    fourth argument, bound by `LoraStep` so the loop calls both kinds alike."""
+    fourth argument, bound by `LoraStep` so the loop calls both kinds alike. `compiled`: this
+    step already compiled ahead of time (`aot_compile`, as remat "auto" does), used as it is."""
+    if compiled is not None:
+        return LoraStep(compiled, s) if s.lora else compiled
     cfg = s.cfg
     loss_chunk = int(cfg.get("loss_chunk", 0) or 0)
     budget, groups = image_budget_of(s)
@@ -269,4 +272,38 @@ def to_step_batch(local: dict, s: Setup) -> dict:
             raise ValueError(f"host batch {v.shape[0]} rows is not a multiple of grad_accum {a}")
         v = v.reshape((a, v.shape[0] // a) + v.shape[1:])
         out[k] = jax.make_array_from_process_local_data(sh[k], v)
+    return out
+
+
+def aot_compile(s: Setup):
+    """Lowers and compiles the real train step for the setup's devices with abstract inputs."""
+    step = make_train_step(s)
+    lowered = step.lower(s.abstract_params, s.abstract_opt, abstract_batch(s))
+    return lowered.compile()
+
+
+def compiled_report(compiled) -> dict:
+    out = {}
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        for k in (
+            "argument_size_in_bytes",
+            "output_size_in_bytes",
+            "temp_size_in_bytes",
+            "alias_size_in_bytes",
+            "generated_code_size_in_bytes",
+        ):
+            out[k] = int(getattr(mem, k, 0) or 0)
+        out["peak_estimate_bytes"] = (
+            out["argument_size_in_bytes"]
+            + out["output_size_in_bytes"]
+            - out["alias_size_in_bytes"]
+            + out["temp_size_in_bytes"]
+        )
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0] if cost else {}
+    if cost:
+        # XLA counts the body of each while loop (micro-batch scan, layer scans) once.
+        out["xla_flops_per_device_loop_bodies_once"] = float(cost.get("flops", 0.0))
     return out
