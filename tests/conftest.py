@@ -38,10 +38,12 @@ def quick_run(  # the quick demo, run once per session (demo and notebook tests)
 def pytest_collection_modifyitems(items):
     """With pytest-xdist's `--dist=loadgroup`: each module is one group (its module fixtures are
     built once, on one worker), and every test of the session's quick demo is in one group, so the
-    demo runs once."""
+    demo runs once. A module with `XDIST_SPLIT = True` is spread test by test."""
     for item in items:
         if "quick_run" in getattr(item, "fixturenames", ()):
             group = "quick_demo"
+        elif getattr(getattr(item, "module", None), "XDIST_SPLIT", False):
+            continue  # a long module whose tests are spread one by one
         else:
             group = item.nodeid.split("::", 1)[0]
         item.add_marker(pytest.mark.xdist_group(group))

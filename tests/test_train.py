@@ -24,6 +24,9 @@ from qwenvl_jax.data.random_batches import RandomBatches
 from qwenvl_jax.train import stage_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Spread over the xdist workers test by test (tests/conftest.py), not as one module: its tests
+# take ~20 min together; the module fixtures are built once per worker that needs them.
+XDIST_SPLIT = True
 absl_logging.set_verbosity(absl_logging.WARNING)
 
 # Losses on different meshes differ only by the order of float32 reductions (measured ~3e-7
@@ -76,6 +79,15 @@ _CACHE_DIR = os.path.join(
 def _remove_compilation_cache():
     yield
     shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+
+
+def _free_port() -> int:
+    """A port nothing listens on now (the tests of this module run on several xdist workers)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def cli(workdir, *extra, devices=1):
@@ -288,7 +300,7 @@ def test_two_processes_train_together(reference, tmp_path):
     """Two jax.distributed processes on 127.0.0.1 (2 CPU devices each) vs one device."""
     _, ref = reference
     wd = str(tmp_path / "run")
-    port = 20000 + os.getpid() % 20000
+    port = _free_port()
     procs = []
     for pid in range(2):
         cmd, env = cli(
@@ -312,9 +324,16 @@ def test_two_processes_train_together(reference, tmp_path):
     assert all(np.isfinite(r["loss"]) for r in hist)
 
 
+@pytest.fixture(scope="module")
+def reference_12_losses(tmp_path_factory):
+    """The losses of an uninterrupted single-device run of 12 steps."""
+    wd = str(tmp_path_factory.mktemp("ref12"))
+    return [r["loss"] for r in train.train(tiny(steps=12), wd, devices=jax.devices()[:1])]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("service", [True, False], ids=["preemption_service", "allgather_every_2"])
-def test_sigterm_on_one_of_two_processes(tmp_path, service):
+def test_sigterm_on_one_of_two_processes(tmp_path, service, reference_12_losses):
     """SIGTERM to one of two jax.distributed processes: both checkpoint the same step and exit 0,
     and the resumed pair continues exactly as an uninterrupted run (within the mesh tolerance).
 
@@ -322,7 +341,7 @@ def test_sigterm_on_one_of_two_processes(tmp_path, service):
     are all-gathered every 2 steps (`checkpoint.preemption_check_every`)."""
     steps, every = 12, 2
     wd = str(tmp_path / "run")
-    port = 22000 + os.getpid() % 20000 + (0 if service else 7)
+    port = _free_port()
 
     def launch(port):
         procs = []
@@ -356,13 +375,12 @@ def test_sigterm_on_one_of_two_processes(tmp_path, service):
     assert 2 <= last < steps, last
     if not service:
         assert last % every == 0
-    for p in launch(port + 1):
+    for p in launch(_free_port()):
         err = p.communicate(timeout=400)[1].decode()
         assert p.returncode == 0, err[-3000:]
     got = losses_by_step(wd)
-    ref = train.train(tiny(steps=steps), str(tmp_path / "ref"), devices=jax.devices()[:1])
     np.testing.assert_allclose(
-        [got[i] for i in range(1, steps + 1)], [r["loss"] for r in ref], rtol=MESH_RTOL
+        [got[i] for i in range(1, steps + 1)], reference_12_losses, rtol=MESH_RTOL
     )
 
 
@@ -669,7 +687,7 @@ def test_init_sources_on_two_processes(reference, tmp_path):
     wd, _ = reference
     mcfg, prev = ckpt_lib.latest_params(wd, scan_layers=False)
     ours.save_params(str(tmp_path / "ckpt"), prev, mcfg)
-    port = str(21000 + os.getpid() % 20000)
+    port = str(_free_port())
     code = _MULTIHOST_INIT
     procs = []
     for pid in range(2):
