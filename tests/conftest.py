@@ -18,7 +18,7 @@ if not flags.FLAGS.is_parsed():
 
 
 @pytest.fixture(scope="session")
-def quick_run(  # the quick demo, run once per session (demo and notebook tests)
+def quick_run(  # the quick demo, once per test process (demo and notebook tests)
     tmp_path_factory,
 ):
     # The README's first command, on the quick setting, in a fresh process.
@@ -33,17 +33,3 @@ def quick_run(  # the quick demo, run once per session (demo and notebook tests)
     assert "held-out evaluation (quick)" in proc.stdout and "blind prior" in proc.stdout
     with open(os.path.join(workdir, "results.json")) as f:
         return workdir, json.load(f)
-
-
-def pytest_collection_modifyitems(items):
-    """With pytest-xdist's `--dist=loadgroup`: each module is one group (its module fixtures are
-    built once, on one worker), and every test of the session's quick demo is in one group, so the
-    demo runs once. A module with `XDIST_SPLIT = True` is spread test by test."""
-    for item in items:
-        if "quick_run" in getattr(item, "fixturenames", ()):
-            group = "quick_demo"
-        elif getattr(getattr(item, "module", None), "XDIST_SPLIT", False):
-            continue  # a long module whose tests are spread one by one
-        else:
-            group = item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group(group))

@@ -24,9 +24,6 @@ from qwenvl_jax.data.random_batches import RandomBatches
 from qwenvl_jax.train import stage_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Spread over the xdist workers test by test (tests/conftest.py), not as one module: its tests
-# take ~20 min together; the module fixtures are built once per worker that needs them.
-XDIST_SPLIT = True
 absl_logging.set_verbosity(absl_logging.WARNING)
 
 # Losses on different meshes differ only by the order of float32 reductions (measured ~3e-7
