@@ -6,7 +6,9 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import fcntl  # noqa: E402
 import json  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -18,11 +20,25 @@ if not flags.FLAGS.is_parsed():
 
 
 @pytest.fixture(scope="session")
-def quick_run(  # the quick demo, once per test process (demo and notebook tests)
-    tmp_path_factory,
-):
+def quick_run(tmp_path_factory):
+    """The quick demo, run once per test session: the xdist workers share one run (the first to
+    need it runs it under a file lock; the others wait for it and read it)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's directory
+    workdir = str(shared / "quick_demo")
+    done = os.path.join(workdir, "TEST_SESSION_OK")
+    with open(shared / "quick_demo.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held until the run below is over, on this worker
+        if not os.path.exists(done):
+            _run_quick_demo(workdir)
+            open(done, "w").close()
+    with open(os.path.join(workdir, "results.json")) as f:
+        return workdir, json.load(f)
+
+
+def _run_quick_demo(workdir: str):
     # The README's first command, on the quick setting, in a fresh process.
-    workdir = str(tmp_path_factory.mktemp("demo"))
+    shutil.rmtree(workdir, ignore_errors=True)  # a run that failed on another worker
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
@@ -31,5 +47,3 @@ def quick_run(  # the quick demo, once per test process (demo and notebook tests
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "held-out evaluation (quick)" in proc.stdout and "blind prior" in proc.stdout
-    with open(os.path.join(workdir, "results.json")) as f:
-        return workdir, json.load(f)
