@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 from absl import logging as absl_logging
+from ports import free_port
 
 from qwenvl_jax import checkpoint as ckpt_lib
 from qwenvl_jax import train
@@ -76,15 +77,6 @@ _CACHE_DIR = os.path.join(
 def _remove_compilation_cache():
     yield
     shutil.rmtree(_CACHE_DIR, ignore_errors=True)
-
-
-def _free_port() -> int:
-    """A port nothing listens on now (the tests of this module run on several xdist workers)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def cli(workdir, *extra, devices=1):
@@ -297,7 +289,7 @@ def test_two_processes_train_together(reference, tmp_path):
     """Two jax.distributed processes on 127.0.0.1 (2 CPU devices each) vs one device."""
     _, ref = reference
     wd = str(tmp_path / "run")
-    port = _free_port()
+    port = free_port()
     procs = []
     for pid in range(2):
         cmd, env = cli(
@@ -338,7 +330,7 @@ def test_sigterm_on_one_of_two_processes(tmp_path, service, reference_12_losses)
     are all-gathered every 2 steps (`checkpoint.preemption_check_every`)."""
     steps, every = 12, 2
     wd = str(tmp_path / "run")
-    port = _free_port()
+    port = free_port()
 
     def launch(port):
         procs = []
@@ -372,7 +364,7 @@ def test_sigterm_on_one_of_two_processes(tmp_path, service, reference_12_losses)
     assert 2 <= last < steps, last
     if not service:
         assert last % every == 0
-    for p in launch(_free_port()):
+    for p in launch(free_port()):
         err = p.communicate(timeout=400)[1].decode()
         assert p.returncode == 0, err[-3000:]
     got = losses_by_step(wd)
@@ -684,7 +676,7 @@ def test_init_sources_on_two_processes(reference, tmp_path):
     wd, _ = reference
     mcfg, prev = ckpt_lib.latest_params(wd, scan_layers=False)
     ours.save_params(str(tmp_path / "ckpt"), prev, mcfg)
-    port = str(_free_port())
+    port = str(free_port())
     code = _MULTIHOST_INIT
     procs = []
     for pid in range(2):
