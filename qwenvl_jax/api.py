@@ -35,9 +35,9 @@ from qwenvl_jax import image as image_lib
 from qwenvl_jax import sharding as shd
 from qwenvl_jax import tokenizer as tok_lib
 from qwenvl_jax.convert import checkpoint_kind
-from qwenvl_jax.errors import ConfigError
 from qwenvl_jax.model.qwen import dynamic_ntk_alpha
 from qwenvl_jax.model.qwenvl import QWenLMHeadModel
+from qwenvl_jax.sharding import resolve_mesh
 
 # Generation defaults when the checkpoint has no generation_config.json: greedy, as the issue's API.
 DEFAULT_GENERATION = {"max_new_tokens": 512, "do_sample": False, "top_p": None, "top_k": None}
@@ -79,41 +79,6 @@ def _token_losses(graphdef, state, input_ids, images, index, ntk_alpha, *, use_l
 def default_dtype() -> str:
     """bfloat16 on an accelerator, float32 on a CPU (where the parity tests run)."""
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-
-
-def parse_mesh(spec: str) -> dict[str, int]:
-    """`"fsdp=4,model=2"` -> {"data": 1, "fsdp": 4, "model": 2}: unnamed axes 1, -1 = the rest.
-
-    Raises:
-      ConfigError: on an unknown axis, a repeated axis or a size that is not an integer.
-    """
-    sizes = dict.fromkeys(shd.MESH_AXES, 1)
-    seen = set()
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, _, value = part.partition("=")
-        name = name.strip()
-        if name not in shd.MESH_AXES or name in seen:
-            raise ConfigError(
-                f"mesh {spec!r}: {name!r} is not a mesh axis (or is repeated); use {shd.MESH_AXES},"
-                " e.g. 'fsdp=4,model=2'"
-            )
-        try:
-            sizes[name] = int(value)
-        except ValueError:
-            raise ConfigError(f"mesh {spec!r}: size of {name!r} is not an integer") from None
-        seen.add(name)
-    return sizes
-
-
-def resolve_mesh(mesh) -> jax.sharding.Mesh | None:
-    """A Mesh from a Mesh, a "fsdp=4,model=2" string, a {axis: size} dict, or None."""
-    if mesh is None or isinstance(mesh, jax.sharding.Mesh):
-        return mesh
-    sizes = parse_mesh(mesh) if isinstance(mesh, str) else dict(mesh)
-    try:
-        return shd.make_mesh({a: sizes.get(a, 1) for a in shd.MESH_AXES})
-    except ValueError as e:
-        raise ConfigError(f"{e} (jax sees {len(jax.devices())} devices)") from None
 
 
 def _dtype(dtype: str | Any):

@@ -25,7 +25,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from qwenvl_jax.optim import map_with_path_str, path_str
+from qwenvl_jax.errors import ConfigError
+from qwenvl_jax.tree import flatten, path_str
 
 MESH_AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
@@ -103,6 +104,45 @@ def make_mesh(mesh_cfg: Mapping, devices: Sequence | None = None) -> Mesh:
     except Exception:  # non-TPU topologies without a physical layout: plain order
         arr = np.asarray(devices, dtype=object).reshape(shape)
     return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """`"fsdp=4,model=2"` -> {"data": 1, "fsdp": 4, "model": 2}: unnamed axes 1, -1 = the rest.
+
+    Raises:
+      ConfigError: on an unknown axis, a repeated axis or a size that is not an integer.
+    """
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    seen = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in MESH_AXES or name in seen:
+            raise ConfigError(
+                f"mesh {spec!r}: {name!r} is not a mesh axis (or is repeated); use {MESH_AXES},"
+                " e.g. 'fsdp=4,model=2'"
+            )
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise ConfigError(f"mesh {spec!r}: size of {name!r} is not an integer") from None
+        seen.add(name)
+    return sizes
+
+
+def resolve_mesh(mesh: Mesh | str | Mapping | None) -> Mesh | None:
+    """A Mesh from a Mesh, a "fsdp=4,model=2" string, a {axis: size} dict, or None (None).
+
+    Raises:
+      ConfigError: a bad mesh string, or sizes that do not fit the devices jax sees.
+    """
+    if mesh is None or isinstance(mesh, Mesh):
+        return mesh
+    sizes = parse_mesh(mesh) if isinstance(mesh, str) else dict(mesh)
+    try:
+        return make_mesh({a: sizes.get(a, 1) for a in MESH_AXES})
+    except ValueError as e:
+        raise ConfigError(f"{e} (jax sees {len(jax.devices())} devices)") from None
 
 
 def logical_to_spec(
@@ -200,8 +240,7 @@ def opt_state_shardings(abstract_opt: Any, params_sharding: Any, mesh: Mesh) -> 
     """Shardings for an optax state: a param-shaped leaf follows its parameter (matched by the
     key-path
     suffix) plus ZeRO-1 over `data`; counters and other leaves are replicated."""
-    by_path = {}
-    map_with_path_str(lambda p, s: by_path.__setitem__(p, s), params_sharding)
+    by_path = flatten(params_sharding)
 
     def one(path, x):
         p = path_str(path)

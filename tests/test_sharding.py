@@ -6,6 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from qwenvl_jax import sharding as shd
+from qwenvl_jax.errors import ConfigError
 
 
 def mesh(d, f, m):
@@ -21,6 +22,30 @@ def test_mesh_shape_resolves_one_free_axis():
         shd.mesh_shape(dict(data=1, fsdp=-1, model=3), 8)
     with pytest.raises(ValueError, match="needs 16 devices"):
         shd.mesh_shape(dict(data=2, fsdp=4, model=2), 8)
+
+
+def test_parse_mesh():
+    assert shd.parse_mesh("fsdp=4,model=2") == {"data": 1, "fsdp": 4, "model": 2}
+    assert shd.parse_mesh(" data = -1 ,") == {"data": -1, "fsdp": 1, "model": 1}
+    assert shd.parse_mesh("") == {"data": 1, "fsdp": 1, "model": 1}
+    with pytest.raises(ConfigError, match="'tensor' is not a mesh axis"):
+        shd.parse_mesh("tensor=2")
+    with pytest.raises(ConfigError, match="'model' is not a mesh axis .or is repeated"):
+        shd.parse_mesh("model=2,model=2")
+    with pytest.raises(ConfigError, match="size of 'model' is not an integer"):
+        shd.parse_mesh("model=two")
+
+
+def test_resolve_mesh():
+    assert shd.resolve_mesh(None) is None
+    m = mesh(1, 2, 1)
+    assert shd.resolve_mesh(m) is m
+    n = len(jax.devices())
+    got = shd.resolve_mesh(f"data=1,fsdp={n}")
+    assert dict(got.shape) == {"data": 1, "fsdp": n, "model": 1}
+    assert dict(shd.resolve_mesh({"model": -1}).shape) == {"data": 1, "fsdp": 1, "model": n}
+    with pytest.raises(ConfigError, match=f"needs {2 * n} devices.*jax sees {n} devices"):
+        shd.resolve_mesh(f"model={2 * n}")
 
 
 def test_make_mesh_axes():
