@@ -11,8 +11,9 @@ reloads to the trained params. The two trainings run as the command line runs th
 `convert import` / `export` run their `main` in this process.
 
 That the published PyTorch code loads these exports (and `peft` the adapter) with the same logits
-is a recorded run of tools/check_walkthrough_export.py on the files this test keeps when
-QWENVL_WALKTHROUGH_DIR is set (tests/fixtures/walkthrough/torch_check.json, checked below).
+is checked by tools/check_walkthrough_export.py on the files this test keeps when
+QWENVL_WALKTHROUGH_DIR is set; the tool writes its record (tests/fixtures/walkthrough/
+torch_check.json) only when the check passes.
 """
 
 import json
@@ -26,7 +27,6 @@ from PIL import Image, ImageDraw
 from reference_weights import write_hf_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECORD = os.path.join(ROOT, "tests", "fixtures", "walkthrough", "torch_check.json")
 QUESTION = "What colour is the shape?"
 COLOURS = {"red": (220, 30, 30), "green": (20, 170, 40), "blue": (30, 60, 230)}
 TRAIN = [("circle", "red"), ("square", "green"), ("triangle", "blue")]
@@ -177,20 +177,3 @@ def test_readme_finetune_walkthrough(tmp_path):
     assert _answers(models["full"], root) == [c for _, c in TRAIN]
     assert _answers(models["lora"], root) == [c for _, c in TRAIN]
     assert _answers(models["base"], root) != [c for _, c in TRAIN]  # they come from training
-
-
-def test_recorded_torch_check_of_the_walkthrough_exports():
-    """tools/check_walkthrough_export.py, run once on this test's exports (see its docstring)."""
-    with open(RECORD) as f:
-        r = json.load(f)
-    for name in ("full", "lora_merged", "peft_adapter"):
-        c = r["checks"][name]
-        assert c["missing_keys"] == [] and c["unexpected_keys"] == [], (name, c)
-        # float32 on both sides, one forward of 2 layers: a few ulps of the logits' scale.
-        assert c["max_abs_diff"] <= 1e-4 * c["max_abs_logit"], (name, c)
-        # ... while training moved the logits far more than that.
-        assert c["moved_from_base"] > 100 * c["max_abs_diff"], (name, c)
-    assert r["checks"]["peft_adapter"]["peft_keys_equal_ours"]
-    assert r["checks"]["peft_adapter"]["modules_to_save"] == ["wte", "lm_head"]
-    for name in ("full", "lora_merged", "peft_adapter"):
-        assert r["answers"][name] == r["answers"]["expected"], name

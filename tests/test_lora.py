@@ -3,12 +3,12 @@
 What is checked: the adapters sit where the published recipe puts them; training moves only the
 adapters (the base is bit-identical, only adapters have optimizer state and only they are in the
 checkpoint); resuming gives the uninterrupted run's params; the merged export equals base +
-adapter; Q-LoRA trains; the PEFT adapter loads in the published code with PEFT (a recorded run of
-tools/check_peft_adapter.py, read from tests/fixtures/reference/peft_check_tiny.json).
+adapter; Q-LoRA trains. That PEFT loads the adapter in the published code is checked by
+tools/check_peft_adapter.py when it runs (its record, tests/fixtures/reference/peft_check_tiny.json,
+is written only when the check passes).
 """
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +21,6 @@ from qwenvl_jax.train import stage_config
 from qwenvl_jax.train.sources import base_params, initial_params
 from qwenvl_jax.train.state import build, init_params, merge_model, model_config
 from qwenvl_jax.train.step import make_train_step, to_step_batch
-
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "reference", "peft_check_tiny.json")
 
 
 def small(variant="lora", **over):
@@ -290,17 +288,3 @@ def test_config_errors_name_the_key():
         build(small(**{"lora.targets": (r"^nothing$",)}))
     with pytest.raises(ConfigError, match=r"config\.lora\.modules_to_save"):
         build(small(**{"lora.modules_to_save": (r"^nothing$",)}))
-
-
-def test_peft_loads_our_adapter_in_the_published_model():
-    """tools/check_peft_adapter.py's recorded run: PEFT loads our adapter onto the published tiny
-    model without missing or unexpected keys and its logits equal ours."""
-    if not os.path.exists(FIXTURE):
-        pytest.skip(f"{FIXTURE} not recorded (run tools/check_peft_adapter.py)")
-    rec = json.load(open(FIXTURE))
-    assert rec["peft_keys_equal_ours"], rec["key_differences"]
-    assert rec["unexpected_keys"] == [] and rec["missing_lora_keys"] == []
-    # float32 on both sides; only the summation order differs.
-    assert rec["adapter_relative_diff"] <= 1e-5
-    assert rec["merged_relative_diff"] <= 1e-5
-    assert rec["adapter_moves_logits_relative"] > 1e-3

@@ -14,8 +14,10 @@ directory holding an empty SimSun.ttf (see make_reference_fixtures.py): the publ
 with the recipe weights; `get_peft_model` with the same LoraConfig (the keys PEFT itself saves,
 compared with ours); `set_peft_model_state_dict` of our file (missing / unexpected keys);
 `PeftModel.from_pretrained(model, adapter)` and the merged directory through the published
-`from_pretrained`, each compared with our logits; the record goes to
-tests/fixtures/reference/peft_check_tiny.json::
+`from_pretrained`, each compared with our logits. The tool checks what it finds (`problems`: PEFT's
+own keys, nothing missing or unexpected, both logits within 1e-5 relative, the adapter moving them
+more than 1e-3) and writes the record, tests/fixtures/reference/peft_check_tiny.json, only when all
+of it holds::
 
   /tmp/peftref/bin/python tools/check_peft_adapter.py --reference_dir /path/to/Qwen-VL-Chat \
       --check /tmp/peftcheck
@@ -99,6 +101,23 @@ def train_with_qwenvl_jax(out: str) -> None:
     print(f"wrote {out}/adapter, {out}/merged and {out}/ours.npz")
 
 
+def problems(result: dict) -> list[str]:
+    """What is wrong with a check's result (empty when PEFT takes our adapter), one line each."""
+    out = []
+    if not result["peft_keys_equal_ours"]:
+        out.append(f"the keys PEFT saves differ from ours: {result['key_differences']}")
+    if result["unexpected_keys"] or result["missing_lora_keys"]:
+        out.append(f"unexpected keys {result['unexpected_keys']},"
+                   f" missing LoRA keys {result['missing_lora_keys']}")  # fmt: skip
+    # float32 on both sides; only the summation order differs.
+    for key in ("adapter_relative_diff", "merged_relative_diff"):
+        if result[key] > 1e-5:
+            out.append(f"{key} {result[key]:.3g} > 1e-5")
+    if result["adapter_moves_logits_relative"] <= 1e-3:  # else the comparison proves nothing
+        out.append(f"the adapter moves the logits by {result['adapter_moves_logits_relative']:.3g}")
+    return out
+
+
 def check(reference_dir: str, out: str, record: str) -> None:
     sys.path.insert(0, HERE)
     import peft
@@ -174,9 +193,12 @@ def check(reference_dir: str, out: str, record: str) -> None:
         "base_matches_our_base_relative": float(np.abs(base - theirs["base_logits"]).max()) / scale,
         "adapter_moves_logits_relative": float(np.abs(got - base).max()) / scale,
     }
+    print(json.dumps(result, indent=1))
+    bad = problems(result)
+    if bad:  # the record keeps the last check that passed
+        sys.exit("check failed, record not written:\n" + "\n".join(bad))
     with open(record, "w") as f:
         json.dump(result, f, indent=1)
-    print(json.dumps(result, indent=1))
 
 
 def main(argv=None) -> None:

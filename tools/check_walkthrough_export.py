@@ -14,8 +14,10 @@ each merged export (`from_pretrained(..., output_loading_info=True)`: missing / 
 and the walk-through's starting model (the tiny recipe weights) with `PeftModel.from_pretrained`
 (the keys PEFT itself would save for that LoraConfig, modules_to_save wte and lm_head included,
 compared with ours); each gives logits on the same ids and picture, compared with ours; greedy chat
-answers to the training questions from all three. The record
-goes to tests/fixtures/walkthrough/torch_check.json::
+answers to the training questions from all three. The tool checks what it finds (`problems`: no
+missing or unexpected keys, logits within 1e-4 of their scale, training moved them 100x more,
+PEFT's own keys, every model answers the training questions) and writes the record,
+tests/fixtures/walkthrough/torch_check.json, only when all of it holds::
 
   /tmp/peftref/bin/python tools/check_walkthrough_export.py --reference_dir /path/to/Qwen-VL-Chat \
       --check /tmp/walk
@@ -35,6 +37,30 @@ ROOT = os.path.dirname(HERE)
 RECORD = os.path.join(ROOT, "tests", "fixtures", "walkthrough", "torch_check.json")
 QUESTION = "What colour is the shape?"  # as tests/test_finetune_walkthrough.py asks
 TRAIN = [("circle", "red"), ("square", "green"), ("triangle", "blue")]
+
+
+def problems(result: dict) -> list[str]:
+    """What is wrong with a check's result (empty when the exports pass), one line each."""
+    out = []
+    checks = result["checks"]
+    for name in ("full", "lora_merged", "peft_adapter"):
+        c = checks[name]
+        if c["missing_keys"] or c["unexpected_keys"]:
+            out.append(f"{name}: missing {c['missing_keys']}, unexpected {c['unexpected_keys']}")
+        # float32 on both sides, one forward of 2 layers: a few ulps of the logits' scale.
+        if c["max_abs_diff"] > 1e-4 * c["max_abs_logit"]:
+            out.append(f"{name}: logits differ by {c['max_abs_diff']:.3g} (> 1e-4 x"
+                       f" {c['max_abs_logit']:.3g})")  # fmt: skip
+        # ... while training moved the logits far more than that.
+        if c["moved_from_base"] <= 100 * c["max_abs_diff"]:
+            out.append(f"{name}: training moved the logits by only {c['moved_from_base']:.3g}")
+        if result["answers"][name] != result["answers"]["expected"]:
+            out.append(f"{name}: answered {result['answers'][name]}")
+    if not checks["peft_adapter"]["peft_keys_equal_ours"]:
+        out.append("peft_adapter: the keys PEFT saves differ from ours")
+    if checks["peft_adapter"]["modules_to_save"] != ["wte", "lm_head"]:
+        out.append(f"peft_adapter: modules_to_save {checks['peft_adapter']['modules_to_save']}")
+    return out
 
 
 def check(reference_dir: str, walk: str, record: str) -> None:
@@ -130,11 +156,14 @@ def check(reference_dir: str, walk: str, record: str) -> None:
         "checks": checks,
         "answers": said,
     }
+    print(json.dumps(result, indent=1))
+    bad = problems(result)
+    if bad:  # the record keeps the last check that passed
+        sys.exit("check failed, record not written:\n" + "\n".join(bad))
     os.makedirs(os.path.dirname(record), exist_ok=True)
     with open(record, "w") as f:
         json.dump(result, f, indent=1)
         f.write("\n")
-    print(json.dumps(result, indent=1))
 
 
 def main(argv=None) -> None:
