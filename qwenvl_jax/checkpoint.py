@@ -28,8 +28,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from qwenvl_jax import fileio
+from qwenvl_jax import tree as tree_lib
 from qwenvl_jax.errors import CheckpointError
-from qwenvl_jax.optim import map_with_path_str
 
 CKPT_DIR = "checkpoints"
 QUARANTINE_DIR = "checkpoints_quarantine"
@@ -64,33 +64,6 @@ def _gather_strings(s: str) -> list[str]:
     padded[: b.size] = b
     allb = multihost_utils.process_allgather(padded)
     return [bytes(allb[i][: int(n[i][0])]).decode() for i in range(jax.process_count())]
-
-
-class CheckpointMismatchError(ValueError):
-    """A readable checkpoint whose parameter/optimizer tree does not fit this run's config."""
-
-
-def _flat_shapes(tree: Any) -> dict[str, tuple]:
-    out = {}
-    map_with_path_str(lambda p, x: out.__setitem__(p, tuple(x.shape)), tree)
-    return out
-
-
-def _tree_mismatch(name: str, saved: Any, want: Any) -> str | None:
-    """A description of how the saved metadata tree differs from the abstract one, or None."""
-    got, exp = _flat_shapes(saved), _flat_shapes(want)
-    missing, extra = sorted(set(exp) - set(got)), sorted(set(got) - set(exp))
-    bad = [
-        f"{p}: saved {got[p]}, run {exp[p]}"
-        for p in sorted(set(got) & set(exp))
-        if got[p] != exp[p]
-    ]
-    if not (missing or extra or bad):
-        return None
-    return (
-        f"{name}: missing in checkpoint {missing[:5]} ({len(missing)}), not in this run"
-        f" {extra[:5]} ({len(extra)}), shape mismatches {bad[:5]} ({len(bad)})"
-    )
 
 
 class Checkpointer:
@@ -153,7 +126,7 @@ class Checkpointer:
 
         Raises:
             RuntimeError: when checkpoints exist (or were quarantined) but none can be read.
-            CheckpointMismatchError: when the latest step is readable but its trees do not fit
+            tree_lib.TreeMismatchError: when the latest step is readable but its trees do not fit
                 this run's config (other model size, freezing or optimizer); nothing is moved.
         """
         steps = self.all_steps()
@@ -172,7 +145,7 @@ class Checkpointer:
         for step in reversed(steps):
             try:
                 return self._restore(step, abstract_params, abstract_opt)
-            except CheckpointMismatchError:
+            except tree_lib.TreeMismatchError:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure to read means "this step is bad"
                 msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
@@ -192,7 +165,7 @@ class Checkpointer:
         )
 
     def _check_matches(self, step, abstract_params, abstract_opt) -> None:
-        """Raises CheckpointMismatchError if the saved trees' metadata differ from this run's.
+        """Raises tree_lib.TreeMismatchError if the saved trees' metadata differ from this run's.
 
         A step whose metadata cannot be read is left to the restore (and so to quarantine)."""
         try:
@@ -202,16 +175,25 @@ class Checkpointer:
                 saved["opt_state"] = md["opt_state"].tree
         except Exception:  # noqa: BLE001 - unreadable metadata: the restore reports it
             return
-        problems = [_tree_mismatch("params", saved["params"], abstract_params)]
+        where = f"checkpoint step {step} in {self.directory}"
+        hint = (
+            "the model, freezing or optimizer changed? Nothing was moved; run with the config that"
+            " wrote it, or use a new workdir"
+        )
+        tree_lib.check_fits(
+            saved["params"],
+            abstract_params,
+            source=f"{where}, params",
+            target="this run",
+            hint=hint,
+        )
         if saved["opt_state"] is not None:
-            want = flatten_opt_state(abstract_opt)
-            problems.append(_tree_mismatch("opt_state", saved["opt_state"], want))
-        problems = [p for p in problems if p]
-        if problems:
-            raise CheckpointMismatchError(
-                f"checkpoint step {step} in {self.directory} does not match this run's config"
-                f" (model, freezing or optimizer changed?): {'; '.join(problems)}. Nothing was"
-                " moved; run with the config that wrote it, or use a new workdir."
+            tree_lib.check_fits(
+                saved["opt_state"],
+                flatten_opt_state(abstract_opt),
+                source=f"{where}, opt_state",
+                target="this run",
+                hint=hint,
             )
 
     def _restore(self, step, abstract_params, abstract_opt):

@@ -5,7 +5,7 @@ warm-up then cosine decay from the peak to the minimum LR, and a layer-wise LR d
 the ViT.
 
 Parameters are a pure nested dict (`nnx.to_pure_dict` of the model's `nnx.Param` state); every
-function here keys on the dotted path of a leaf, e.g.
+function here keys on the dotted path of a leaf (`qwenvl_jax.tree.path_str`), e.g.
 `transformer.visual.transformer.resblocks.3.attn.in_proj.kernel` (unstacked) or
 `transformer.visual.transformer.resblocks.attn.in_proj.kernel` with a leading layer axis L (stacked
 for `nnx.scan`).
@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qwenvl_jax.tree import map_with_path
+
 # Named parameter groups (regexes over dotted paths) usable in `optim.freeze`.
 GROUPS: dict[str, str] = {
     # The LLM: token embedding, decoder blocks, final norm, LM head.
@@ -67,22 +69,8 @@ _DECAY = re.compile(
 )
 
 
-def path_str(path: Sequence[Any]) -> str:
-    """Dotted string of a pytree key path (dict keys, sequence indices, attribute names)."""
-    parts = []
-    for k in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return ".".join(parts)
-
-
-def map_with_path_str(fn: Callable[[str, Any], Any], tree: Any) -> Any:
-    """`jax.tree.map` whose function receives the dotted path string and the leaf."""
-    return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_str(p), x), tree)
+# lora.py still imports this name; it goes once lora.py uses `qwenvl_jax.tree` (issue 23).
+map_with_path_str = map_with_path
 
 
 def _resolve(pattern: str) -> re.Pattern:
@@ -106,7 +94,7 @@ def frozen_labels(params: Any, freeze: Sequence[str]) -> Any:
                 return "frozen"
         return "train"
 
-    labels = map_with_path_str(label, params)
+    labels = map_with_path(label, params)
     unused = [p for p, _ in pats if p not in used]
     if unused:
         raise ValueError(f"optim.freeze patterns {unused} match no parameter path")
@@ -115,7 +103,7 @@ def frozen_labels(params: Any, freeze: Sequence[str]) -> Any:
 
 def decay_mask(params: Any) -> Any:
     """True where weight decay applies (see the module docstring)."""
-    return map_with_path_str(lambda p, _: bool(_DECAY.search(p)), params)
+    return map_with_path(lambda p, _: bool(_DECAY.search(p)), params)
 
 
 def _num_vit_layers(params: Any, stacked_vit: bool) -> int:
@@ -127,7 +115,7 @@ def _num_vit_layers(params: Any, stacked_vit: bool) -> int:
         if m:
             n = max(n, x.shape[0] if m.group(1) is None else int(m.group(1)) + 1)
 
-    map_with_path_str(visit, params)
+    map_with_path(visit, params)
     return n
 
 
@@ -153,7 +141,7 @@ def vit_lr_scales(params: Any, decay: float) -> Any:
             return float(decay ** (num + 1))
         return 1.0
 
-    return map_with_path_str(scale, params)
+    return map_with_path(scale, params)
 
 
 def group_lr_scales(params: Any, scales: Mapping[str, float]) -> Any:
@@ -180,7 +168,7 @@ def group_lr_scales(params: Any, scales: Mapping[str, float]) -> Any:
                 return mult
         return 1.0
 
-    out = map_with_path_str(scale, params)
+    out = map_with_path(scale, params)
     unused = [p for p, _, _ in pats if p not in used]
     if unused:
         raise ValueError(f"optim.lr_scale patterns {unused} match no parameter path")

@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from qwenvl_jax import checkpoint as ckpt_lib
 from qwenvl_jax import sharding as shd
+from qwenvl_jax import tree as tree_lib
 
 
 def _state(mesh, spec):
@@ -156,8 +157,17 @@ def test_config_mismatch_is_an_error_and_moves_nothing(tmp_path):
     ck.save(2, params, opt, {}, wait=True)
     repl = lambda x: NamedSharding(m, P())  # noqa: E731
     other = dict(params, c=np.ones(3, np.float32))  # a parameter the checkpoint lacks
-    with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"missing in checkpoint \['c'\]"):
+    where = f"checkpoint step 2 in {tmp_path / 'checkpoints'}"
+    with pytest.raises(tree_lib.TreeMismatchError) as e:
         ck.restore_latest(_abstract(other, repl), _abstract(optax.adamw(1e-3).init(other), repl))
+    assert str(e.value) == (
+        f"{where}, params: does not fit this run: 1 missing (first c); the model, freezing or"
+        " optimizer changed? Nothing was moved; run with the config that wrote it, or use a new"
+        " workdir"
+    )
+    # The same parameters under another optimizer: its state is the tree that does not fit.
+    with pytest.raises(tree_lib.TreeMismatchError, match=rf"^{where}, opt_state: does not fit"):
+        ck.restore_latest(_abstract(params, repl), _abstract(optax.sgd(0.1).init(params), repl))
     assert ck.all_steps() == [2]
     assert not os.path.exists(tmp_path / ckpt_lib.QUARANTINE_DIR)
     assert ck.restore_latest(_abstract(params, repl), _abstract(opt, repl))[0] == 2

@@ -20,7 +20,7 @@ from reference_weights import reference_tensors
 
 from qwenvl_jax import config as config_lib
 from qwenvl_jax.convert import (
-    CheckpointMismatchError,
+    StateDictMismatchError,
     TensorFileError,
     UnsupportedDtypeError,
     check_params,
@@ -33,6 +33,7 @@ from qwenvl_jax.convert import (
     save_params,
     tensor_io,
 )
+from qwenvl_jax.tree import TreeMismatchError
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 REF = os.path.join(FIXTURES, "reference")
@@ -295,16 +296,16 @@ def test_missing_extra_duplicate_and_misshaped_keys(mini):
     def run(pairs):
         return import_tensors(((k, v, "shard.safetensors") for k, v in pairs), cfg)
 
-    with pytest.raises(CheckpointMismatchError, match=r"missing key 'transformer\.h\.1\.mlp\.w2"):
+    with pytest.raises(StateDictMismatchError, match=r"missing key 'transformer\.h\.1\.mlp\.w2"):
         run([(k, v) for k, v in items if k != "transformer.h.1.mlp.w2.weight"])
-    with pytest.raises(CheckpointMismatchError, match=r"unexpected key 'transformer\.h\.2\.ln_1"):
+    with pytest.raises(StateDictMismatchError, match=r"unexpected key 'transformer\.h\.2\.ln_1"):
         run(items + [("transformer.h.2.ln_1.weight", np.ones(cfg.hidden_size, np.float32))])
-    with pytest.raises(CheckpointMismatchError, match=r"'lm_head\.weight' appears twice"):
+    with pytest.raises(StateDictMismatchError, match=r"'lm_head\.weight' appears twice"):
         run(items + [("lm_head.weight", weights["lm_head.weight"])])
     bad = dict(weights)
     bad["transformer.visual.proj"] = np.zeros((4, 4), np.float32)
     with pytest.raises(
-        CheckpointMismatchError, match=r"'transformer\.visual\.proj' in shard.safetensors has shape"
+        StateDictMismatchError, match=r"'transformer\.visual\.proj' in shard.safetensors has shape"
     ):
         run(bad.items())
     # Non-parameter buffers the reference itself ignores are accepted and dropped.
@@ -314,13 +315,22 @@ def test_missing_extra_duplicate_and_misshaped_keys(mini):
 def test_export_rejects_wrong_params(tmp_path, mini):
     cfg, weights = mini
     params = import_tensors(((k, v, "mem") for k, v in weights.items()), cfg)
+    want = params["transformer"]["visual"]["proj"].shape
     params["transformer"]["visual"]["proj"] = np.zeros((3, 3), np.float32)
-    with pytest.raises(CheckpointMismatchError, match=r"visual\.proj .*shape \(3, 3\)"):
+    with pytest.raises(
+        TreeMismatchError,
+        match=rf"^parameters: does not fit the config: 1 mis-shaped \(first transformer\.visual"
+        rf"\.proj: \(3, 3\) vs the config's \({want[0]}, {want[1]}\)\)$",
+    ):
         export_hf(params, cfg, str(tmp_path / "a"), tokenizer=None)
     assert not (tmp_path / "a").exists()  # checked before anything is written
     params = import_tensors(((k, v, "mem") for k, v in weights.items()), cfg)
     params["transformer"]["extra"] = {"kernel": np.zeros(3)}
-    with pytest.raises(CheckpointMismatchError, match=r"transformer\.extra\.kernel"):
+    with pytest.raises(
+        TreeMismatchError,
+        match=r"^parameters: does not fit the config: 1 unexpected \(first transformer\.extra"
+        r"\.kernel\)$",
+    ):
         export_hf(params, cfg, str(tmp_path / "b"), tokenizer=None)
 
 
@@ -391,6 +401,7 @@ def test_load_params_onto_abstract_model_and_assign(tmp_path, mini):
     bad = import_hf(BIN_MINI, scan_layers=False)[1]
     del bad["transformer"]["ln_f"]
     with pytest.raises(
-        CheckpointMismatchError, match=r"missing parameter transformer\.ln_f\.scale"
+        TreeMismatchError,
+        match=r"^bad\.ckpt: does not fit the model: 1 missing \(first transformer\.ln_f\.scale\)$",
     ):
-        assign_params(model, bad)
+        assign_params(model, bad, source="bad.ckpt")

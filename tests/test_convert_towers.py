@@ -17,7 +17,7 @@ from flax import nnx
 
 from qwenvl_jax.config import get_preset
 from qwenvl_jax.convert import (
-    CheckpointMismatchError,
+    StateDictMismatchError,
     load_params,
     mapping,
     openclip,
@@ -211,20 +211,20 @@ def test_openclip_errors(tmp_path):
     bad = dict(sd)
     del bad["visual.transformer.resblocks.1.mlp.c_fc.bias"]
     f = write_st(tmp_path / "a.safetensors", bad)
-    with pytest.raises(CheckpointMismatchError, match=r"resblocks\.1\.mlp\.c_fc\.bias"):
+    with pytest.raises(StateDictMismatchError, match=r"resblocks\.1\.mlp\.c_fc\.bias"):
         openclip.import_openclip(f, heads=3, base=get_preset("tiny"))
     bad = dict(sd, **{"visual.attn_pool.query": np.zeros((4, 12), np.float32)})
     f = write_st(tmp_path / "b.safetensors", bad)
-    with pytest.raises(CheckpointMismatchError, match=r"OpenCLIP key 'visual\.attn_pool\.query'"):
+    with pytest.raises(StateDictMismatchError, match=r"OpenCLIP key 'visual\.attn_pool\.query'"):
         openclip.import_openclip(f, heads=3, base=get_preset("tiny"))
     bad = dict(sd)
     bad["visual.transformer.resblocks.0.attn.in_proj_weight"] = np.zeros((30, 12), np.float32)
     f = write_st(tmp_path / "c.safetensors", bad)
-    with pytest.raises(CheckpointMismatchError, match=r"in_proj_weight.*\(30, 12\)"):
+    with pytest.raises(StateDictMismatchError, match=r"in_proj_weight.*\(30, 12\)"):
         openclip.import_openclip(f, heads=3, base=get_preset("tiny"))
     bad = {k: v for k, v in sd.items() if k != "visual.class_embedding"}
     f = write_st(tmp_path / "d.safetensors", bad)
-    with pytest.raises(CheckpointMismatchError, match="class_embedding"):
+    with pytest.raises(StateDictMismatchError, match="class_embedding"):
         openclip.import_openclip(f, heads=3, base=get_preset("tiny"))
     with pytest.raises(ValueError, match="does not split into 5 heads"):
         openclip.import_openclip(write_st(tmp_path / "e.safetensors", sd), heads=5)
@@ -269,13 +269,11 @@ def test_llm_import_round_trip(tmp_path):
 def test_llm_import_errors(tmp_path):
     cfg0 = get_preset("tiny", vocab_size=64)
     qwen7b_dir(tmp_path / "a", cfg0, drop=("transformer.ln_f.weight",))
-    with pytest.raises(CheckpointMismatchError, match=r"missing key 'transformer\.ln_f\.weight'"):
+    with pytest.raises(StateDictMismatchError, match=r"missing key 'transformer\.ln_f\.weight'"):
         qwen_llm.import_qwen_llm(str(tmp_path / "a"))
     extra = {"transformer.visual.proj": np.zeros((256, 256), np.float32)}
     qwen7b_dir(tmp_path / "b", cfg0, extra=extra)
-    with pytest.raises(
-        CheckpointMismatchError, match=r"unexpected key 'transformer\.visual\.proj'"
-    ):
+    with pytest.raises(StateDictMismatchError, match=r"unexpected key 'transformer\.visual\.proj'"):
         qwen_llm.import_qwen_llm(str(tmp_path / "b"))
     qwen7b_dir(tmp_path / "c", cfg0)
     d = json.load(open(tmp_path / "c" / "config.json"))
@@ -294,8 +292,7 @@ def _load_config(name):
 
 
 def test_stage1_init_from_converted_towers(tmp_path):
-    from qwenvl_jax import train
-    from qwenvl_jax.optim import map_with_path_str
+    from qwenvl_jax import train, tree
 
     c = _load_config("pretrain")
     c.model.overrides.vocab_size = 1024
@@ -319,9 +316,7 @@ def test_stage1_init_from_converted_towers(tmp_path):
     got, desc = train.initial_params(s)
     got = jax.device_get(got)
     rand = jax.device_get(train.init_params(s, int(c.seed)))
-    flat_got, flat_rand = {}, {}
-    map_with_path_str(lambda p, x: flat_got.__setitem__(p, x), got)
-    map_with_path_str(lambda p, x: flat_rand.__setitem__(p, x), rand)
+    flat_got, flat_rand = tree.flatten(got), tree.flatten(rand)
     scan = bool(c.model.scan_layers)
     for r in mapping.rules(tiny):  # every converted tensor arrived, in the run's layout
         if not (qwen_llm.is_llm_rule(r) or openclip.is_trunk_rule(r)):

@@ -220,11 +220,9 @@ def test_frozen_llm_bit_identical_and_vit_trains(tmp_path):
 
 
 def _flat(tree):
-    out = []
-    from qwenvl_jax.optim import map_with_path_str
+    from qwenvl_jax import tree as tree_lib
 
-    map_with_path_str(lambda p, x: out.append((p, np.asarray(x))), tree)
-    return out
+    return [(p, np.asarray(x)) for p, x in tree_lib.flatten(tree).items()]
 
 
 def test_latest_params_unstacks_to_per_layer_keys(reference):
@@ -661,11 +659,9 @@ print("MULTIHOST_INIT_OK", pid)
 
 
 def _flat_arrays(tree):
-    out = []
-    from qwenvl_jax.optim import map_with_path_str
+    from qwenvl_jax import tree as tree_lib
 
-    map_with_path_str(lambda p, x: out.append((p, x)), tree)
-    return out
+    return list(tree_lib.flatten(tree).items())
 
 
 def test_init_sources_on_two_processes(reference, tmp_path):

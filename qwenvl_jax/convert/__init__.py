@@ -12,8 +12,8 @@ python -m qwenvl_jax.convert {import,export} --help     the command line
 from qwenvl_jax import fileio
 from qwenvl_jax.convert.errors import (
     CheckpointError,
-    CheckpointMismatchError,
     NotACheckpointError,
+    StateDictMismatchError,
     TensorFileError,
     UnsupportedDtypeError,
 )
@@ -67,39 +67,28 @@ def checkpoint_kind(path: str) -> str:
     )
 
 
-def assign_params(model, params) -> None:
+def assign_params(model, params, *, source: str = "parameters") -> None:
     """Write a pure parameter dict (numpy or jax arrays) into an NNX model's Params, in place.
 
     The dict must have exactly the model's parameter paths and shapes (same layer layout); each
     array is cast to the model's parameter dtype.
 
+    Args:
+      model: the NNX model to fill.
+      params: the pure nested dict.
+      source: where `params` came from (a file or directory), for the message.
+
     Raises:
-      CheckpointMismatchError: a path is missing or extra, or a shape differs (named).
+      TreeMismatchError: a path is missing or extra, or a shape differs (the first of each named).
     """
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
+    from qwenvl_jax import tree
+
     state = nnx.state(model, nnx.Param)
-    want = {
-        jax.tree_util.keystr(p, simple=True, separator="."): v
-        for p, v in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]
-    }
-    got = {
-        jax.tree_util.keystr(p, simple=True, separator="."): v
-        for p, v in jax.tree_util.tree_flatten_with_path(params)[0]
-    }
-    problems = [f"missing parameter {k}" for k in want if k not in got]
-    problems += [f"unexpected parameter {k}" for k in got if k not in want]
-    problems += [
-        f"parameter {k} has shape {tuple(got[k].shape)}; the model has {tuple(want[k].shape)}"
-        for k in want
-        if k in got and tuple(got[k].shape) != tuple(want[k].shape)
-    ]
-    if problems:
-        raise CheckpointMismatchError(
-            "parameters do not fit the model:\n  " + "\n  ".join(problems[:30])
-        )
+    tree.check_fits(params, nnx.to_pure_dict(state), source=source)
     pure = jax.tree.map(
         lambda v, x: jax.device_put(jnp.asarray(x, dtype=v.dtype), v.sharding),
         nnx.to_pure_dict(state),
@@ -111,8 +100,8 @@ def assign_params(model, params) -> None:
 
 __all__ = [
     "CheckpointError",
-    "CheckpointMismatchError",
     "NotACheckpointError",
+    "StateDictMismatchError",
     "TensorFileError",
     "UnsupportedDtypeError",
     "assign_params",

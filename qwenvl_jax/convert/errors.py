@@ -4,14 +4,19 @@ Each is a `qwenvl_jax.errors.UserError` (a command line prints it as one line, e
 ValueError (what a library caller catches); each message names the file, key or tensor. A path that
 does not exist raises `qwenvl_jax.errors.MissingPathError` (a FileNotFoundError).
 `CheckpointError` itself lives in `qwenvl_jax.errors`: `qwenvl_jax.checkpoint`, below the
-converters, raises it too.
+converters, raises it too. A parameter tree (ours, not a file's state dict) that does not fit the
+model raises `qwenvl_jax.tree.TreeMismatchError`, also a CheckpointError.
 """
 
 from qwenvl_jax.errors import CheckpointError, MissingPathError
 
 
-class CheckpointMismatchError(CheckpointError):
-    """The checkpoint's keys or shapes do not match the config."""
+class StateDictMismatchError(CheckpointError):
+    """A weight file's state dict (HF or OpenCLIP keys) does not match the config.
+
+    A key the config needs is missing or mis-shaped, or one is unexpected or appears twice. Our own
+    parameter tree that does not fit a model raises `qwenvl_jax.tree.TreeMismatchError` instead.
+    """
 
 
 class TensorFileError(CheckpointError):
@@ -28,8 +33,8 @@ class NotACheckpointError(MissingPathError):
 
 __all__ = [
     "CheckpointError",
-    "CheckpointMismatchError",
     "NotACheckpointError",
+    "StateDictMismatchError",
     "TensorFileError",
     "UnsupportedDtypeError",
 ]

@@ -8,8 +8,9 @@ leading layer axis when `scan_layers=True`. Neither direction needs torch.
 Import streams the files shard by shard and tensor by tensor (one tensor is read and converted at a
 time), so the host holds about one copy of the weights; export holds one shard at a time. Every
 key of the checkpoint must be consumed exactly once: a missing, unexpected, duplicated or
-mis-shaped key, or an unsupported dtype, raises `CheckpointMismatchError` /
-`UnsupportedDtypeError` naming it.
+mis-shaped key, or an unsupported dtype, raises `StateDictMismatchError` /
+`UnsupportedDtypeError` naming it. Export first checks that our tree fits the config
+(`check_params`, which raises `qwenvl_jax.tree.TreeMismatchError`).
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ import numpy as np
 
 from qwenvl_jax import config as config_lib
 from qwenvl_jax import fileio
+from qwenvl_jax import tree as tree_lib
 from qwenvl_jax.config import QWenConfig
 from qwenvl_jax.convert import mapping, tensor_io
-from qwenvl_jax.convert.errors import CheckpointError, CheckpointMismatchError
+from qwenvl_jax.convert.errors import CheckpointError, StateDictMismatchError
 from qwenvl_jax.errors import MissingPathError
 
 Progress = Callable[[str], None] | None
@@ -150,7 +152,7 @@ def import_tensors(
       the pure nested dict of numpy arrays.
 
     Raises:
-      CheckpointMismatchError: unexpected, duplicated, missing or mis-shaped keys (all listed).
+      StateDictMismatchError: unexpected, duplicated, missing or mis-shaped keys (all listed).
     """
     by_key = {r.hf_key: r for r in mapping.rules(cfg) if only is None or only(r)}
     counts = mapping.layer_counts(cfg)
@@ -193,7 +195,7 @@ def import_tensors(
     if problems:
         shown = "\n  ".join(problems[:30])
         more = f"\n  ... and {len(problems) - 30} more" if len(problems) > 30 else ""
-        raise CheckpointMismatchError(
+        raise StateDictMismatchError(
             f"checkpoint does not match the config ({len(problems)} problem"
             f"{'s' * (len(problems) > 1)}):\n  {shown}{more}"
         )
@@ -265,15 +267,19 @@ def _get(tree: Mapping, path: tuple):
         try:
             node = node[k]
         except (KeyError, TypeError, IndexError):
-            raise CheckpointMismatchError(
-                f"parameter {'.'.join(map(str, path))} is missing from the parameters"
+            # `check_params` runs first and names every missing path; this is its safety net.
+            missing = ".".join(map(str, path))
+            raise tree_lib.TreeMismatchError(
+                f"parameters: does not fit the config: 1 missing (first {missing})",
+                source="parameters",
+                missing=[missing],
             ) from None
     return node
 
 
 def is_scanned(params: Mapping) -> bool:
     """Whether the tree holds stacked layers (no integer keys under transformer.h)."""
-    h = _get(params, ("transformer", "h"))
+    h = params.get("transformer", {}).get("h", {})  # absent: `check_params` names it
     return not any(isinstance(k, int) or (isinstance(k, str) and k.isdigit()) for k in h)
 
 
@@ -282,19 +288,14 @@ def _leaf(params: Mapping, rule: mapping.Rule, scanned: bool) -> np.ndarray:
         path = rule.path(False)
         try:
             x = _get(params, path)
-        except CheckpointMismatchError:
+        except tree_lib.TreeMismatchError:
             if rule.layer is None:
                 raise
             # Orbax may have turned integer layer keys into strings.
             x = _get(params, rule.prefix + (str(rule.layer),) + rule.rest)
     else:
         x = _get(params, rule.path(True))[rule.layer]
-    x = np.asarray(x)
-    if x.shape != rule.shape:
-        raise CheckpointMismatchError(
-            f"parameter for {rule.hf_key} has shape {x.shape}; the config expects {rule.shape}"
-        )
-    return x
+    return np.asarray(x)  # its shape was checked by `check_params`
 
 
 def hf_tensors(
@@ -303,8 +304,8 @@ def hf_tensors(
     """(hf_key, HF-layout array) for every tensor, in state_dict order, one at a time.
 
     Raises:
-      CheckpointMismatchError: a parameter is missing or mis-shaped, or the tree holds parameters
-        the config does not have.
+      TreeMismatchError: a parameter is missing or mis-shaped, or the tree holds parameters the
+        config does not have.
     """
     params = _as_pure_dict(params)
     check_params(params, cfg)
@@ -312,23 +313,6 @@ def hf_tensors(
     for rule in mapping.rules(cfg):
         x = rule.to_hf(_leaf(params, rule, scanned))
         yield rule.hf_key, np.asarray(x, dtype=dtype or x.dtype, order="C")
-
-
-def _check_no_extra(params: Mapping, rules: list[mapping.Rule], scanned: bool) -> None:
-    expected = {tuple(map(str, r.path(scanned))) for r in rules}
-    found = []
-
-    def walk(node, prefix):
-        if isinstance(node, Mapping):
-            for k, v in node.items():
-                walk(v, prefix + (str(k),))
-        else:
-            found.append(prefix)
-
-    walk(params, ())
-    extra = [".".join(p) for p in found if p not in expected]
-    if extra:
-        raise CheckpointMismatchError(f"parameters the config does not have: {extra[:20]}")
 
 
 def export_hf(
@@ -441,28 +425,30 @@ def _export_hf(params, cfg, out_dir, *, dtype, max_shard_bytes, tokenizer, progr
     return written
 
 
-def check_params(params: Any, cfg: QWenConfig) -> None:
+def check_params(params: Any, cfg: QWenConfig, *, source: str = "parameters") -> None:
     """Check a parameter tree (arrays or jax.ShapeDtypeStruct) against the config, reading nothing.
 
+    Either layer layout fits (stacked when `transformer.h` has no integer keys); Orbax's string
+    layer keys ("0") name the same paths as integer ones.
+
+    Args:
+      params: a pure dict, an nnx.State or a model.
+      cfg: the config it must fit.
+      source: where the tree came from, for the message.
+
     Raises:
-      CheckpointMismatchError: a missing, extra or mis-shaped parameter (named).
+      TreeMismatchError: a missing, unexpected or mis-shaped parameter (the first of each named).
     """
+    import jax
+
     params = _as_pure_dict(params)
     scanned = is_scanned(params)
-    rules = mapping.rules(cfg)
-    _check_no_extra(params, rules, scanned)
     counts = mapping.layer_counts(cfg)
-    problems = []
-    for r in rules:
-        leaf = _get_leaf_meta(params, r, scanned)
-        want = (counts[r.prefix],) + r.shape if (scanned and r.layer is not None) else r.shape
-        if tuple(leaf.shape) != want:
-            problems.append(
-                f"parameter {'.'.join(map(str, r.path(scanned)))} (for {r.hf_key}) has shape"
-                f" {tuple(leaf.shape)}; the config expects {want}"
-            )
-    if problems:
-        raise CheckpointMismatchError("\n".join(sorted(set(problems))[:30]))
+    want = {}
+    for r in mapping.rules(cfg):
+        shape = (counts[r.prefix],) + r.shape if (scanned and r.layer is not None) else r.shape
+        want[".".join(map(str, r.path(scanned)))] = jax.ShapeDtypeStruct(shape, np.float32)
+    tree_lib.check_fits(params, want, source=source, target="the config")
 
 
 def _get_leaf_meta(params: Mapping, rule: mapping.Rule, scanned: bool):
@@ -470,7 +456,7 @@ def _get_leaf_meta(params: Mapping, rule: mapping.Rule, scanned: bool):
     if rule.layer is None or not scanned:
         try:
             return _get(params, rule.path(False))
-        except CheckpointMismatchError:
+        except tree_lib.TreeMismatchError:
             if rule.layer is None:
                 raise
             return _get(params, rule.prefix + (str(rule.layer),) + rule.rest)

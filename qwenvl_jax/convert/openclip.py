@@ -110,36 +110,36 @@ def vit_config(
     (224 for ViT-bigG-14). The LLM fields and the adapter come from `base` (default: Qwen-VL 7B).
 
     Raises:
-      CheckpointMismatchError: a key needed to read the shapes is missing, or shapes disagree.
+      StateDictMismatchError: a key needed to read the shapes is missing, or shapes disagree.
     """
     need = ("visual.conv1.weight", "visual.positional_embedding", "visual.class_embedding")
     missing = [k for k in need if k not in shapes]
     if missing:
-        raise hf.CheckpointMismatchError(
+        raise hf.StateDictMismatchError(
             f"{source}: not an OpenCLIP ViT checkpoint: missing {missing}"
             f" (has {sum(k.startswith(VISUAL) for k in shapes)} 'visual.' keys)"
         )
     conv = shapes["visual.conv1.weight"]
     if len(conv) != 4 or conv[1] != 3 or conv[2] != conv[3]:
-        raise hf.CheckpointMismatchError(
+        raise hf.StateDictMismatchError(
             f"{source}: visual.conv1.weight has shape {conv}; expected [W, 3, p, p]"
         )
     width, patch = conv[0], conv[2]
     rows = shapes["visual.positional_embedding"][0]
     grid = math.isqrt(rows - 1)
     if grid * grid != rows - 1:
-        raise hf.CheckpointMismatchError(
+        raise hf.StateDictMismatchError(
             f"{source}: visual.positional_embedding has {rows} rows; expected 1 + G*G (class"
             " token + a square grid)"
         )
     layers = sorted({int(m.group(1)) for k in shapes if (m := _BLOCK.match(k))})
     if not layers or layers != list(range(len(layers))):
-        raise hf.CheckpointMismatchError(
+        raise hf.StateDictMismatchError(
             f"{source}: visual resblocks are not numbered 0..L-1: {layers[:8]}..."
         )
     fc = shapes.get("visual.transformer.resblocks.0.mlp.c_fc.weight")
     if fc is None:
-        raise hf.CheckpointMismatchError(
+        raise hf.StateDictMismatchError(
             f"{source}: missing key 'visual.transformer.resblocks.0.mlp.c_fc.weight'"
         )
     if width % heads:
@@ -210,7 +210,7 @@ def import_openclip(
        "ignored_examples": [a few keys]}.
 
     Raises:
-      CheckpointMismatchError: a vision key is missing, unexpected, duplicated or mis-shaped.
+      StateDictMismatchError: a vision key is missing, unexpected, duplicated or mis-shaped.
     """
     f = openclip_file(path)
     name = os.path.basename(f)
@@ -233,7 +233,7 @@ def import_openclip(
     )
     absent = [k for k in DROPPED if k not in shapes]
     if absent:
-        raise hf.CheckpointMismatchError(
+        raise hf.StateDictMismatchError(
             f"{name}: missing OpenCLIP keys {absent} (an OpenCLIP ViT always has them)"
         )
     n_trunk = sum(1 for r in mapping.rules(cfg) if is_trunk_rule(r))

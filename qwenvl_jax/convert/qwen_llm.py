@@ -83,7 +83,7 @@ def import_qwen_llm(
 
     Raises:
       MissingPathError (a FileNotFoundError): `path` is not a directory.
-      CheckpointError: a bad config.json or weight file; CheckpointMismatchError (one): a missing,
+      CheckpointError: a bad config.json or weight file; StateDictMismatchError (one): a missing,
         unexpected (e.g. visual), duplicated or mis-shaped key.
     """
     if not os.path.isdir(path):

@@ -14,26 +14,9 @@ from qwenvl_jax import api
 from qwenvl_jax import checkpoint as ckpt_lib
 from qwenvl_jax import lora as lora_lib
 from qwenvl_jax import optim as optim_lib
+from qwenvl_jax import tree as tree_lib
 from qwenvl_jax.errors import CheckpointError, ConfigError, MissingPathError
 from qwenvl_jax.train.state import Setup, init_base_params, init_params
-
-
-def _check_same_tree(name: str, got: Any, want: Any) -> None:
-    gp = dict(_flat_shapes(got))
-    wp = dict(_flat_shapes(want))
-    missing, extra = sorted(set(wp) - set(gp)), sorted(set(gp) - set(wp))
-    bad = [f"{p}: {gp[p]} != {wp[p]}" for p in sorted(set(gp) & set(wp)) if gp[p] != wp[p]]
-    if missing or extra or bad:
-        raise ValueError(
-            f"{name}: parameters do not match the model: missing {missing[:10]} "
-            f"({len(missing)}), unexpected {extra[:10]} ({len(extra)}), shape mismatches {bad[:10]}"
-        )
-
-
-def _flat_shapes(tree):
-    out = []
-    optim_lib.map_with_path_str(lambda p, x: out.append((p, tuple(np.shape(x)))), tree)
-    return out
 
 
 def _load_checkpoint(path: str, scan: bool) -> dict:
@@ -58,8 +41,7 @@ def _subtree_merge(base: dict, other: dict, pattern: str, fresh_if_absent: str =
     rx = re.compile(optim_lib.GROUPS.get(pattern, pattern))
     fresh = re.compile(fresh_if_absent) if fresh_if_absent else None
     kept = []
-    other_flat = {}
-    optim_lib.map_with_path_str(lambda p, x: other_flat.__setitem__(p, x), other)
+    other_flat = tree_lib.flatten(other)
     taken = []
 
     def pick(p, x):
@@ -73,7 +55,7 @@ def _subtree_merge(base: dict, other: dict, pattern: str, fresh_if_absent: str =
             return other_flat[p]
         return x
 
-    out = optim_lib.map_with_path_str(pick, base)
+    out = tree_lib.map_with_path(pick, base)
     if not taken:
         raise ValueError(f"no parameter matched {pattern!r} when merging init checkpoints")
     if kept:
@@ -97,6 +79,8 @@ def initial_params(s: Setup) -> tuple[Any, str]:
             raise FileNotFoundError(f"config.init.{key}={path!r} does not exist")
     try:
         return _initial_params(s)
+    except tree_lib.TreeMismatchError:
+        raise  # its message starts with the source's path already
     except (FileNotFoundError, CheckpointError) as e:
         named = [f"config.init.{k}={init.get(k)!r}" for k in _INIT_KEYS if init.get(k)]
         raise MissingPathError(f"{', '.join(named)}: {e}") from e
@@ -111,7 +95,7 @@ def _initial_params(s: Setup) -> tuple[Any, str]:
 def _place(s: Setup, loaded: Any, desc: str) -> tuple[Any, str]:
     if loaded is None:
         return init_params(s, int(s.cfg.seed)), desc
-    _check_same_tree(desc, loaded, s.abstract_params)
+    tree_lib.check_fits(loaded, s.abstract_params, source=desc)
     params = jax.tree.map(
         lambda x, a: (
             x
@@ -173,15 +157,15 @@ def _lora_initial_params(s: Setup) -> tuple[Any, str]:
         s.base = init_base_params(s, int(s.cfg.seed))
         return trainable, desc
     s.base = _lora_base(s, loaded, desc)
-    flat = lora_lib._flat(loaded)
-    abstract = lora_lib._flat(s.abstract_params)
+    flat = tree_lib.flatten(loaded)
+    abstract = tree_lib.flatten(s.abstract_params)
 
     def from_source(p, x):
         if p.endswith((".lora_A", ".lora_B")):
             return x
         return jax.device_put(np.asarray(flat[p], abstract[p].dtype), abstract[p].sharding)
 
-    trainable = optim_lib.map_with_path_str(from_source, trainable)
+    trainable = tree_lib.map_with_path(from_source, trainable)
     return trainable, f"{desc} (base frozen) + fresh LoRA adapters"
 
 
@@ -197,19 +181,18 @@ def base_params(s: Setup) -> Any:
 
 def _lora_base(s: Setup, loaded: Any, desc: str) -> Any:
     """The base tree on its shardings: the init source's leaves, 4-bit where the run quantizes."""
-    flat = lora_lib._flat(loaded)
-    want = lora_lib._flat(s.abstract_base)
-    need = {p for p in want if not p.endswith(".kernel_scale")}
-    trained = {
-        p for p in lora_lib._flat(s.abstract_params) if not p.endswith((".lora_A", ".lora_B"))
+    # The source holds every base leaf at full precision (a 4-bit kernel's codes have its shape;
+    # its scales are made here) and the trained modules_to_save, but no adapters.
+    want = {
+        p: a for p, a in tree_lib.flatten(s.abstract_base).items() if not p.endswith("kernel_scale")
     }
-    missing = sorted((need | trained) - set(flat))
-    extra = sorted(set(flat) - need - trained)
-    if missing or extra:
-        raise ValueError(
-            f"{desc}: parameters do not match the model: missing {missing[:10]} ({len(missing)}),"
-            f" unexpected {extra[:10]} ({len(extra)})"
-        )
+    want.update(
+        (p, a)
+        for p, a in tree_lib.flatten(s.abstract_params).items()
+        if not p.endswith((".lora_A", ".lora_B"))
+    )
+    tree_lib.check_fits(loaded, want, source=desc)
+    flat = tree_lib.flatten(loaded)
     mode = s.cfg.lora.quantize_base
     quant = jax.jit(lora_lib.quantize, static_argnums=1)
 
@@ -221,14 +204,12 @@ def _lora_base(s: Setup, loaded: Any, desc: str) -> Any:
             codes, scale = quant(x, mode)
             scales[p[: -len("kernel")] + "kernel_scale"] = scale
             return jax.device_put(codes, a.sharding)
-        if np.shape(flat[p]) != a.shape:
-            raise ValueError(f"{desc}: {p} has shape {np.shape(flat[p])}, the model {a.shape}")
         return jax.device_put(np.asarray(flat[p], a.dtype), a.sharding)
 
     scales: dict[str, Any] = {}
-    out = optim_lib.map_with_path_str(leaf, s.abstract_base)
-    shard = lora_lib._flat(s.base_sharding)
-    return optim_lib.map_with_path_str(
+    out = tree_lib.map_with_path(leaf, s.abstract_base)
+    shard = tree_lib.flatten(s.base_sharding)
+    return tree_lib.map_with_path(
         lambda p, x: jax.device_put(scales[p], shard[p]) if isinstance(x, str) else x,
         out,
     )

@@ -19,6 +19,7 @@ from qwenvl_jax import flops as flops_lib
 from qwenvl_jax import lora as lora_lib
 from qwenvl_jax import optim as optim_lib
 from qwenvl_jax import sharding as shd
+from qwenvl_jax import tree as tree_lib
 from qwenvl_jax.config import QWenConfig, get_preset
 
 
@@ -113,7 +114,7 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
     abstract_base = base_sharding = None
     if lora_lib.enabled(cfg):
         keep = lora_lib.trainable_paths(
-            list(lora_lib._flat(abstract)), tuple(cfg.lora.modules_to_save or ())
+            list(tree_lib.flatten(abstract)), tuple(cfg.lora.modules_to_save or ())
         )
         abstract, abstract_base = lora_lib.split(abstract, keep)
         param_sharding, base_sharding = lora_lib.split(param_sharding, keep)
@@ -191,7 +192,7 @@ def init_base_params(s: Setup, seed: int) -> Any:
 
 
 def _init(s: Setup, seed: int, like: Any, sharding: Any) -> Any:
-    keep = set(lora_lib._flat(like))
+    keep = set(tree_lib.flatten(like))
 
     @functools.partial(jax.jit, out_shardings=sharding)
     def init(key):
@@ -214,7 +215,7 @@ def _towers_trainable(labels: Any) -> tuple[bool, bool]:
         elif p.startswith("transformer.h."):
             llm.append(lab == "train")
 
-    optim_lib.map_with_path_str(visit, labels)
+    tree_lib.map_with_path(visit, labels)
     return any(llm), any(vit)
 
 
