@@ -1,6 +1,6 @@
 """Train-step benchmark on synthetic batches: tokens/s, model TFLOP/s, MFU, peak device memory.
 
-  python -m qwenvl_jax.bench --shape=ref8      # the PyTorch reference's shape (performance.md)
+  python -m qwenvl_jax.bench --shape=ref8      # the PyTorch reference's shape (docs/performance.md)
   python -m qwenvl_jax.bench --shape=full      # full Qwen-VL, batch 2 x 2048
   python -m qwenvl_jax.bench --shape=tiny      # CPU smoke test
   python -m qwenvl_jax.bench --shape=ref8 --reference_dir=/path/to/Qwen-VL-Chat \
@@ -10,7 +10,7 @@
 layers) + the adapter + 8 Qwen-7B decoder layers, batch 4 x 2048 tokens, one image per sequence
 (`<img>` + 256 + `</img>` inside the 2048), forward + backward without the optimizer update (the
 reference's 17,576 tokens/s, 36.5 % MFU). `--mode=train` times the whole train step (AdamW update
-included) instead. Model FLOPs follow qwenvl_jax.flops (the PaLM convention of performance.md).
+included) instead. Model FLOPs follow qwenvl_jax.flops (the PaLM convention of docs/performance.md).
 
 A/B in one invocation: `--attn_impl=auto,xla --remat=full,dots` runs every combination and prints
 tokens/s and the ratio to the first. Image work: `--image_slots=4 --images_filled=1

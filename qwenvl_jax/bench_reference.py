@@ -16,7 +16,7 @@ switch) or float32, in training mode, on CUDA when available (else the CPU). Eac
 + 256 positions + </img>] x images, then text`; labels = inputs. The images are tensors: the
 published forward reads an image path out of the ids inside each span and calls `visual.encode`,
 which here is replaced by a lookup of that name in a tensor of random pixels, so no file is read
-and no PIL resize is timed (as in performance.md). `--mode=grad` is forward + backward, `train`
+and no PIL resize is timed (as in docs/performance.md). `--mode=grad` is forward + backward, `train`
 adds `torch.optim.AdamW` (gradients clipped at norm 1). Prints one JSON line on stdout.
 """
 

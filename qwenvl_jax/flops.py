@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from qwenvl_jax.config import QWenConfig
 
-# Dense bf16 peak per chip, TFLOP/s (performance.md).
+# Dense bf16 peak per chip, TFLOP/s (docs/performance.md).
 PEAK_TFLOPS = {
     "h100": 989.0,
     "h200": 989.0,

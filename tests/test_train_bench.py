@@ -8,10 +8,10 @@ from qwenvl_jax.config import get_preset
 
 
 def test_step_flops_match_reference_measurement():
-    # performance.md: the PyTorch reference ran ViT-bigG 448 + adapter + 8 Qwen-7B layers, batch
-    # 4 x 2048, one image per sequence at 0.466 s/step = 361 model TFLOP/s, i.e. ~168.2 TFLOP/step;
-    # the full model at batch 2 x 2048: 0.630 s/step = 339 TFLOP/s, ~213.6 TFLOP/step. Their
-    # figures are rounded to 3 digits, hence 1 %.
+    # docs/performance.md: the PyTorch reference ran ViT-bigG 448 + adapter + 8 Qwen-7B layers,
+    # batch 4 x 2048, one image per sequence at 0.466 s/step = 361 model TFLOP/s, i.e. ~168.2
+    # TFLOP/step; the full model at batch 2 x 2048: 0.630 s/step = 339 TFLOP/s, ~213.6
+    # TFLOP/step. Their figures are rounded to 3 digits, hence 1 %.
     ref8 = flops.step_flops(
         get_preset("qwen-vl-7b", num_hidden_layers=8),
         sequences=4, seq_len=2048, images=4, image_size=448,
@@ -21,7 +21,7 @@ def test_step_flops_match_reference_measurement():
         get_preset("qwen-vl-7b"), sequences=2, seq_len=2048, images=2, image_size=448
     )
     np.testing.assert_allclose(full / 1e12, 339 * 0.630, rtol=0.01)
-    # performance.md: the trainable ViT-bigG costs about 12.3 TFLOP per 448 px image.
+    # docs/performance.md: the trainable ViT-bigG costs about 12.3 TFLOP per 448 px image.
     vit = flops.step_flops(
         get_preset("qwen-vl-7b", num_hidden_layers=0), sequences=0, seq_len=1, images=1,
         image_size=448,

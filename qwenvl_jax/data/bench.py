@@ -10,7 +10,7 @@ result is per worker because grain workers are separate processes, each running 
 
 Host cores needed to feed one accelerator = what one training step consumes at the given step
 time (default: the published PyTorch code's 0.466 s/step for batch 4 x 2048 tokens with one image
-per sequence, on one H200; see ../shared/reference/performance.md), divided by one worker's rate.
+per sequence, on one H200; see docs/performance.md), divided by one worker's rate.
 """
 
 from __future__ import annotations

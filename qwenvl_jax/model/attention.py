@@ -11,8 +11,8 @@ compiled for (the active mesh's devices, else the default backend), per use:
 - CPU: XLA.
 
 Why these: splash is the TPU flash kernel that takes segment ids and block-sparse masks (MaxText's
-default). On GPU, cuDNN is the fastest flash kernel JAX exposes (performance.md: 1.67 ms vs XLA 8.1
-ms causal, 1.61 vs 3.83 ms on ViT shapes, head dim 104 accepted), but JAX 0.10.2's
+default). On GPU, cuDNN is the fastest flash kernel JAX exposes (docs/performance.md: 1.67 ms vs
+XLA 8.1 ms causal, 1.61 vs 3.83 ms on ViT shapes, head dim 104 accepted), but JAX 0.10.2's
 `jax.nn.dot_product_attention` takes no segment ids (only one valid length per row), so packed rows
 would need a dense [B, T, T] mask; the Triton flash kernel takes segment ids directly. Which of the
 two is faster on packed 2048-token rows on an H200 is still to be measured (`python -m
