@@ -18,7 +18,12 @@ setup(
     # jax 0.10, flax 0.12, grain 0.2.18 and orbax-checkpoint 0.12 all need Python 3.11.
     python_requires=">=3.11",
     packages=find_packages(include=["qwenvl_jax", "qwenvl_jax.*"]),
-    package_data={"qwenvl_jax": ["assets/*"]},
+    # The stage configs are the package qwenvl_jax.configs (a checkout's configs/ links to it);
+    # their example data files travel with them, so a wheel runs --config=configs/<stage>.py.
+    package_data={
+        "qwenvl_jax": ["assets/*"],
+        "qwenvl_jax.configs": ["data/*.json", "data/*.md", "data/img/*.png"],
+    },
     install_requires=[
         JAX,
         "flax>=0.12.8",
@@ -66,6 +71,9 @@ setup(
             *GCS,
             # A local GCS for the gs:// tests (tests/gcs_emulator.py).
             "gcp-storage-emulator>=2026.7.19",
+            # tests/train/test_install.py builds a wheel without build isolation: setuptools
+            # builds wheels itself from 70.1 (before, only with the `wheel` package).
+            "setuptools>=70.1",
         ],
         # Only for tools/ that run the published PyTorch code and for optional checks.
         "torch": ["torch==2.13.0"],

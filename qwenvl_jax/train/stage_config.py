@@ -11,8 +11,10 @@ import ml_collections as mlc
 
 from qwenvl_jax.errors import ConfigError, MissingPathError
 
-# The repository's configs/ (next to the package in a checkout or an editable install).
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "configs")
+# The stage configs and example data ship inside the package (qwenvl_jax/configs/, in a wheel too);
+# a checkout's top-level configs/ is a symlink to it.
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+STAGES = ("pretrain", "multitask", "sft")
 
 
 def base() -> mlc.ConfigDict:
@@ -123,6 +125,10 @@ def base() -> mlc.ConfigDict:
     c.chip = ""  # name for MFU ("v5p", "h100", ...); "" = guess from the device kind
     # Dry run / AOT: a TPU topology to compile for on a CPU host, e.g. "v5p:4x4x2".
     c.aot = mlc.ConfigDict(dict(topology="", chip_config="megacore", chips_per_host="2,2,1"))
+    # Dry run without a topology: where the mesh is laid out (abstractly, nothing compiled): a
+    # slice name ("v5p-64", "v6e-64", "v5e-16", "v4-32"; train/aot.py SLICES), a device count
+    # ("8"), or "local" (this machine's devices). The 7B stages set the slice launch/README.md uses.
+    c.aot.slice = "local"
     return c
 
 
@@ -159,6 +165,7 @@ def tiny(c: mlc.ConfigDict) -> mlc.ConfigDict:
     c.log_every = 1
     c.loss_chunk = 0
     c.aot.topology = ""
+    c.aot.slice = "local"
     return c
 
 
@@ -199,24 +206,48 @@ def parse_arg(arg: str | None) -> dict:
     return out
 
 
+def resolve(spec: str) -> str:
+    """`spec` (`path[:arg]`, as `--config=` takes it) with its path made to name a file.
+
+    A path that exists is taken as given (a checkout's `configs/sft.py`, your own file). Else a
+    bare stage name (`sft`) or a relative path under `configs/` (the README's `configs/sft.py`)
+    names the copy installed with the package (`CONFIGS_DIR`), so the documented commands run from
+    any directory; anything else comes back unchanged for the loader to report.
+    """
+    path, sep, arg = spec.partition(":")
+    if not path or os.path.isfile(path):
+        return spec
+    parts = os.path.normpath(path).split(os.sep)
+    if len(parts) == 1 and not path.endswith(".py"):
+        packaged = os.path.join(CONFIGS_DIR, f"{path}.py")
+    elif len(parts) > 1 and parts[0] == "configs":
+        packaged = os.path.join(CONFIGS_DIR, *parts[1:])
+    else:
+        return spec
+    return f"{packaged}{sep}{arg}" if os.path.isfile(packaged) else spec
+
+
+def missing_config(path: str) -> MissingPathError:
+    """The error for a config file that does not exist, naming it and the stage configs."""
+    return MissingPathError(
+        f"config file {path!r} does not exist; the stage configs are"
+        f" {', '.join(f'configs/{s}.py' for s in STAGES)} (installed with the package)"
+    )
+
+
 def load(spec: str) -> mlc.ConfigDict:
     """The config a config file's `get_config` returns, as `--config=` would load it.
 
     Args:
-        spec: `path/to/file.py[:arg]`; a bare stage name (`multitask`, `sft:tiny`) reads the
-            repository's configs/.
+        spec: `path/to/file.py[:arg]` or a bare stage name (`multitask`, `sft:tiny`), resolved by
+            `resolve`.
 
     Raises:
         MissingPathError: the file does not exist (naming it).
     """
-    path, _, arg = spec.partition(":")
-    if os.sep not in path and not path.endswith(".py"):
-        path = os.path.join(CONFIGS_DIR, f"{path}.py")
+    path, _, arg = resolve(spec).partition(":")
     if not os.path.isfile(path):
-        raise MissingPathError(
-            f"config file {path!r} does not exist (the stage configs are in the repository's"
-            " configs/: run from a checkout, installed with pip install -e)"
-        )
+        raise missing_config(path)
     name = "qwenvl_config_" + os.path.splitext(os.path.basename(path))[0]
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)

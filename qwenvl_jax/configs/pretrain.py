@@ -35,6 +35,8 @@ def get_config(arg=None):
     # format).
     c.init.vit_checkpoint = ""
     c.init.llm_checkpoint = ""
+    # The dry run's slice (launch/README.md: the 7B stages on v5p-64, 32 chips).
+    c.aot.slice = "v5p-64"
     if args.get("tiny"):
         common.tiny(c)
         c.optim.lr = 2e-3

@@ -30,6 +30,8 @@ def get_config(arg=None):
     c.mesh.model = 2  # Table 8: model parallelism 2
     # Table 8: ViT and adapter from stage 1, LLM Qwen-7B (unchanged by stage 1, which froze it).
     c.init.workdir = ""
+    # The dry run's slice (launch/README.md: the 7B stages on v5p-64, 32 chips).
+    c.aot.slice = "v5p-64"
     if args.get("tiny"):
         common.tiny(c)
         c.data.image_size = 56

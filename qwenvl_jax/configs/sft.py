@@ -43,6 +43,8 @@ def get_config(arg=None):
     c.model.remat_vit = "none"
     c.mesh.model = 2  # Table 8: model parallelism 2
     c.init.workdir = ""  # Table 8: everything from Qwen-VL 2nd stage
+    # The dry run's slice (launch/README.md: the 7B stages on v5p-64, 32 chips).
+    c.aot.slice = "v5p-64"
     c.lora = lora_config(variant[-1] if variant else "")
     if variant:
         # finetune_lora_ds.sh / finetune_qlora_ds.sh: lr 1e-5 (as above), AdamW beta2 0.95,
@@ -53,6 +55,7 @@ def get_config(arg=None):
         # The frozen base is stored in bf16 as the published runs load it (--bf16); the adapters
         # and modules_to_save keep float32 masters (train.state.build), as DeepSpeed's do.
         c.model.param_dtype = "bfloat16"
+        c.aot.slice = "1xh100"  # launch/README.md "Fine-tuning memory": fits one 80 GB GPU
     if args.get("tiny"):
         common.tiny(c)
         c.data.seq_len = 128
