@@ -49,12 +49,18 @@ def quad_text(quad: Sequence[int]) -> str:
     return f"<quad>{pts}</quad>"
 
 
+# The published `evaluate_grounding.py`'s box pattern; it reads the first match.
 _PAIR_RE = re.compile(r"\((.*?)\),\((.*?)\)")
 
 
 def first_box(text: str) -> tuple[float, float, float, float]:
-    """The first `(x1,y1),(x2,y2)` in `text` as 4 numbers; (0, 0, 0, 0) when none parses (as the
-    published grounding evaluation treats an answer without a box)."""
+    """The first `(x1,y1),(x2,y2)` in `text` as 4 floats, as the published grounding evaluation
+    reads an answer: the first match of its pattern, `<box>` tags not required, coordinates kept
+    as written (the [0, 1000) grid; nothing clipped or sorted); (0, 0, 0, 0) when there is no
+    match or it does not hold two numbers per corner.
+
+    The benchmark metric (`eval.metrics.grounding_iou`) and the demo's evaluation both read boxes
+    with it."""
     m = _PAIR_RE.search(text)
     if m is None:
         return (0.0, 0.0, 0.0, 0.0)

@@ -7,20 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwenvl_jax import grounding
 from qwenvl_jax.demo import evaluate
-
-
-def test_parse_first_box():
-    assert grounding.first_box("<ref>x</ref><box>(1,2),(30,40)</box><box>(5,5),(6,6)</box>") == (
-        1,
-        2,
-        30,
-        40,
-    )
-    # As the official script: no parse -> the empty box at the origin.
-    assert grounding.first_box("no box here") == (0, 0, 0, 0)
-    assert grounding.first_box("(1,2),(a,4)") == (0, 0, 0, 0)
 
 
 def test_iou_by_hand():

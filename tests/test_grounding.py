@@ -42,6 +42,27 @@ def test_parse_grounding_pixels_and_several_boxes():
     assert g.parse_grounding(text)[0].pixels is None
 
 
+def test_first_box_as_the_grounding_script():
+    # By hand from the published evaluate_grounding.py: the first match of \((.*?)\),\((.*?)\),
+    # each corner two floats, else the empty box at the origin.
+    assert g.first_box("<ref>x</ref><box>(1,2),(30,40)</box><box>(5,5),(6,6)</box>") == (
+        1.0,
+        2.0,
+        30.0,
+        40.0,
+    )
+    assert g.first_box("no tags (1.5, 2e2),( 3 ,4 ) then (5,6),(7,8)") == (1.5, 200.0, 3.0, 4.0)
+    assert g.first_box("no box here") == (0.0, 0.0, 0.0, 0.0)
+    assert g.first_box("(1,2),(a,4)") == (0.0, 0.0, 0.0, 0.0)
+    assert g.first_box("(1,2,3),(4,5)") == (0.0, 0.0, 0.0, 0.0)
+    assert g.first_box("(1,2),(3)") == (0.0, 0.0, 0.0, 0.0)
+    assert g.first_box("(1,2),(3,4") == (0.0, 0.0, 0.0, 0.0)
+    # The first match is taken even when it is malformed and a good box follows.
+    assert g.first_box("(1),(2,3),(4,5)") == (0.0, 0.0, 0.0, 0.0)
+    # The match starts at the first "(": its first corner is "(1,2", which is not a number.
+    assert g.first_box("((1,2),(3,4))") == (0.0, 0.0, 0.0, 0.0)
+
+
 def test_bad_grounding_text():
     with pytest.raises(ValueError, match="Unclosed <box>"):
         g.parse_grounding("<ref>a</ref><box>(1,2),(3,4)")

@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from qwenvl_jax.grounding import first_box
+
 # ------------------------------------------------------------------------ VQA accuracy tables
 # The normalisation tables of the official VQA evaluation (data, as `vqa_eval.py` has them).
 VQA_CONTRACTIONS = {
@@ -250,25 +252,6 @@ def exact_match_accuracy(predictions: Sequence[str], annotations: Sequence) -> f
 
 
 # ------------------------------------------------------------------------------ grounding
-_BOX_PAIR = re.compile(r"\((.*?)\),\((.*?)\)")
-
-
-def parse_box(text: str) -> tuple[float, float, float, float]:
-    """The first `(x1,y1),(x2,y2)` in `text`; (0, 0, 0, 0) when there is none or it is malformed.
-
-    Coordinates are kept as written (the model's [0, 1000) grid); nothing is clipped or sorted.
-    """
-    found = _BOX_PAIR.findall(text)
-    if not found or "," not in found[0][0] or "," not in found[0][1]:
-        return (0.0, 0.0, 0.0, 0.0)
-    try:
-        x1, y1 = (float(v) for v in found[0][0].split(","))
-        x2, y2 = (float(v) for v in found[0][1].split(","))
-    except ValueError:
-        return (0.0, 0.0, 0.0, 0.0)
-    return (x1, y1, x2, y2)
-
-
 def grounding_iou(answer: str, gt_bbox: Sequence[float], width: float, height: float) -> float:
     """IoU of the answer's box, scaled to pixels, with the ground-truth pixel box (x1, y1, x2, y2).
 
@@ -276,7 +259,8 @@ def grounding_iou(answer: str, gt_bbox: Sequence[float], width: float, height: f
     does for the script. Returns nan when the union is empty.
     """
     f32 = np.float32
-    pred = np.asarray(parse_box(answer), f32) / f32(999)
+    # The script's box regex (`first_box`): the first (x1,y1),(x2,y2); none parses as zeros.
+    pred = np.asarray(first_box(answer), f32) / f32(999)
     # QWEN-QUIRK: the grid is divided by 999 (not 1000) and boxes are neither clipped to the image
     # nor re-ordered; a box with x2 < x1 gets a negative area (torchvision's `box_area`).
     pred[0::2] *= f32(width)
