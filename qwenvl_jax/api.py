@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwenvl_jax import chat as chat_lib
 from qwenvl_jax import config as config_lib
 from qwenvl_jax import convert
 from qwenvl_jax import image as image_lib
@@ -580,7 +581,7 @@ class QwenVL:
         self,
         query: str,
         history: list[tuple[str, str]] | None = None,
-        system: str = "You are a helpful assistant.",
+        system: str = chat_lib.SYSTEM,
         *,
         max_window_size: int | None = None,
         stop_words_ids: Sequence[Sequence[int]] | None = None,
@@ -589,9 +590,10 @@ class QwenVL:
     ) -> tuple[str, list[tuple[str, str]]]:
         """One ChatML turn, as the published `model.chat(tokenizer, query, history)`.
 
-        The prompt comes from `make_context` (history truncated to `max_window_size`, default
-        6144), generation stops on `<|im_end|>` / `<|im_start|>` (plus `stop_words_ids`), and the
-        response is the decoded text up to the first of them.
+        `qwenvl_jax.chat.chat_batch` with one row: the prompt comes from `make_context` (history
+        truncated to `max_window_size`, default 6144), generation stops on `<|im_end|>` /
+        `<|im_start|>` (plus `stop_words_ids`), and the response is the decoded text up to the
+        first of them.
 
         Returns:
           (response, history): history is the given list (or a new one) with (query, response)
@@ -599,14 +601,15 @@ class QwenVL:
         """
         if history is None:
             history = []
-        window = max_window_size or self.generation_config.get("max_window_size", 6144)
-        raw_text, context = tok_lib.make_context(
-            self.tokenizer, query, history=history, system=system, max_window_size=window
-        )
-        stops = [list(s) for s in (stop_words_ids or [])] + tok_lib.stop_words_ids(self.tokenizer)
-        new = self.generate(context, stop_words_ids=stops, seed=seed, **generation)
-        response = tok_lib.decode_chatml(
-            self.tokenizer, list(context) + list(new), len(raw_text), len(context)
+        (response,) = chat_lib.chat_batch(
+            self,
+            [query],
+            [history],
+            system=system,
+            max_window_size=max_window_size,
+            stop_words_ids=stop_words_ids,
+            seed=seed,
+            **generation,
         )
         history.append((query, response))
         return response, history

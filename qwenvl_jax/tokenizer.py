@@ -1,4 +1,4 @@
-"""Qwen-VL tokenizers and the ChatML prompt builder.
+"""Qwen-VL tokenizers: the published vocabulary and SentencePiece vocabularies, with `<img>` spans.
 
 Two backends with one interface:
 
@@ -16,9 +16,8 @@ tokenizer made with `image_span=n_queries` (paths then hold at most `image_span 
 The span rule itself (`image_span_starts`) and the model's `image_token_index` live here too, so
 that the packer, the API and generation read spans exactly as this module writes them.
 
-`make_context` builds the ChatML prompt exactly as the published
-`qwen_generation_utils.make_context` (piecewise encoding, oldest-first history
-truncation); `decode_chatml` cuts a generation as the published `chat()` does.
+The chat format (ChatML prompts, stop words, the system prompt) is `qwenvl_jax.chat`; training a
+SentencePiece vocabulary is the demo's (`qwenvl_jax.demo.vocab`).
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ REF_START, REF_END = "<ref>", "</ref>"
 BOX_START, BOX_END = "<box>", "</box>"
 QUAD_START, QUAD_END = "<quad>", "</quad>"
 IMG_START, IMG_END, IMG_PAD = "<img>", "</img>", "<imgpad>"
-# The grounding and image tags; `make_context` parses only these as special.
+# The grounding and image tags; `chat.make_context` parses only these as special.
 IMAGE_ST = (
     REF_START,
     REF_END,
@@ -603,12 +602,13 @@ class SentencePieceQWenTokenizer(_QwenTokenizerBase):
 
     Ids 0..n-1 are the SentencePiece pieces; the 217 special tokens of `SPECIAL_TOKENS` follow at
     n..n+216 in the published order (so `<img>` is n + 214). The model must have the 256
-    byte-fallback pieces `<0x00>`..`<0xFF>` (`train_sentencepiece` makes such models):
+    byte-fallback pieces `<0x00>`..`<0xFF>` (`qwenvl_jax.demo.vocab.train_sentencepiece` makes
+    such models):
     inside an `<img>` span the path's bytes are stored as those pieces' ids, so each byte value
     has its own id.
 
     Text is encoded piece by piece around special tokens, with SentencePiece's own normalisation
-    switched off by `train_sentencepiece` (identity rule, no dummy prefix, whitespace kept), so
+    switched off in training (identity rule, no dummy prefix, whitespace kept), so
     `decode(encode(text)) == NFC(text)` for any text (one exception: a literal U+2581 "▁" decodes as
     a space, SentencePiece's whitespace marker).
 
@@ -633,7 +633,7 @@ class SentencePieceQWenTokenizer(_QwenTokenizerBase):
         if missing:
             raise ValueError(
                 f"{model_file} lacks byte-fallback pieces (e.g. <0x{missing[0]:02X}>); train it"
-                " with byte_fallback=True (see train_sentencepiece)"
+                " with byte_fallback=True (see qwenvl_jax.demo.vocab.train_sentencepiece)"
             )
         self._byte_id = byte_ids
         self._piece_bytes = []
@@ -666,54 +666,6 @@ class SentencePieceQWenTokenizer(_QwenTokenizerBase):
 
 
 SP_MODEL_NAME = "tokenizer.model"
-
-
-def train_sentencepiece(
-    texts: Iterable[str], model_prefix: str, vocab_size: int, model_type: str = "bpe"
-) -> SentencePieceQWenTokenizer:
-    """Train a SentencePiece model for `SentencePieceQWenTokenizer` and load it.
-
-    The model has 256 byte-fallback pieces (so any text encodes and image paths get byte ids),
-    digits split one by one (as the Qwen regex does), no normalisation and whitespace kept verbatim.
-
-    Args:
-      texts: training sentences.
-      model_prefix: output path prefix; writes `<prefix>.model` and `<prefix>.vocab`.
-      vocab_size: SentencePiece vocabulary size (a soft limit; at least 256 + 1 + distinct chars is
-        sensible). The tokenizer adds 217 special tokens on top.
-      model_type: "bpe" or "unigram".
-
-    Returns:
-      the loaded tokenizer.
-    """
-    spm = optional_import("sentencepiece", "demo")
-
-    texts = [unicodedata.normalize("NFC", t) for t in texts if t]
-    if not texts:
-        raise ValueError("train_sentencepiece needs at least one non-empty text")
-    os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts),
-        model_prefix=model_prefix,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        byte_fallback=True,
-        split_digits=True,
-        normalization_rule_name="identity",
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        character_coverage=1.0,
-        hard_vocab_limit=False,
-        max_sentence_length=1 << 16,  # the default (4192 bytes) silently drops longer texts
-        unk_id=0,
-        bos_id=-1,
-        eos_id=-1,
-        pad_id=-1,
-        num_threads=1,
-        minloglevel=2,
-    )
-    return SentencePieceQWenTokenizer(model_prefix + ".model")
 
 
 Tokenizer = QWenTokenizer | SentencePieceQWenTokenizer
@@ -758,125 +710,3 @@ def load_tokenizer(path: str | None = None, image_span: int = IMG_TOKEN_SPAN) ->
         f"{path} holds no tokenizer: expected qwen.tiktoken or {SP_MODEL_NAME}"
         f" (found {sorted(os.listdir(path))[:20]})"
     )
-
-
-# ---------------------------------------------------------------------- chat format
-def from_list_format(items: Sequence[dict]) -> str:
-    """Query text from a list of `{'image': path}`, `{'text': t}`, `{'box': [...], 'ref': r}` items.
-
-    Images are numbered from 1 as `Picture n: <img>path</img>\\n` (the later published revision,
-    with a space after the colon); boxes are `<box>(x1,y1),(x2,y2)</box>` with integer coordinates.
-    """
-    text, n_images = "", 0
-    for k, item in enumerate(items):
-        if "image" in item:
-            n_images += 1
-            text += f"Picture {n_images}: {IMG_START}{item['image']}{IMG_END}\n"
-        elif "text" in item:
-            text += item["text"]
-        elif "box" in item:
-            if "ref" in item:
-                text += f"{REF_START}{item['ref']}{REF_END}"
-            for box in item["box"]:
-                if len(box) != 4:
-                    raise ValueError(
-                        f"item {k}: a box needs 4 numbers (x1, y1, x2, y2), got {box!r}"
-                    )
-                text += BOX_START + "(%d,%d),(%d,%d)" % tuple(box) + BOX_END
-        else:
-            raise ValueError(
-                f"item {k}: unsupported element {item!r} (expected image, text or box)"
-            )
-    return text
-
-
-def make_context(
-    tokenizer: Tokenizer,
-    query: str,
-    history: Sequence[tuple[str, str | None]] | None = None,
-    system: str = "You are a helpful assistant.",
-    max_window_size: int = 6144,
-    chat_format: str = "chatml",
-) -> tuple[str, list[int]]:
-    """The prompt text and ids of the published `make_context`.
-
-    ChatML turns are encoded piece by piece (`<|im_start|>` + role + "\\n" + content + `<|im_end|>`,
-    joined by "\\n"), content with only the image/box tags parsed as special. History turns are
-    added newest first while the total stays below `max_window_size`; older ones are dropped.
-
-    Returns:
-      (raw_text, context_tokens): the prompt as text and as ids; the model continues after the final
-      `<|im_start|>assistant\\n`.
-    """
-    history = list(history or [])
-    if chat_format == "raw":
-        return query, tokenizer.encode(query)
-    if chat_format != "chatml":
-        raise ValueError(f"unknown chat_format {chat_format!r}; expected 'chatml' or 'raw'")
-    im_start, im_end = [tokenizer.im_start_id], [tokenizer.im_end_id]
-    nl = tokenizer.encode("\n")
-    image_st = set(IMAGE_ST)
-
-    def turn(role: str, content: str) -> tuple[str, list[int]]:
-        ids = tokenizer.encode(role, allowed_special=image_st) + nl
-        ids += tokenizer.encode(content, allowed_special=image_st)
-        return f"{role}\n{content}", im_start + ids + im_end
-
-    system_text, system_tokens = turn("system", system)
-    raw_text, context = "", []
-    for turn_query, turn_response in reversed(history):
-        q_text, q_tokens = turn("user", turn_query)
-        if turn_response is not None:
-            r_text, r_tokens = turn("assistant", turn_response)
-            next_tokens = nl + q_tokens + nl + r_tokens
-            prev_chat = f"\n{IMSTART}{q_text}{IMEND}\n{IMSTART}{r_text}{IMEND}"
-        else:
-            next_tokens = nl + q_tokens + nl
-            prev_chat = f"\n{IMSTART}{q_text}{IMEND}\n"
-        if len(system_tokens) + len(next_tokens) + len(context) < max_window_size:
-            context = next_tokens + context
-            raw_text = prev_chat + raw_text
-        else:
-            break
-    context = system_tokens + context
-    raw_text = f"{IMSTART}{system_text}{IMEND}" + raw_text
-    context += nl + turn("user", query)[1] + nl + im_start + tokenizer.encode("assistant") + nl
-    raw_text += f"\n{IMSTART}user\n{query}{IMEND}\n{IMSTART}assistant\n"
-    return raw_text, context
-
-
-def stop_words_ids(tokenizer: Tokenizer, chat_format: str = "chatml") -> list[list[int]]:
-    """Stop sequences of the published `chat()`: `<|im_end|>`, `<|im_start|>` (ChatML)."""
-    if chat_format == "chatml":
-        return [[tokenizer.im_end_id], [tokenizer.im_start_id]]
-    if chat_format == "raw":
-        return [tokenizer.encode("Human:"), [tokenizer.eod_id]]
-    raise ValueError(f"unknown chat_format {chat_format!r}")
-
-
-def decode_chatml(
-    tokenizer: Tokenizer,
-    tokens: Sequence[int],
-    raw_text_len: int,
-    context_length: int,
-    errors: str = "replace",
-) -> str:
-    """The response text of a ChatML generation, as the published `chat()` extracts it.
-
-    Args:
-      tokens: prompt ids followed by the generated ids.
-      raw_text_len: len(raw_text) of `make_context`; the decoded prompt is cut off by characters.
-      context_length: number of prompt ids.
-
-    Returns:
-      the generated text up to the first `<|im_start|>`/`<|im_end|>`, stripped.
-    """
-    tokens = [int(t) for t in tokens]
-    stop = {tokenizer.im_start_id, tokenizer.im_end_id}
-    # QWEN-QUIRK: the published loop leaves its index on the *last* token when no stop token is
-    # found, so a generation cut by max_new_tokens loses its final token.
-    eod = context_length
-    for eod in range(context_length, len(tokens)):
-        if tokens[eod] in stop:
-            break
-    return tokenizer.decode(tokens[:eod], errors=errors)[raw_text_len:].strip()

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from reference_weights import REF, write_hf_dir
 
-from qwenvl_jax import QwenVL
+from qwenvl_jax import QwenVL, chat
 from qwenvl_jax import tokenizer as tk
 from qwenvl_jax.api import checkpoint_kind
+from qwenvl_jax.demo.vocab import train_sentencepiece
 
 
 @pytest.fixture(scope="module")
@@ -159,20 +160,21 @@ def test_chat_reproduces_published_prompt_and_decoding(model, monkeypatch):
     response, out_history = model.chat(
         query, history=history, max_new_tokens=len(new), do_sample=False
     )
-    raw_text, context = tk.make_context(model.tokenizer, query)
+    raw_text, context = chat.make_context(model.tokenizer, query)
     assert context == prompt  # the published make_context gave the same prompt
-    want = tk.decode_chatml(model.tokenizer, prompt + new, len(raw_text), len(context))
+    want = chat.decode_chatml(model.tokenizer, prompt + new, len(raw_text), len(context))
     assert isinstance(response, str) and response == want and response
     assert out_history is history and history == [(query, response)]
     # A second turn carries the first in its prompt (make_context is checked against the
-    # published prompts in test_tokenizer): its response is the one generated from that prompt.
+    # published prompts in test_chat): its response is the one generated from that prompt.
     first_turn = list(history)
     response2, history = model.chat("And now?", history=history, max_new_tokens=3)
     assert len(history) == 2 and history[1] == ("And now?", response2)
-    raw2, context2 = tk.make_context(model.tokenizer, "And now?", history=first_turn)
+    raw2, context2 = chat.make_context(model.tokenizer, "And now?", history=first_turn)
     assert context2[: len(prompt)] == prompt and len(context2) > len(prompt) + 10
     new2 = model.generate(context2, max_new_tokens=3, stop_words_ids=STOPS)
-    assert response2 == tk.decode_chatml(model.tokenizer, context2 + new2, len(raw2), len(context2))
+    want2 = chat.decode_chatml(model.tokenizer, context2 + new2, len(raw2), len(context2))
+    assert response2 == want2
 
 
 def test_max_window_size_from_generation_config_truncates_history(hf_dir, tmp_path, monkeypatch):
@@ -186,13 +188,13 @@ def test_max_window_size_from_generation_config_truncates_history(hf_dir, tmp_pa
     vl = QwenVL.from_pretrained(str(d))
     assert vl.generation_config["max_window_size"] == 40
     history = [("An earlier question about something long enough " * 5, "An answer.")]
-    raw_fresh, fresh = tk.make_context(vl.tokenizer, "What now?")
-    raw_kept, kept = tk.make_context(vl.tokenizer, "What now?", history=history)
+    raw_fresh, fresh = chat.make_context(vl.tokenizer, "What now?")
+    raw_kept, kept = chat.make_context(vl.tokenizer, "What now?", history=history)
     assert len(kept) > len(fresh)  # the default window keeps the earlier turn
 
     def respond(raw, context):
         new = vl.generate(context, max_new_tokens=3, stop_words_ids=STOPS)
-        return tk.decode_chatml(vl.tokenizer, context + new, len(raw), len(context))
+        return chat.decode_chatml(vl.tokenizer, context + new, len(raw), len(context))
 
     # The two prompts give different answers, so the check below tells them apart.
     assert respond(raw_kept, kept) != respond(raw_fresh, fresh)
@@ -221,7 +223,7 @@ def test_sentencepiece_tokenizer_with_a_random_tiny_model(tmp_path, monkeypatch)
     from qwenvl_jax.config import get_preset
 
     texts = ["What is in the picture? A red square.", "Describe the image.", "图片里有什么?"] * 5
-    sp = tk.train_sentencepiece(texts, str(tmp_path / "sp"), vocab_size=300)
+    sp = train_sentencepiece(texts, str(tmp_path / "sp"), vocab_size=300)
     padded = tk.config_overrides(sp)["vocab_size"]
     assert padded % 128 == 0 and 0 <= padded - sp.n_vocab < 128
     # No padding rows: an untrained model could otherwise emit ids that no token decodes to.
@@ -229,7 +231,7 @@ def test_sentencepiece_tokenizer_with_a_random_tiny_model(tmp_path, monkeypatch)
     assert cfg.vocab_size == sp.n_vocab
     vl = QwenVL.random(cfg, tokenizer=sp, seed=3)
     monkeypatch.chdir(REF)
-    query = tk.from_list_format([{"image": "img_a.png"}, {"text": "What is this?"}])
+    query = chat.from_list_format([{"image": "img_a.png"}, {"text": "What is this?"}])
     assert vl.logits(query).shape == (len(sp.encode(query)), cfg.vocab_size)
     response, history = vl.chat(query, max_new_tokens=4, do_sample=False)
     assert isinstance(response, str) and history == [(query, response)]
@@ -245,7 +247,7 @@ def test_sentencepiece_tokenizer_with_a_random_tiny_model(tmp_path, monkeypatch)
     sp16 = tk.SentencePieceQWenTokenizer(sp.model_file, image_span=16)
     vl16 = QwenVL.random(cfg16, tokenizer=sp16, seed=3)
     # image_root: a relative path (short enough for a 16-position span) is read from there.
-    query = tk.from_list_format([{"image": "img_a.png"}, {"text": "What is this?"}])
+    query = chat.from_list_format([{"image": "img_a.png"}, {"text": "What is this?"}])
     rooted = QwenVL(vl16.model, sp16, image_root=str(REF))
     monkeypatch.chdir(tmp_path)
     got = rooted.logits(query)

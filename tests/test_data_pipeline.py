@@ -182,10 +182,11 @@ def test_resume_sequence_mixing(data, tok):
 
 
 def test_sentencepiece_tokenizer(data, tmp_path):
-    from qwenvl_jax import tokenizer as tk
+    from qwenvl_jax.chat import SYSTEM
+    from qwenvl_jax.demo.vocab import train_sentencepiece
 
-    texts = ["Sample question? yes yes caption words", "You are a helpful assistant.", "x" * 20]
-    sp = tk.train_sentencepiece(texts * 5, str(tmp_path / "sp"), vocab_size=300)
+    texts = ["Sample question? yes yes caption words", SYSTEM, "x" * 20]
+    sp = train_sentencepiece(texts * 5, str(tmp_path / "sp"), vocab_size=300)
     with _iter(_config(data), sp) as it:
         b = next(it)
     assert b["image_valid"].any()

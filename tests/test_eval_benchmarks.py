@@ -15,7 +15,6 @@ from qwenvl_jax.eval import benchmarks as bm
 ROOT = os.path.join(os.path.dirname(__file__), "fixtures", "eval")
 with open(os.path.join(ROOT, "goldens.json"), encoding="utf-8") as _f:
     GOLDENS = json.load(_f)
-_TOKENIZER_FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "tokenizer")
 
 
 def _published_prompts():
@@ -118,18 +117,6 @@ def test_record_fields():
     assert (ref["question_id"], ref["width"], ref["height"]) == (0, 640, 480)
     cap = next(bm.read_records("flickr", ROOT))
     assert cap["question_id"] == 4000 and len(cap["annotation"]) == 5
-
-
-def test_chat_prompt_matches_published_make_context():
-    with open(os.path.join(_TOKENIZER_FIXTURES, "make_context.json"), encoding="utf-8") as f:
-        cases = [c for c in json.load(f) if not c["history"]]
-    assert cases
-    for c in cases:
-        assert bm.chat_prompt(c["query"], system=c["system"]) == c["raw_text"], c["query"]
-    assert bm.chat_prompt(bm.VQA_PROMPT.format("a.jpg", "Why?")) == (
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-        "<|im_start|>user\n<img>a.jpg</img>Why? Answer:<|im_end|>\n<|im_start|>assistant\n"
-    )
 
 
 def test_errors():

@@ -1,4 +1,7 @@
-"""Tokenizer tests: ids against fixtures made by the published tokenizer, image spans, errors."""
+"""Tokenizer tests: ids against fixtures made by the published tokenizer, image spans, errors.
+
+The chat format built on it (make_context, decode_chatml, from_list_format) is tested in
+test_chat.py."""
 
 import hashlib
 import json
@@ -9,6 +12,7 @@ import numpy as np
 import pytest
 
 from qwenvl_jax import tokenizer as tk
+from qwenvl_jax.demo.vocab import train_sentencepiece
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "tokenizer")
 
@@ -46,18 +50,6 @@ def test_spec_examples(tok):
     assert tok.decode(ids) == "Picture 1: <img>demo.jpeg</img>\nWhat is this?"
     assert tok.image_paths(ids) == ["demo.jpeg"]
     assert tok.image_spans(ids) == [(5, 262)]
-
-
-def test_single_turn_context_layout(tok):
-    raw, ids = tk.make_context(tok, "Hi")
-    q = tok.encode("Hi")
-    head = [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 151644, 872, 198]
-    assert ids == head + q + [151645, 198, 151644, 77091, 198]
-    assert raw == (
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-    )
-    assert tok.decode(ids) == raw
 
 
 # ---------------------------------------------------------------------- bad input
@@ -151,38 +143,6 @@ def test_decode_matches_published_tokenizer(tok):
         assert got == case["text"], case
 
 
-def test_make_context_matches_published(tok):
-    cases = _fixture("make_context.json")
-    assert any(c["max_window_size"] < 6144 for c in cases)
-    for c in cases:
-        history = [tuple(h) for h in c["history"]] if c["history"] is not None else None
-        raw, ids = tk.make_context(
-            tok,
-            c["query"],
-            history=history,
-            system=c["system"],
-            max_window_size=c["max_window_size"],
-        )
-        assert raw == c["raw_text"], c["query"]
-        assert ids == c["context_tokens"], (c["query"], c["max_window_size"])
-
-
-def test_decode_chatml_matches_published(tok):
-    for c in _fixture("decode_chatml.json"):
-        got = tk.decode_chatml(tok, c["tokens"], c["raw_text_len"], c["context_length"])
-        assert got == c["response"]
-
-
-def test_from_list_format_matches_published():
-    for c in _fixture("from_list_format.json"):
-        assert tk.from_list_format(c["items"]) == c["text"]
-
-
-def test_from_list_format_rejects_unknown_items():
-    with pytest.raises(ValueError, match="item 1"):
-        tk.from_list_format([{"text": "a"}, {"video": "b.mp4"}])
-
-
 def test_decode_inverts_encode(tok):
     for case in _fixture("encode.json")["cases"]:
         if case["allowed_special"] == "all":
@@ -199,7 +159,7 @@ def sp_tok(tmp_path_factory):
         "Describe <ref>the dog</ref> please.\nAnswer: a brown dog",
     ] * 10
     prefix = str(tmp_path_factory.mktemp("sp") / "sp")
-    return tk.train_sentencepiece(texts, prefix, vocab_size=320)
+    return train_sentencepiece(texts, prefix, vocab_size=320)
 
 
 def test_sentencepiece_special_tokens(sp_tok):
@@ -250,10 +210,8 @@ def test_sentencepiece_allowed_special(sp_tok):
         sp_tok.encode("<|endoftext|>", allowed_special=(), disallowed_special="all")
 
 
-def test_sentencepiece_make_context_and_save(sp_tok, tmp_path):
-    raw, ids = tk.make_context(sp_tok, "hi", history=[("a", "b")])
-    assert sp_tok.decode(ids) == raw
-    assert ids[0] == sp_tok.im_start_id and ids[-1] == sp_tok.encode("\n")[0]
+def test_sentencepiece_save_and_load(sp_tok, tmp_path):
+    raw = "<|im_start|>user\nhi <img>a.png</img><|im_end|>\n<|im_start|>assistant\n"
     sp_tok.save_vocabulary(str(tmp_path))
     again = tk.load_tokenizer(str(tmp_path))
     assert isinstance(again, tk.SentencePieceQWenTokenizer)

@@ -41,9 +41,9 @@ from typing import Any
 
 import numpy as np
 
+from qwenvl_jax.chat import SYSTEM
 from qwenvl_jax.grounding import box_text, quad_text
 
-SYSTEM_MESSAGE = "You are a helpful assistant."
 ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 BOX_FORMATS = ("xyxy_pixel", "xywh_pixel", "xyxy_norm", "yxyx_norm", "xyxy_1000")
 TASKS = (
@@ -242,7 +242,7 @@ class TaskOptions:
     vqa_suffix: str = " Answer:"
     grounded_caption_ref: str = "This"
     grounded_caption_join: str = " is "
-    system_message: str = SYSTEM_MESSAGE
+    system_message: str = SYSTEM
 
 
 def _size(record: dict, image_size_fn: Callable | None, image_src) -> tuple[Any, Any]:
@@ -337,7 +337,7 @@ def pretraining_texts(
     raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
 
 
-def chatml_ids(tok, conversations: Any, system_message: str = SYSTEM_MESSAGE):
+def chatml_ids(tok, conversations: Any, system_message: str = SYSTEM):
     """ids and labels of one conversation, as the published `finetune.py` `preprocess` (spec 8.2).
 
     Args:

@@ -35,10 +35,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
-import numpy as np
 
 from qwenvl_jax.demo import evaluate, synthetic, vision_pretrain
 from qwenvl_jax.demo.vision_pretrain import PretrainSettings
+from qwenvl_jax.demo.vocab import build_tokenizer
 from qwenvl_jax.train import stage_config as stage_config_lib
 
 
@@ -255,52 +255,14 @@ def stage_config(
     return c
 
 
-def build_tokenizer(corpus: str, out_dir: str, vocab_size: int, image_span: int):
-    """Trains (or loads) the SentencePiece tokenizer of the demo in `out_dir/tokenizer.model`;
-    its `<img>` spans hold `image_span` positions (the model's n_queries)."""
-    from qwenvl_jax import tokenizer as tok_lib
-
-    model_file = os.path.join(out_dir, tok_lib.SP_MODEL_NAME)
-    if not os.path.isfile(model_file):
-        with open(corpus) as f:
-            texts = [line.rstrip("\n") for line in f if line.strip()]
-        prefix = os.path.join(out_dir, os.path.splitext(tok_lib.SP_MODEL_NAME)[0])
-        tok_lib.train_sentencepiece(texts, prefix, vocab_size)
-    return tok_lib.SentencePieceQWenTokenizer(model_file, image_span=image_span)
-
-
 def chat_answer_fn(qwen, *, max_new_tokens: int = 48) -> evaluate.AnswerFn:
-    """Batched greedy ChatML answers of a `QwenVL`: `model.chat`'s prompts, decoded together.
-
-    Rows of a batch must hold the same number of pictures.
-    """
-    from qwenvl_jax import generate as gen_lib
-    from qwenvl_jax import tokenizer as tok_lib
-
-    tok = qwen.tokenizer
+    """Batched greedy ChatML answers of a `QwenVL` (`chat.chat_batch`: `model.chat`'s responses,
+    generated together) to `Picture k: <img>path</img>\n` + prompt."""
+    from qwenvl_jax import chat
 
     def answer(images: Sequence[Sequence[str]], prompts: Sequence[str]) -> list[str]:
-        raws, contexts, pixels = [], [], []
-        for paths, prompt in zip(images, prompts, strict=True):
-            raw, ctx = tok_lib.make_context(tok, synthetic.picture(list(paths)) + prompt)
-            x = qwen.prepare(ctx)
-            raws.append(raw)
-            contexts.append(ctx)
-            pixels.append(None if x["images"] is None else x["images"][0])
-        if len({None if p is None else p.shape for p in pixels}) != 1:
-            raise ValueError("chat_answer_fn: every row of a batch needs the same number of images")
-        new = gen_lib.generate(
-            qwen.model,
-            contexts,
-            images=None if pixels[0] is None else np.stack(pixels),
-            max_new_tokens=max_new_tokens,
-            stop_words_ids=tok_lib.stop_words_ids(tok),
-            eos_token_id=tok.eod_id,
-        )
-        return [
-            tok_lib.decode_chatml(tok, list(c) + list(n), len(r), len(c))
-            for c, n, r in zip(contexts, new, raws, strict=True)
-        ]
+        queries = [synthetic.picture(list(p)) + q for p, q in zip(images, prompts, strict=True)]
+        return chat.chat_batch(qwen, queries, max_new_tokens=max_new_tokens, do_sample=False)
 
     return answer
 

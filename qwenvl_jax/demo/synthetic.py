@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from qwenvl_jax import grounding
+from qwenvl_jax import chat, grounding
 
 COLOURS = {
     "red": (215, 38, 38),
@@ -460,9 +460,9 @@ def generate(
         if split == "train":
             files["corpus"] = os.path.join(out_dir, "corpus.txt")
             with open(files["corpus"], "w") as f:
-                # The ChatML frame's words (make_context's default system prompt and the roles)
-                # are in every sample: give them pieces of their own.
-                f.write("system\nYou are a helpful assistant.\nuser\nassistant\n" * 50)
+                # The ChatML frame's words (the default system prompt and the roles) are in
+                # every sample: give them pieces of their own.
+                f.write(f"system\n{chat.SYSTEM}\nuser\nassistant\n" * 50)
                 for stage in ("stage1", "stage2", "stage3"):
                     for s in stages[stage]:
                         for m in s["conversations"]:

@@ -5,7 +5,7 @@ directory the scripts run from (they read `data/<dataset>/...`); `DATA_SOURCES` 
 dataset's files come from (the eval_mm EVALUATION.md: the images from each dataset's site, the
 converted `.jsonl`/`.json` test files from the Qwen-VL bucket). `read_records` turns a test file
 into records `{question_id, image, prompt, ...}` with the base-model prompt built exactly as the
-script builds it; `chat_prompt` wraps a prompt in ChatML for the chat model; `score` applies the
+script builds it (`qwenvl_jax.chat` wraps it in ChatML for the chat model); `score` applies the
 script's metric (`qwenvl_jax.eval.metrics`) to the decoded outputs.
 
 File layouts (one JSON object per line for `.jsonl`):
@@ -26,14 +26,12 @@ import os
 from collections.abc import Iterator, Sequence
 
 from qwenvl_jax.eval import metrics
-from qwenvl_jax.tokenizer import IMEND, IMSTART
 
 # The prompts of the published scripts (base model).
 VQA_PROMPT = "<img>{}</img>{} Answer:"
 GROUNDING_PROMPT = "<img>{}</img><ref>{}</ref><box>"
 CAPTION_PROMPT = "<img>{}</img>Describe the image in English:"
 MULTIPLE_CHOICE_PROMPT = "<img>{}</img>Context: {}\nQuestion: {}\nOptions: {}\nAnswer:"
-DEFAULT_SYSTEM = "You are a helpful assistant."
 
 _BUCKET = "https://ofasys-wlcb.oss-cn-wulanchabu.aliyuncs.com/Qwen-VL/evaluation"
 DATA_SOURCES = {
@@ -189,15 +187,6 @@ def get(name: str) -> Benchmark:
     if name not in BENCHMARKS:
         raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
     return BENCHMARKS[name]
-
-
-def chat_prompt(prompt: str, system: str = DEFAULT_SYSTEM) -> str:
-    """`prompt` as the chat model's single ChatML user turn, ready for the assistant's reply.
-
-    Equals the text `qwenvl_jax.tokenizer.make_context(tok, prompt, system=system)` returns
-    (use that for the ids: it encodes the turns piece by piece).
-    """
-    return f"{IMSTART}system\n{system}{IMEND}\n{IMSTART}user\n{prompt}{IMEND}\n{IMSTART}assistant\n"
 
 
 def _read_jsonl(path: str) -> list[dict]:

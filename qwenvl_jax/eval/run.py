@@ -10,10 +10,10 @@ dropped and redone), so a killed run resumes where it stopped. The score goes to
 `<out_dir>/<benchmark>_scores.json`.
 
 Generation follows the eval_mm scripts: the base-model prompt of `benchmarks.read_records` (or
-its ChatML form with `chat=True`, stopping on `<|im_end|>`), greedy, the benchmark's
-max/min_new_tokens, left-padded batches, outputs decoded with special tokens skipped. ScienceQA
-is scored by per-choice loss: each choice's target (" A", " B", ...) appended to the prompt, the
-mean cross-entropy of its tokens, the lowest wins (`metrics.choice_losses`).
+its ChatML form with `chat=True`, `chat.chat_batch`, stopping on `<|im_end|>`), greedy, the
+benchmark's max/min_new_tokens, left-padded batches, outputs decoded with special tokens
+skipped. ScienceQA is scored by per-choice loss: each choice's target (" A", " B", ...) appended
+to the prompt, the mean cross-entropy of its tokens, the lowest wins (`metrics.choice_losses`).
 """
 
 from __future__ import annotations
@@ -63,23 +63,20 @@ def _eta(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
-def _prompt_ids(model, prompt: str, chat: bool) -> list[int]:
-    if not chat:
-        return model.tokenizer.encode(prompt)
-    from qwenvl_jax import tokenizer as tok_lib
-
-    return tok_lib.make_context(model.tokenizer, prompt, system=benchmarks.DEFAULT_SYSTEM)[1]
-
-
 def predict_batch(model, bench: benchmarks.Benchmark, records: Sequence[dict], *, chat: bool,
                   batch_size: int) -> list:  # fmt: skip
     """The outputs of a batch of records: decoded texts, or per-choice losses for ScienceQA."""
     tok = model.tokenizer
-    prompts = [_prompt_ids(model, r["prompt"], chat) for r in records]
     if bench.metric == "choice_loss":
+        if chat:
+            from qwenvl_jax import chat as chat_lib
+
+            prompts = [chat_lib.make_context(tok, r["prompt"])[1] for r in records]
+        else:
+            prompts = [tok.encode(r["prompt"]) for r in records]
         rows, lengths, owner = [], [], []
-        for i, (r, p) in enumerate(zip(records, prompts, strict=True)):
-            for target in r["targets"]:
+        for i, p in enumerate(prompts):
+            for target in records[i]["targets"]:
                 t = tok.encode(target)
                 rows.append(p + t)
                 lengths.append(len(t))
@@ -91,23 +88,18 @@ def predict_batch(model, bench: benchmarks.Benchmark, records: Sequence[dict], *
             scores = metrics.choice_losses([losses[j] for j in mine], [lengths[j] for j in mine])
             out.append([float(x) for x in scores])
         return out
-    from qwenvl_jax import tokenizer as tok_lib
-
-    stops = tok_lib.stop_words_ids(tok) if chat else None
-    new = model.generate_batch(
-        prompts,
-        stop_words_ids=stops,
+    decoding = dict(
         max_new_tokens=bench.max_new_tokens,
         min_new_tokens=bench.min_new_tokens or 0,
         do_sample=False,
         batch_multiple=batch_size,
     )
-    stop_ids = {tok.im_end_id, tok.im_start_id} if chat else set()
-    texts = []
-    for ids in new:
-        cut = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
-        texts.append(tok.decode(ids[:cut], skip_special_tokens=True))
-    return texts
+    if chat:
+        from qwenvl_jax import chat as chat_lib
+
+        return chat_lib.chat_batch(model, [r["prompt"] for r in records], decode="eval", **decoding)
+    new = model.generate_batch([tok.encode(r["prompt"]) for r in records], **decoding)
+    return [tok.decode(ids, skip_special_tokens=True) for ids in new]
 
 
 def evaluate(
