@@ -34,6 +34,8 @@ setup(
         "absl-py>=2.1",
         "etils[epath]>=1.7",
         "ml_dtypes>=0.5",
+        # The kernel codecs (int8, fp8, NF4, int4; qwenvl_jax/model/variants.py).
+        "qwix>=0.1.8",
         "numpy>=1.26",
         "pillow>=10",
         "safetensors>=0.4.3",

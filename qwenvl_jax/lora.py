@@ -8,24 +8,14 @@ is the same on 4-bit base weights (the published one loads the GPTQ Int4 checkpo
 Here an adapter is two Params on a targeted `layers.Einsum`: `lora_A` [*contracted dims, r] and
 `lora_B` [r, *output dims], so its path is the module's (`transformer.h.3.attn.c_attn.lora_A`)
 and the layer computes `base(x) + B(A(dropout(x))) * alpha / r`, PEFT's order. With
-`quantize_base`, the decoder blocks' kernels hold 4-bit codes (`int4`: symmetric absmax; `nf4`:
-QLoRA's NormalFloat levels; `model/quant.py`) with one float32 scale per block of 64 along the
-kernel's last axis, dequantized inside the layer (inside the layer scan, so one layer's
-full-precision kernel exists at a time).
-
-Why by hand and not qwix (Google's JAX quantisation/LoRA library, 0.1.8 resolves with jax 0.10.2
-and flax 0.12.8 without upgrading them): qwix finds an NNX model's weights by intercepting
-`jnp.einsum` / `dot_general` inside the model's one intercepted method and creates the LoRA Params
-lazily as attributes of the module that ran the op, during a first traced call. Our decoder stack
-(`layers.run_stack`) runs each block as `nnx.merge(graphdef, state)` under `jax.checkpoint`
-(unscanned) or `jax.lax.scan` (scan_layers), so those Params land on a throw-away copy: measured on
-the tiny model, `qwix.apply_lora_to_model` creates adapters only for `lm_head` (the one einsum
-outside the stack) with scan_layers=False, and fails with an IndexError inside `lax.scan` with
-scan_layers=True. It also intercepts one method per NNX model (our loss calls `transformer` and
-`lm_head` separately, for the chunked loss) and its dropout needs an `nnx.Rngs` threaded through
-the model's state. Making it work would mean restructuring the layer stack for the library; the
-adapter itself is two einsums. lorax (jax-lorax 0.3.1, 2024) wraps a whole function and
-rewrites every matrix it finds by shape, without NNX paths, sharding names or scan support.
+`quantize_base`, the decoder blocks' kernels are stored by a codec (`nf4`: QLoRA's NormalFloat
+levels, `int4`: symmetric absmax, one float32 `kernel_block_scale` per block of 64 along the
+kernel's last axis; `int8` / `fp8`: one `kernel_scale` per output channel) and decoded inside the
+layer (inside the layer scan, so one layer's full-precision kernel exists at a time). Adapters,
+codecs and the walker that finds the layers are `qwenvl_jax.model.variants` (where the line on
+qwix is); this module holds the recipe, the trainable-path trees, the merge and the PEFT export.
+lorax (jax-lorax 0.3.1, 2024) wraps a whole function and rewrites every matrix it finds by shape,
+without NNX paths, sharding names or scan support.
 
 Trainer view (`qwenvl_jax.train`): the params split into the trainable tree (every `lora_A` /
 `lora_B` and the `modules_to_save` leaves: the only ones with optimizer state and the only ones
@@ -36,18 +26,16 @@ resume, never written).
 from __future__ import annotations
 
 import functools
-import math
 import re
 from collections.abc import Sequence
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwenvl_jax import tree as tree_lib
 from qwenvl_jax.errors import ConfigError
-from qwenvl_jax.model import quant
+from qwenvl_jax.model import variants
 
 # finetune.py: LoraArguments defaults and the target list of the Qwen-VL branch.
 PUBLISHED_TARGETS = ("c_attn", "attn.c_proj", "w1", "w2")
@@ -58,13 +46,10 @@ DEFAULT_TARGETS = (
     r"^transformer\.h\.(\d+\.)?mlp\.w1$",
     r"^transformer\.h\.(\d+\.)?mlp\.w2$",
 )
-QUANT_MODES = ("none", "int4", "nf4")
+QUANT_MODES = ("none", *variants.CODECS)
 # Q-LoRA quantizes the decoder blocks' kernels (the bulk of the 7B; the published Int4 checkpoint
 # keeps the embedding, the LM head and the visual tower in 16 bits too).
 QUANT_MODULES = r"^transformer\.h\."
-
-
-NF4_LEVELS = quant.NF4_LEVELS
 
 
 # ----------------------------------------------------------------------------- config
@@ -94,113 +79,43 @@ def check_config(lc) -> None:
                 raise ConfigError(f"config.lora.{key}: {rx!r} is not a regex ({e})") from None
 
 
-def _path(p) -> str:
-    return ".".join(str(x) for x in p)
-
-
 # ----------------------------------------------------------------------------- the model side
-def lora_eqns(eqn: str, kernel_ndim: int) -> tuple[str, str, int]:
-    """The two einsums of an adapter on `layers.Einsum(eqn)`, and how many leading kernel dims
-    are contracted.
-
-    `btd,dsnh->btsnh` gives (`btd,dr->btr`, `btr,rsnh->btsnh`, 1): A takes the kernel's
-    contracted dims, B its output dims, in the kernel's order."""
-    ins, out = eqn.split("->")
-    lhs, rhs = ins.split(",")
-    if len(rhs) != kernel_ndim:
-        raise ValueError(f"einsum {eqn}: kernel spec {rhs!r} for a {kernel_ndim}-d kernel")
-    n_in = 0
-    while n_in < len(rhs) and rhs[n_in] in lhs and rhs[n_in] not in out:
-        n_in += 1
-    contracted, outputs = rhs[:n_in], rhs[n_in:]
-    if not contracted or any(c in lhs or c not in out for c in outputs):
-        raise ValueError(f"einsum {eqn}: kernel is not [contracted dims..., output dims...]")
-    r = next(c for c in "rzyxwv" if c not in eqn)
-    rest = "".join(c for c in lhs if c not in contracted)
-    return f"{lhs},{contracted}{r}->{rest}{r}", f"{rest}{r},{r}{outputs}->{out}", n_in
-
-
-def _einsums(model: nnx.Module):
-    from qwenvl_jax.model import layers
-
-    for path, m in nnx.iter_modules(model):
-        if isinstance(m, layers.Einsum):
-            yield _path(path), m
-
-
-def _stacked(m) -> bool:
-    names = getattr(m.kernel, "out_sharding", None) or ()
-    return bool(names) and names[0] == "layers"
-
-
 def add_adapters(model: nnx.Module, lc, rngs: nnx.Rngs) -> list[str]:
     """Attach LoRA Params to every Einsum whose path matches `lc.targets`; returns their paths.
 
     A ~ U(+-1/sqrt(fan_in)) (PEFT's kaiming_uniform(a=sqrt(5))), B = 0, so the adapted model starts
-    equal to the base. Stacked (scan_layers) modules get a leading `layers` axis.
+    equal to the base (`variants.set_lora`). Stacked (scan_layers) modules get a leading `layers`
+    axis.
 
     Raises:
       ConfigError: a target regex matches no Einsum module.
     """
-    from qwenvl_jax.model import layers
-
-    pats = [re.compile(rx) for rx in lc.targets]
-    used, done = set(), []
-    for k, (path, m) in enumerate(_einsums(model)):
-        hits = [rx.pattern for rx in pats if rx.search(path)]
-        if not hits:
-            continue
-        used.update(hits)
-        kshape = tuple(m.kernel.shape)
-        names = tuple(getattr(m.kernel, "out_sharding", None) or (None,) * len(kshape))
-        lead = 1 if _stacked(m) else 0
-        eqn_a, eqn_b, n_in = lora_eqns(m.eqn, len(kshape) - lead)
-        in_dims, out_dims = kshape[lead : lead + n_in], kshape[lead + n_in :]
-        in_names, out_names = names[lead : lead + n_in], names[lead + n_in :]
-        r = int(lc.rank)
-        bound = 1.0 / math.sqrt(math.prod(in_dims))
-        pdt = jnp.float32  # the trained weights keep float32 masters whatever the base's dtype
-        a_shape = kshape[:lead] + in_dims + (r,)
-        b_shape = kshape[:lead] + (r,) + out_dims
-        m.lora_A = layers.param(
-            rngs, layers.uniform(bound), a_shape, names[:lead] + in_names + (None,), pdt
-        )
-        m.lora_B = layers.param(
-            rngs, layers.zeros, b_shape, names[:lead] + (None,) + out_names, pdt
-        )
-        m.lora_eqn = (eqn_a, eqn_b)
-        m.lora_scale = float(lc.alpha) / r
-        m.lora_dropout = float(lc.dropout)
-        m.lora_id = k
-        done.append(path)
-    unused = [rx.pattern for rx in pats if rx.pattern not in used]
+    unused = variants.unmatched(model, lc.targets)
     if unused:
+        paths = [variants.path_str(p) for _, p, _ in variants.find(model)]
         raise ConfigError(
             f"config.lora.targets {unused} match no einsum/linear module (paths look like"
-            f" {[p for p, _ in _einsums(model)][:3]})"
+            f" {paths[:3]})"
         )
+    done = []
+    for k, path, m in list(variants.find(model, lc.targets)):
+        variants.set_lora(
+            m, rank=int(lc.rank), alpha=float(lc.alpha), dropout=float(lc.dropout), id=k, rngs=rngs
+        )
+        done.append(variants.path_str(path))
     return done
 
 
-quantize, dequantize = quant.quantize, quant.dequantize
-
-
 def quantize_kernels(model: nnx.Module, mode: str) -> list[str]:
-    """Make the decoder blocks' Einsums hold 4-bit codes (values quantized from the current
-    kernels) and a `kernel_scale` Param; returns the paths."""
+    """Store the decoder blocks' Einsums with codec `mode` (codes quantized from the current
+    kernels, `variants.set_codec`); returns the paths. "none" leaves the model alone."""
     if mode == "none":
         return []
-    rx = re.compile(QUANT_MODULES)
+    codec = variants.CODECS[mode]
     done = []
-    for path, m in _einsums(model):
-        if not rx.search(path):
-            continue
-        names = tuple(getattr(m.kernel, "out_sharding", None) or (None,) * m.kernel.ndim)
-        codes, scale = quantize(m.kernel[...], mode)
-        m.kernel = nnx.Param(codes, out_sharding=names, eager_sharding=False)
-        m.kernel_scale = nnx.Param(scale, out_sharding=names[:-1] + (None,), eager_sharding=False)
-        m.quant = mode
-        done.append(path)
+    for _, path, m in list(variants.find(model, (QUANT_MODULES,))):
+        variants.set_codec(m, codec)
+        done.append(variants.path_str(path))
     return done
 
 
@@ -233,18 +148,10 @@ def trainable_paths(paths: Sequence[str], modules_to_save: Sequence[str]) -> set
     return out
 
 
-def _flat(tree: Any) -> dict[str, Any]:
-    from qwenvl_jax.optim import map_with_path_str
-
-    out = {}
-    map_with_path_str(lambda p, x: out.__setitem__(p, x), tree)
-    return out
-
-
 def split(tree: dict, keep: set[str]) -> tuple[dict, dict]:
     """A nested dict -> (the leaves whose dotted path is in `keep`, the others), same nesting."""
     a, b = {}, {}
-    for path, x in _flat(tree).items():
+    for path, x in tree_lib.flatten(tree).items():
         _put(a if path in keep else b, path, x, tree)
     return a, b
 
@@ -274,7 +181,7 @@ def join(a: dict, b: dict) -> dict:
 # ----------------------------------------------------------------------------- export
 def adapters(params: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{module path: (A, B)} of per-layer (unstacked) params holding `lora_A` / `lora_B`."""
-    flat = _flat(params)
+    flat = tree_lib.flatten(params)
     n = len(".lora_A")
     return {p[:-n]: (flat[p], flat[p[:-1] + "B"]) for p in flat if p.endswith(".lora_A")}
 
@@ -289,11 +196,16 @@ def delta(a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
 
 def merge(base: dict, trained: dict, scale: float) -> dict:
     """Full per-layer params: `base` with `modules_to_save` leaves replaced and every adapter's
-    delta added to its kernel in float32 (then cast to the base kernel's dtype)."""
-    flat = _flat(trained)
+    delta added to its kernel in float32 (then cast to the base kernel's dtype).
+
+    A base kernel stored by a codec (int8, nf4, ...: it has a `kernel_scale` or
+    `kernel_block_scale` next to it) is decoded first, as every such kernel of `base` is: the
+    merged params are a full-precision float32 model (quantize it again when loading)."""
+    base = variants.decode_params(base)
+    flat = tree_lib.flatten(trained)
     plain = {p for p in flat if not _ADAPTER.search(p)}
     # modules_to_save train as float32 masters; the merged model keeps the base's dtypes.
-    base_flat, saved = _flat(base), {}
+    base_flat, saved = tree_lib.flatten(base), {}
     for p in plain:
         dt = base_flat[p].dtype if p in base_flat else flat[p].dtype
         _put(saved, p, np.asarray(flat[p]).astype(dt), trained)

@@ -17,10 +17,12 @@ import pytest
 
 from qwenvl_jax import checkpoint, lora
 from qwenvl_jax.convert import ours
+from qwenvl_jax.model import variants
 from qwenvl_jax.train import stage_config
 from qwenvl_jax.train.sources import base_params, initial_params
 from qwenvl_jax.train.state import build, init_params, merge_model, model_config
 from qwenvl_jax.train.step import make_train_step, to_step_batch
+from qwenvl_jax.tree import flatten
 
 
 def small(variant="lora", **over):
@@ -63,12 +65,12 @@ def _from(base_ckpt, cfg):
 
 
 def _flat(tree):
-    return lora._flat(jax.tree.map(np.asarray, tree))
+    return flatten(jax.tree.map(np.asarray, tree))
 
 
 def test_adapters_where_the_published_recipe_puts_them(base_ckpt):
     s = build(_from(base_ckpt, small()))
-    paths = sorted(lora._flat(s.abstract_params))
+    paths = sorted(flatten(s.abstract_params))
     # scan_layers: one stacked module per target, a leading layer axis of 2.
     want = sorted(
         f"transformer.h.{m}.lora_{w}"
@@ -76,7 +78,7 @@ def test_adapters_where_the_published_recipe_puts_them(base_ckpt):
         for w in "AB"
     )
     assert paths == want
-    shapes = {p: a.shape for p, a in lora._flat(s.abstract_params).items()}
+    shapes = {p: a.shape for p, a in flatten(s.abstract_params).items()}
     d, r = 256, 64
     assert shapes["transformer.h.attn.c_attn.lora_A"] == (2, d, r)
     assert shapes["transformer.h.attn.c_attn.lora_B"] == (2, r, 3, 4, 64)
@@ -122,11 +124,11 @@ def test_modules_to_save_keep_float32_masters_and_the_step_compiles_once(base_ck
     cfg.model.param_dtype = "bfloat16"
     cfg.optim.warmup_steps = 0
     s = build(cfg)
-    trained = lora._flat(s.abstract_params)
+    trained = flatten(s.abstract_params)
     assert {p: trained[p].dtype for p in ("lm_head.kernel", "transformer.wte.embedding")} == {
         "lm_head.kernel": np.float32, "transformer.wte.embedding": np.float32
     }  # fmt: skip
-    assert lora._flat(s.abstract_base)["transformer.h.attn.c_attn.kernel"].dtype == jnp.bfloat16
+    assert flatten(s.abstract_base)["transformer.h.attn.c_attn.kernel"].dtype == jnp.bfloat16
     params, _ = initial_params(s)
     opt = jax.jit(s.tx.init, out_shardings=s.opt_sharding)(params)
     step = make_train_step(s)
@@ -164,7 +166,7 @@ def test_checkpoint_holds_only_adapters_and_their_optimizer_state(lora_run):
     mngr = _reader(wd)
     assert sorted(mngr.all_steps()) == [2, 4]
     md = mngr.item_metadata(4)
-    params = lora._flat(md["params"].tree if hasattr(md["params"], "tree") else md["params"])
+    params = flatten(md["params"].tree if hasattr(md["params"], "tree") else md["params"])
     assert all(p.endswith((".lora_A", ".lora_B")) for p in params), sorted(params)
     assert len(params) == 8
     opt = md["opt_state"].tree if hasattr(md["opt_state"], "tree") else md["opt_state"]
@@ -249,9 +251,9 @@ def test_qlora_trains_and_loss_falls(base_ckpt, tmp_path):
     cfg.data.kind = "random"
     s = build(cfg)
     # The decoder kernels are 4-bit NF4 codes with block scales; the adapters are float32.
-    base = lora._flat(s.abstract_base)
+    base = flatten(s.abstract_base)
     assert base["transformer.h.attn.c_attn.kernel"].dtype == np.dtype("uint4")
-    assert "transformer.h.mlp.c_proj.kernel_scale" in base
+    assert "transformer.h.mlp.c_proj.kernel_block_scale" in base
     hist = train(cfg, str(tmp_path / "q"))
     losses = [h["loss"] for h in hist]
     assert len(losses) == 20 and all(np.isfinite(losses))
@@ -262,13 +264,14 @@ def test_qlora_trains_and_loss_falls(base_ckpt, tmp_path):
 def test_quantize_round_trip_error(mode):
     """Blockwise 4-bit: every value within half a step of its block's grid."""
     w = np.random.default_rng(0).standard_normal((8, 128)).astype(np.float32)
-    codes, scale = lora.quantize(w, mode)
-    back = np.asarray(lora.dequantize(codes, scale, mode))
+    codec = variants.CODECS[mode]
+    codes, scale = codec.encode(w, codec.scale_shape(w.shape, ()))
+    back = np.asarray(codec.decode(codes, scale))
     absmax = np.abs(w.reshape(8, 2, 64)).max(-1, keepdims=True)
     if mode == "int4":
         bound = absmax / 7 / 2
     else:  # the widest gap between NF4 levels, halved
-        bound = absmax * np.max(np.diff(lora.NF4_LEVELS)) / 2
+        bound = absmax * np.max(np.diff(variants.nf4_levels())) / 2
     assert np.all(np.abs(back - w).reshape(8, 2, 64) <= bound + 1e-6)
 
 
@@ -276,14 +279,14 @@ def test_nf4_levels_are_qloras():
     """The 16 NF4 levels (QLoRA paper, appendix E), as printed there to 4 decimals."""
     printed = [-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0, 0.0796,
                0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0]  # fmt: skip
-    np.testing.assert_allclose(lora.NF4_LEVELS, printed, atol=1e-4)
+    np.testing.assert_allclose(variants.nf4_levels(), printed, atol=1e-4)
 
 
 def test_config_errors_name_the_key():
     from qwenvl_jax.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"config\.lora\.quantize_base='int8'.*none\|int4\|nf4"):
-        build(small(**{"lora.quantize_base": "int8"}))
+    with pytest.raises(ConfigError, match=r"config\.lora\.quantize_base='int3'.*none\|.*int4"):
+        build(small(**{"lora.quantize_base": "int3"}))
     with pytest.raises(ConfigError, match=r"config\.lora\.targets"):
         build(small(**{"lora.targets": (r"^nothing$",)}))
     with pytest.raises(ConfigError, match=r"config\.lora\.modules_to_save"):

@@ -29,8 +29,6 @@ import numpy as np
 from flax import linen, nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from qwenvl_jax.model import quant
-
 # Closed vocabulary of logical axis names (docs/architecture.md). None means "never sharded".
 PARAM_AXES = frozenset(
     {
@@ -224,31 +222,30 @@ class Einsum(nnx.Module):
         else:
             self.bias = None
 
-    # A low-rank adapter and a 4-bit base kernel are attached by `qwenvl_jax.lora` (LoRA /
-    # Q-LoRA fine-tuning); a plain layer has neither.
+    # The kernel-variant slot (`qwenvl_jax.model.variants`): None for a plain layer, else a static
+    # `variants.Variant` saying how `kernel` is stored (a codec: int8 / fp8 codes with
+    # `kernel_scale`, nf4 / int4 codes with `kernel_block_scale`) and which adapter adds to the
+    # output (LoRA: `lora_A`, `lora_B`). `variants.set_codec` / `set_lora` fill it; the Params
+    # sit on the layer, so their paths are the layer's.
+    variant = None
+    kernel_scale = None  # Param, the kernel's rank with the contracted axes 1 (int8, fp8)
+    kernel_block_scale = None  # Param [..., K / 64] (nf4, int4)
     lora_A = None  # Param [*contracted dims of kernel, r]
     lora_B = None  # Param [r, *output dims of kernel]
-    quant = None  # "int4" | "nf4": `kernel` holds 4-bit codes, `kernel_scale` the block scales
+
+    def kernel_value(self) -> jax.Array:
+        """The kernel in the compute dtype (decoded when a codec stores it)."""
+        if self.variant is None:
+            return self.kernel[...].astype(self.dtype)
+        return self.variant.kernel(self)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
-        if self.quant is None:
-            kernel = self.kernel[...]
-        else:
-            kernel = quant.dequantize(self.kernel[...], self.kernel_scale[...], self.quant)
-        y = jnp.einsum(self.eqn, x, kernel.astype(self.dtype))
+        y = jnp.einsum(self.eqn, x, self.kernel_value())
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        if self.lora_A is not None:
-            # PEFT's order: base(x) + B(A(dropout(x))) * alpha / r.
-            h = x
-            key = dropout_key(self.lora_id) if self.lora_dropout else None
-            if key is not None:
-                keep = jax.random.bernoulli(key, 1.0 - self.lora_dropout, h.shape)
-                h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0).astype(self.dtype)
-            h = jnp.einsum(self.lora_eqn[0], h, self.lora_A[...].astype(self.dtype))
-            h = jnp.einsum(self.lora_eqn[1], h, self.lora_B[...].astype(self.dtype))
-            y = y + (h * self.lora_scale).astype(self.dtype)
+        if self.variant is not None:
+            y = self.variant.adapt(self, x, y)
         return y
 
 
