@@ -69,10 +69,6 @@ _DECAY = re.compile(
 )
 
 
-# lora.py still imports this name; it goes once lora.py uses `qwenvl_jax.tree` (issue 23).
-map_with_path_str = map_with_path
-
-
 def _resolve(pattern: str) -> re.Pattern:
     return re.compile(GROUPS.get(pattern, pattern))
 
