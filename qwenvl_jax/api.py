@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -33,9 +32,9 @@ from qwenvl_jax import chat as chat_lib
 from qwenvl_jax import config as config_lib
 from qwenvl_jax import convert
 from qwenvl_jax import image as image_lib
-from qwenvl_jax import sharding as shd
 from qwenvl_jax import tokenizer as tok_lib
-from qwenvl_jax.convert import checkpoint_kind
+from qwenvl_jax.model.factory import build_model, load_params
+from qwenvl_jax.model.options import ModelOptions
 from qwenvl_jax.model.qwen import dynamic_ntk_alpha
 from qwenvl_jax.model.qwenvl import QWenLMHeadModel
 from qwenvl_jax.sharding import resolve_mesh
@@ -82,155 +81,22 @@ def default_dtype() -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def _dtype(dtype: str | Any):
-    return config_lib.dtype_from_name(dtype)
+def inference_options(dtype: Any = None, options: ModelOptions | None = None) -> ModelOptions:
+    """The model options of `from_pretrained` / `random`: `options` as given, else
+    `ModelOptions.inference(dtype)` with dtype defaulting to `default_dtype()`.
+
+    Raises:
+      ValueError: both given (the dtype belongs inside the options then).
+    """
+    if options is not None:
+        if dtype is not None:
+            raise ValueError(f"pass dtype={dtype!r} inside options, not beside it")
+        return options
+    return ModelOptions.inference(default_dtype() if dtype is None else dtype)
 
 
 def _has(path: str, *names: str) -> bool:
     return any(os.path.exists(os.path.join(path, n)) for n in names)
-
-
-def load_params(path: str, scan_layers: bool = False) -> tuple[config_lib.QWenConfig, dict]:
-    """(config, pure nested param dict) from any supported checkpoint (`checkpoint_kind`): a
-    training workdir's latest step, our format, or HF weights; per-layer, or stacked layers."""
-    kind = checkpoint_kind(path)
-    if kind == "workdir":
-        from qwenvl_jax import checkpoint
-
-        return checkpoint.latest_params(path, scan_layers=scan_layers)
-    if kind == "ours":
-        return convert.load_params(path, scan_layers=scan_layers)
-    return convert.import_hf(path, scan_layers=scan_layers)
-
-
-def _random_params(abstract: dict, std: float, seed: int) -> dict:
-    """HF-style random weights in numpy (fast on CPU): N(0, std), zero biases, unit norm scales."""
-    rng = np.random.default_rng(seed)
-
-    def init(path, leaf):
-        name = getattr(path[-1], "key", None)
-        if name == "scale":
-            return np.ones(leaf.shape, np.float32)
-        if name == "bias":
-            return np.zeros(leaf.shape, np.float32)
-        return std * rng.standard_normal(leaf.shape, dtype=np.float32)
-
-    return jax.tree_util.tree_map_with_path(init, abstract)
-
-
-def make_model(
-    cfg: config_lib.QWenConfig,
-    rngs: nnx.Rngs,
-    *,
-    dtype=jnp.float32,
-    param_dtype=jnp.float32,
-    scan_layers: bool = False,
-    remat: str = "none",
-    visual_remat: str | None = None,
-    attn_impl: str = "auto",
-    lora=None,
-) -> QWenLMHeadModel:
-    """The model factory: a freshly initialised QWenLMHeadModel (call it under `nnx.eval_shape`
-    for its structure alone).
-
-    `build_model` (given or random weights, placed on a mesh) and the trainer (its abstract model
-    and its jitted init) both build through it.
-
-    Args:
-      cfg: the model config.
-      rngs: the initialisers' random streams (LoRA adapters draw from them too).
-      dtype, param_dtype, scan_layers, remat, visual_remat, attn_impl: as `QWenLMHeadModel`.
-      lora: a `config.lora` block with rank > 0, or None: its adapters attached, the base
-        kernels first quantized to 4 bits when it sets `quantize_base` (`qwenvl_jax.lora`).
-    """
-    model = QWenLMHeadModel(
-        cfg,
-        rngs=rngs,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        scan_layers=scan_layers,
-        remat=remat,
-        visual_remat=visual_remat,
-        attn_impl=attn_impl,
-    )
-    if lora is not None:
-        from qwenvl_jax import lora as lora_lib
-
-        lora_lib.quantize_kernels(model, lora.quantize_base)
-        lora_lib.add_adapters(model, lora, rngs)
-    return model
-
-
-def build_model(
-    cfg: config_lib.QWenConfig,
-    params: dict | None,
-    dtype=jnp.float32,
-    *,
-    seed: int = 0,
-    attn_impl: str = "xla",
-    mesh: jax.sharding.Mesh | None = None,
-    quantize: str | None = None,
-) -> QWenLMHeadModel:
-    """A QWenLMHeadModel holding `params` (cast to dtype), or random weights when params is None.
-
-    With a mesh, each parameter goes from host memory straight to its shards (the training rules,
-    `sharding.DEFAULT_RULES`: embed over fsdp; heads, MLP and vocabulary over model), so a model
-    larger than one device's memory never sits whole on one device. `quantize="int8"` stores every
-    matrix as int8 with per-channel scales, quantized on the host (`qwenvl_jax.quantize`).
-    """
-
-    abstract = nnx.eval_shape(
-        lambda: make_model(cfg, nnx.Rngs(seed), dtype=dtype, param_dtype=dtype, attn_impl=attn_impl)
-    )
-    want = nnx.to_pure_dict(nnx.state(abstract))
-    if params is None:
-        params = _random_params(want, cfg.initializer_range, seed)
-    _check_params(want, params)
-    if quantize is not None:
-        from qwenvl_jax import quantize as quant_lib
-
-        # On the host, before placement: the full-precision matrices never reach a device.
-        params = quant_lib.quantize_params(params, quant_lib.convert_modules(abstract, quantize))
-    graphdef, state = nnx.split(abstract)
-    want = nnx.to_pure_dict(state)
-    # Each leaf keeps its abstract dtype: `dtype`, or int8 / float32 for quantized kernels / scales.
-    np_dtypes = jax.tree.map(lambda x: np.dtype(x.dtype), want)
-    if mesh is None:
-        cast = jax.tree.map(lambda a, d: jnp.asarray(np.asarray(a).astype(d)), params, np_dtypes)
-    else:
-        logical = nnx.to_pure_dict(shd.logical_axes_of_state(state))
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), want)
-        shardings = shd.param_shardings(abstract, logical, mesh, shd.DEFAULT_RULES)
-        # Large matrices left whole on every device would defeat the mesh (a rule or shape bug).
-        shd.check_no_large_replicated(abstract, shardings, mesh, 64 * 2**20)
-        logging.info(
-            "parameters: %.3f GiB per device", shd.device_bytes(abstract, shardings) / 2**30
-        )
-        cast = jax.tree.map(
-            lambda a, d, sh: jax.device_put(np.asarray(a).astype(d), sh),
-            params,
-            np_dtypes,
-            shardings,
-        )
-    nnx.replace_by_pure_dict(state, cast)
-    return nnx.merge(graphdef, state)
-
-
-def _check_params(want: dict, params: dict) -> None:
-    flat_want = dict(jax.tree_util.tree_flatten_with_path(want)[0])
-    flat_got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-    missing = sorted(map(jax.tree_util.keystr, flat_want.keys() - flat_got.keys()))
-    extra = sorted(map(jax.tree_util.keystr, flat_got.keys() - flat_want.keys()))
-    if missing or extra:
-        raise convert.CheckpointMismatchError(
-            f"parameters do not match the model: missing {missing[:5]}, extra {extra[:5]}"
-        )
-    for k, v in flat_want.items():
-        if tuple(flat_got[k].shape) != tuple(v.shape):
-            raise convert.CheckpointMismatchError(
-                f"parameter {jax.tree_util.keystr(k)} has shape {tuple(flat_got[k].shape)},"
-                f" the model expects {tuple(v.shape)}"
-            )
 
 
 class QwenVL:
@@ -296,8 +162,8 @@ class QwenVL:
         path: str,
         dtype: str | None = None,
         *,
+        options: ModelOptions | None = None,
         tokenizer: Any = None,
-        attn_impl: str = "xla",
         allow_urls: bool = False,
         image_root: str | None = None,
         mesh: Any = None,
@@ -312,9 +178,10 @@ class QwenVL:
           dtype: "float32", "bfloat16" or "float16": parameter and compute dtype (norms,
             softmax and rotary always run in float32). Default: bfloat16 on an accelerator,
             float32 on a CPU.
+          options: the `ModelOptions` to build with (e.g. another `attn_impl`); default
+            `ModelOptions.inference(dtype)` (the reference attention math). Not with `dtype`.
           tokenizer: a tokenizer object or a path for `load_tokenizer`; default: the tokenizer
             files in `path` if any, else the published vocabulary.
-          attn_impl: attention implementation passed to the model.
           allow_urls: let `<img>` spans hold http(s) URLs that are fetched.
           image_root: directory for relative image paths (default: the current directory).
           mesh: shard the parameters (and generation's KV cache and activations) over a device
@@ -323,10 +190,10 @@ class QwenVL:
           quantize: "int8" for weight-only int8 decoder matrices (per output channel scales); the
             visual tower, embeddings and norms keep `dtype`. None: no quantisation.
         """
-        jdtype = _dtype(default_dtype() if dtype is None else dtype)
+        options = inference_options(dtype, options)
         mesh = resolve_mesh(mesh)
         cfg, params = load_params(path)
-        model = build_model(cfg, params, jdtype, attn_impl=attn_impl, mesh=mesh, quantize=quantize)
+        model = build_model(cfg, params, options, mesh=mesh, quantize=quantize, source=path)
         del params
         if tokenizer is None or isinstance(tokenizer, str):
             tok_path = tokenizer
@@ -353,15 +220,23 @@ class QwenVL:
         config: str | config_lib.QWenConfig = "tiny",
         *,
         seed: int = 0,
-        dtype: str = "float32",
+        dtype: str | None = None,
+        options: ModelOptions | None = None,
         tokenizer: Any = None,
         mesh: Any = None,
         quantize: str | None = None,
     ) -> QwenVL:
-        """A randomly initialised model (a preset name or a config), for tests and demos."""
+        """A randomly initialised model (a preset name or a config), for tests and demos.
+
+        dtype / options as `from_pretrained`, except that dtype defaults to float32 (tests compare
+        against float32 references on any backend).
+        """
         cfg = config_lib.get_preset(config) if isinstance(config, str) else config
         mesh = resolve_mesh(mesh)
-        model = build_model(cfg, None, _dtype(dtype), seed=seed, mesh=mesh, quantize=quantize)
+        if dtype is None and options is None:
+            dtype = "float32"
+        options = inference_options(dtype, options)
+        model = build_model(cfg, None, options, seed=seed, mesh=mesh, quantize=quantize)
         if isinstance(tokenizer, str):
             tokenizer = tok_lib.load_tokenizer(tokenizer, image_span=cfg.visual.n_queries)
         return cls(model, tokenizer, mesh=mesh)

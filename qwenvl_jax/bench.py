@@ -86,7 +86,9 @@ _REMAT = flags.DEFINE_list(
     "remat", ["none"], "Remat policies for both towers (layers.REMAT_POLICIES); a list runs an A/B."
 )
 _ATTN = flags.DEFINE_list(
-    "attn_impl", ["auto"], "Attention implementations (model/attention.py); a list runs an A/B."
+    "attn_impl",
+    [stage_config.base().model.attn_impl],
+    "Attention implementations (model/attention.py); a list runs an A/B.",
 )
 _SLOTS = flags.DEFINE_integer(
     "image_slots",
@@ -127,11 +129,12 @@ _PROBE = "import importlib.util as u, sys; print(*[m for m in sys.argv[1:] if no
 
 
 def bench_config(
-    shape: str, mode: str, remat: str, attn_impl: str, batch: int = 0, image_slots: int = 0,
+    shape: str, mode: str, remat: str, attn_impl: str = "", batch: int = 0, image_slots: int = 0,
     image_budget: int = 0,
     image_size: int = 0,
 ):  # fmt: skip
-    """A multitask-stage config with the benchmark's shape (single device, no accumulation)."""
+    """A multitask-stage config with the benchmark's shape (single device, no accumulation);
+    `attn_impl` "" keeps the stage config's."""
     stage, overrides, b, t, size, m = SHAPES[shape]
     m, size = image_slots or m, image_size or size
     c = stage_config.load(stage)
@@ -143,7 +146,8 @@ def bench_config(
     if not stage.endswith(":tiny"):
         c.model.dtype = "bfloat16"
     c.model.remat_llm = c.model.remat_vit = remat
-    c.model.attn_impl = attn_impl
+    if attn_impl:
+        c.model.attn_impl = attn_impl
     c.batch_size = batch or b
     c.grad_accum = 1
     c.device_batch = 0
@@ -180,18 +184,17 @@ def _host_batch(c, mcfg, images_filled: int) -> dict:
 
 
 def run(
-    shape="tiny", mode="grad", steps=3, warmup=1, remat="none", attn_impl="auto", batch=0, chip="",
+    shape="tiny", mode="grad", steps=3, warmup=1, remat="none", attn_impl="", batch=0, chip="",
     image_slots=0, images_filled=1, image_budget=0, image_size=0,
 ):  # fmt: skip
     """Compiles and times `steps` steps; returns a dict of results.
 
     `image_slots` > 0 gives every sequence that many static image slots of which the first
-    `images_filled` hold a picture; `image_budget` is `config.data.image_budget`.
+    `images_filled` hold a picture; `image_budget` is `config.data.image_budget`; `attn_impl` ""
+    is the stage config's.
     """
     dev = jax.devices()[0]
-    c = bench_config(
-        shape, mode, remat, attn_impl or "auto", batch, image_slots, image_budget, image_size
-    )
+    c = bench_config(shape, mode, remat, attn_impl, batch, image_slots, image_budget, image_size)
     s = train.build(c, jax.devices()[:1])
     params = train.init_params(s, 0)
     n_params = int(sum(x.size for x in jax.tree.leaves(params)))
@@ -209,9 +212,7 @@ def run(
 
         def loss_fn(p, mb):
             model = train.merge_model(s, p)
-            loss, n, _ = train.cross_entropy_sum(
-                model, mb, int(c.get("loss_chunk", 0) or 0), budget, groups
-            )
+            loss, n, _ = train.cross_entropy_sum(model, mb, int(c.loss_chunk), budget, groups)
             return loss / jnp.maximum(n, 1.0)
 
         grad = jax.jit(jax.value_and_grad(loss_fn))
@@ -244,7 +245,7 @@ def run(
         shape=shape,
         mode=mode,
         device=dev.device_kind,
-        attn_impl=attn_impl,
+        attn_impl=c.model.attn_impl,
         remat=remat,
         batch=int(c.batch_size),
         seq_len=int(c.data.seq_len),
@@ -381,10 +382,11 @@ def run_decode(shape="tiny", batches=(1, 32), prompt_len=64, new_tokens=64) -> d
     """Generation tokens/s per batch size (prefill included), and the stepwise baseline at B=1."""
     from qwenvl_jax import api
     from qwenvl_jax import generate as gen
+    from qwenvl_jax.model.factory import build_model
+    from qwenvl_jax.model.options import ModelOptions
 
-    cfg = model_config(bench_config(shape, "decode", "none", "auto"))
-    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    model = api.build_model(cfg, None, dtype)
+    cfg = model_config(bench_config(shape, "decode", "none"))
+    model = build_model(cfg, None, ModelOptions.inference(api.default_dtype()))
     rng = np.random.default_rng(0)
     kw = dict(max_new_tokens=new_tokens, eos_token_id=-1)  # -1: no row ever stops early
     out = {"shape": shape, "device": jax.devices()[0].device_kind, "new_tokens": new_tokens,

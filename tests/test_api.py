@@ -15,7 +15,7 @@ from reference_weights import REF, write_hf_dir
 
 from qwenvl_jax import QwenVL, chat
 from qwenvl_jax import tokenizer as tk
-from qwenvl_jax.api import checkpoint_kind
+from qwenvl_jax.convert import checkpoint_kind
 from qwenvl_jax.demo.vocab import train_sentencepiece
 
 

@@ -67,6 +67,7 @@ def test_7b_key_set_and_shapes_equal_published_index():
     """
     from flax import nnx
 
+    from qwenvl_jax.model.options import ModelOptions
     from qwenvl_jax.model.qwenvl import QWenLMHeadModel
 
     with open(os.path.join(FIXTURES, "qwen_vl_chat_index_keys.json")) as f:
@@ -82,7 +83,7 @@ def test_7b_key_set_and_shapes_equal_published_index():
     assert shapes["transformer.h.0.mlp.w2.weight"] == (11008, 4096)
     for scan in (False, True):
         model = nnx.eval_shape(
-            lambda scan=scan: QWenLMHeadModel(cfg, rngs=nnx.Rngs(0), scan_layers=scan)
+            lambda scan=scan: QWenLMHeadModel(cfg, ModelOptions(scan_layers=scan), rngs=nnx.Rngs(0))
         )
         abstract = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         check_params(abstract, cfg)  # every model leaf has exactly one HF key, shapes agree
@@ -378,6 +379,7 @@ def test_load_params_onto_abstract_model_and_assign(tmp_path, mini):
     from flax import nnx
 
     from qwenvl_jax.convert import assign_params
+    from qwenvl_jax.model.options import ModelOptions
     from qwenvl_jax.model.qwenvl import QWenLMHeadModel
 
     cfg, _ = mini
@@ -387,7 +389,9 @@ def test_load_params_onto_abstract_model_and_assign(tmp_path, mini):
     for scan in (True, False):
         model = nnx.eval_shape(
             lambda scan=scan: QWenLMHeadModel(
-                cfg, rngs=nnx.Rngs(0), scan_layers=scan, param_dtype=jax.numpy.bfloat16
+                cfg,
+                ModelOptions(scan_layers=scan, param_dtype=jax.numpy.bfloat16),
+                rngs=nnx.Rngs(0),
             )
         )
         if scan:  # the saved layout: restored by Orbax onto the abstract target

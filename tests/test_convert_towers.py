@@ -121,15 +121,10 @@ def reference_block(x, sd, i, heads, eps):
 
 
 def our_block(cfg, block_params, x):
+    from qwenvl_jax.model.options import ModelOptions
     from qwenvl_jax.model.visual import VisualAttentionBlock
 
-    blk = VisualAttentionBlock(
-        cfg.visual,
-        rngs=nnx.Rngs(0),
-        dtype=np.float32,
-        param_dtype=np.float32,
-        attn_impl="xla",
-    )
+    blk = VisualAttentionBlock(cfg.visual, ModelOptions(attn_impl="xla"), rngs=nnx.Rngs(0))
     state = nnx.state(blk, nnx.Param)
     nnx.replace_by_pure_dict(state, jax.tree.map(np.asarray, block_params))
     nnx.update(blk, state)

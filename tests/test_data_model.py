@@ -13,6 +13,7 @@ from PIL import Image
 
 from qwenvl_jax.config import get_preset
 from qwenvl_jax.data import pipeline
+from qwenvl_jax.model.options import ModelOptions
 from qwenvl_jax.model.qwenvl import QWenLMHeadModel
 from qwenvl_jax.tokenizer import QWenTokenizer, image_token_index
 
@@ -63,7 +64,9 @@ def test_packed_equals_unpacked_through_the_model(packed_batch):
     np.testing.assert_array_equal(idx, b["image_token_index"])
     np.testing.assert_array_equal(counts, b["image_valid"].sum(1))
 
-    model = nnx.jit(lambda: QWenLMHeadModel(TINY, rngs=nnx.Rngs(0)))()  # jit: 3x faster init
+    model = nnx.jit(
+        lambda: QWenLMHeadModel(TINY, ModelOptions(), rngs=nnx.Rngs(0))
+    )()  # jit: 3x faster init
 
     @nnx.jit
     def hidden(m, ids, **kw):

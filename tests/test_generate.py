@@ -8,6 +8,7 @@ from flax import nnx
 
 from qwenvl_jax import generate as gen
 from qwenvl_jax.config import get_preset
+from qwenvl_jax.model.options import ModelOptions
 from qwenvl_jax.model.qwen import dynamic_ntk_alpha
 from qwenvl_jax.model.qwenvl import QWenLMHeadModel
 from qwenvl_jax.tokenizer import image_token_index
@@ -19,7 +20,9 @@ EOS = 999
 
 def _build(cfg, seed):
     # Initialised under one jit: far faster on CPU than op-by-op eager initialisation.
-    return nnx.jit(lambda: QWenLMHeadModel(cfg, rngs=nnx.Rngs(seed), scan_layers=True))()
+    return nnx.jit(
+        lambda: QWenLMHeadModel(cfg, ModelOptions(scan_layers=True), rngs=nnx.Rngs(seed))
+    )()
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +180,7 @@ def test_sampling_respects_filters_and_seed(model):
 
 
 def test_bad_inputs():
-    m = nnx.eval_shape(lambda: QWenLMHeadModel(CFG, rngs=nnx.Rngs(0)))
+    m = nnx.eval_shape(lambda: QWenLMHeadModel(CFG, ModelOptions(), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="max_new_tokens"):
         gen.generate(m, [1, 2], max_new_tokens=0)
     with pytest.raises(ValueError, match="non-empty"):

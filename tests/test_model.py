@@ -12,6 +12,7 @@ from jax.sharding import AxisType
 
 from qwenvl_jax.config import get_preset
 from qwenvl_jax.model import layers
+from qwenvl_jax.model.options import ModelOptions
 from qwenvl_jax.model.qwen import dynamic_ntk_alpha, init_cache, logn_table, rotary_inv_freq
 from qwenvl_jax.model.qwenvl import QWenLMHeadModel
 from qwenvl_jax.model.resampler import sincos_2d
@@ -104,7 +105,7 @@ def test_ntk_alpha_and_logn_values():
 # ----------------------------------------------------------------------------- model structure
 @pytest.fixture(scope="module")
 def tiny_model():
-    return nnx.eval_shape(lambda: QWenLMHeadModel(TINY, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: QWenLMHeadModel(TINY, ModelOptions(), rngs=nnx.Rngs(0)))
 
 
 def _flat_params(model):
@@ -249,7 +250,9 @@ def test_every_param_has_logical_names(tiny_model):
 def test_7b_parameter_count():
     # The stacked layout traces one block per tower; test_param_paths covers the unstacked one.
     abstract = nnx.eval_shape(
-        lambda: QWenLMHeadModel(get_preset("qwen-vl-7b"), rngs=nnx.Rngs(0), scan_layers=True)
+        lambda: QWenLMHeadModel(
+            get_preset("qwen-vl-7b"), ModelOptions(scan_layers=True), rngs=nnx.Rngs(0)
+        )
     )
     params = _flat_params(abstract)
     total = sum(math.prod(p.get_value().shape) for p in params.values())
@@ -297,7 +300,7 @@ def _copy_params(src, dst):
 
 def _model_like(src, **kwargs):
     """A model with other construction options holding src's parameters (no random init)."""
-    dst = nnx.eval_shape(lambda: QWenLMHeadModel(SMALL, rngs=nnx.Rngs(0), **kwargs))
+    dst = nnx.eval_shape(lambda: QWenLMHeadModel(SMALL, ModelOptions(**kwargs), rngs=nnx.Rngs(0)))
     _copy_params(src, dst)
     return dst
 
@@ -314,7 +317,7 @@ def _fwd(model, ids, **kwargs):
 
 @pytest.fixture(scope="module")
 def small_model():
-    return QWenLMHeadModel(SMALL, rngs=nnx.Rngs(1))
+    return QWenLMHeadModel(SMALL, ModelOptions(), rngs=nnx.Rngs(1))
 
 
 def _ids(seed, n):
@@ -389,7 +392,7 @@ def test_images_enter_only_their_spans(small_model):
 def test_cached_forward_equals_full_forward_with_ntk_and_logn():
     # seq_length=16 makes dynamic NTK and logn active for short prompts.
     cfg = SMALL.replace(seq_length=16)
-    model = QWenLMHeadModel(cfg, rngs=nnx.Rngs(3), scan_layers=True)
+    model = QWenLMHeadModel(cfg, ModelOptions(scan_layers=True), rngs=nnx.Rngs(3))
     ids = jnp.asarray(_ids(30, 40))[None]
     alpha = dynamic_ntk_alpha(30, 16)
     assert alpha == 3.0
@@ -461,7 +464,7 @@ def test_dot_product_attention_masks():
 
 
 def test_gradients_flow_through_scan_remat_and_images():
-    model = QWenLMHeadModel(SMALL, rngs=nnx.Rngs(4), scan_layers=True, remat="full")
+    model = QWenLMHeadModel(SMALL, ModelOptions(scan_layers=True, remat="full"), rngs=nnx.Rngs(4))
     ids, idx = _image_prompt(50)
     imgs = jnp.asarray(_images(51, 2))
 
@@ -500,7 +503,7 @@ def test_random_init_follows_the_published_initializer():
 
     std, L = 0.1, TINY.num_hidden_layers
     cfg = dataclasses.replace(TINY, initializer_range=std)
-    p = _flat_params(QWenLMHeadModel(cfg, rngs=nnx.Rngs(0)))
+    p = _flat_params(QWenLMHeadModel(cfg, ModelOptions(), rngs=nnx.Rngs(0)))
     p = {k: np.asarray(v.get_value()) for k, v in p.items()}
     d, w = cfg.hidden_size, cfg.visual.width
 
@@ -562,7 +565,7 @@ def test_image_budget_equals_encoding_every_slot():
     slots hold garbage pixels that must not matter. Over the budget, images would be lost (the
     trainer refuses such batches: tests/test_train.py)."""
     cfg = get_preset("tiny", vocab_size=1000, visual={"image_start_id": 990, "n_queries": 16})
-    model = QWenLMHeadModel(cfg, rngs=nnx.Rngs(7))
+    model = QWenLMHeadModel(cfg, ModelOptions(), rngs=nnx.Rngs(7))
     counts, m = [2, 0, 1, 3], 3  # row blocks of 2 rows: 2 and 4 images
     ids = _rows_with_images(counts, 16, 80, 990, seed=0)
     idx, got = image_token_index(ids, 990, 16)

@@ -22,6 +22,7 @@ from reference_weights import REF, reference_tensors
 
 from qwenvl_jax.convert import assign_params, import_tensors
 from qwenvl_jax.generate import generate
+from qwenvl_jax.model.options import ModelOptions
 from qwenvl_jax.model.qwen import dynamic_ntk_alpha
 from qwenvl_jax.model.qwenvl import QWenLMHeadModel
 from qwenvl_jax.tokenizer import image_token_index
@@ -33,7 +34,9 @@ RTOL = 1e-4  # the issue's criterion, relative to the largest reference logit
 def load_model(name: str, scan_layers: bool):
     cfg, tensors = reference_tensors(name)
     # Built abstractly (no random init), then every parameter is filled from the checkpoint.
-    model = nnx.eval_shape(lambda: QWenLMHeadModel(cfg, rngs=nnx.Rngs(0), scan_layers=scan_layers))
+    model = nnx.eval_shape(
+        lambda: QWenLMHeadModel(cfg, ModelOptions(scan_layers=scan_layers), rngs=nnx.Rngs(0))
+    )
     assign_params(model, import_tensors(tensors, cfg, scan_layers=scan_layers))
     return cfg, model
 

@@ -61,11 +61,14 @@ def test_stage0_learns_trains_only_the_visual_tower_and_is_reused(tmp_path):
     # A full checkpoint: the decoder is the seed's random init, the visual tower moved.
     from flax import nnx
 
+    from qwenvl_jax.model.options import ModelOptions
     from qwenvl_jax.model.qwenvl import QWenLMHeadModel
 
     saved_cfg, params = ours.load_params(out)
     assert saved_cfg.visual == cfg.visual
-    fresh = nnx.to_pure_dict(nnx.state(QWenLMHeadModel(cfg, rngs=nnx.Rngs(3)), nnx.Param))
+    fresh = nnx.to_pure_dict(
+        nnx.state(QWenLMHeadModel(cfg, ModelOptions(), rngs=nnx.Rngs(3)), nnx.Param)
+    )
     np.testing.assert_array_equal(
         params["transformer"]["wte"]["embedding"], fresh["transformer"]["wte"]["embedding"]
     )

@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from qwenvl_jax import generate as gen
 from qwenvl_jax import sharding as shd
 from qwenvl_jax.config import get_preset
+from qwenvl_jax.model.options import ModelOptions
 from qwenvl_jax.model.qwen import inference_scaling, init_cache
 from qwenvl_jax.model.qwenvl import QWenLMHeadModel
 from qwenvl_jax.train.aot import compiled_report
@@ -68,8 +69,7 @@ def run(name: str) -> dict:
     mesh = shd.make_mesh(sizes, _devices(topology, chip_config))
 
     def make():
-        return QWenLMHeadModel(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
-                               attn_impl="xla")  # fmt: skip
+        return QWenLMHeadModel(cfg, ModelOptions.inference(dtype), rngs=nnx.Rngs(0))
 
     abstract = nnx.eval_shape(make)
     if quantize:

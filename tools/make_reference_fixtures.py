@@ -492,6 +492,7 @@ def export_with_qwenvl_jax(
 
     from qwenvl_jax import config as config_lib
     from qwenvl_jax.convert import assign_params, export_hf, import_tensors
+    from qwenvl_jax.model.options import ModelOptions
     from qwenvl_jax.model.qwenvl import QWenLMHeadModel
 
     with open(os.path.join(fixture_dir, f"{name}.json")) as f:
@@ -501,7 +502,9 @@ def export_with_qwenvl_jax(
         (e["key"], recipe_array(d["seed"], e["key"], tuple(e["shape"])), "recipe")
         for e in d["recipe"]
     )
-    model = nnx.eval_shape(lambda: QWenLMHeadModel(cfg, rngs=nnx.Rngs(0), scan_layers=scan_layers))
+    model = nnx.eval_shape(
+        lambda: QWenLMHeadModel(cfg, ModelOptions(scan_layers=scan_layers), rngs=nnx.Rngs(0))
+    )
     assign_params(model, import_tensors(tensors, cfg, scan_layers=scan_layers))
     if dtype == "bfloat16":
         import ml_dtypes

@@ -211,7 +211,8 @@ def pretrain_visual(
         ValueError: when the adapter's n_queries is not a square number.
     """
     from qwenvl_jax.convert import ours
-    from qwenvl_jax.model.qwenvl import QWenLMHeadModel
+    from qwenvl_jax.model.factory import make_model
+    from qwenvl_jax.model.options import ModelOptions
 
     say = progress or (lambda _: None)
     world = world or synthetic.WorldConfig()
@@ -230,7 +231,7 @@ def pretrain_visual(
         raise ValueError(f"stage 0 needs a square number of adapter queries, got {mcfg.visual}")
 
     t0 = time.time()
-    model = QWenLMHeadModel(mcfg, rngs=nnx.Rngs(seed))
+    model = make_model(mcfg, ModelOptions(), nnx.Rngs(seed))
     m = _Pretrainer(model.transformer.visual, mcfg.visual.output_dim, rngs=nnx.Rngs(seed + 1))
     warmup = min(50, max(settings.steps // 2, 1))
     schedule = optax.warmup_cosine_decay_schedule(

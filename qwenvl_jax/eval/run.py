@@ -119,7 +119,7 @@ def evaluate(
     """Predict every (remaining) question of `benchmark`, then score all of them.
 
     Args:
-      checkpoint: an HF Qwen-VL directory, ours, or a training workdir (`api.checkpoint_kind`).
+      checkpoint: an HF Qwen-VL directory, ours, or a training workdir (`convert.checkpoint_kind`).
       benchmark: a `benchmarks.BENCHMARKS` name (the eval_mm `--dataset` names).
       data_dir: the directory holding `data/<dataset>/...` in the published layout; image paths
         in the test files are relative to it.
@@ -143,9 +143,10 @@ def evaluate(
             f" eval_mm scripts read it; sources: qwenvl_jax.eval.benchmarks.DATA_SOURCES)"
         )
     from qwenvl_jax import api
+    from qwenvl_jax.convert import checkpoint_kind
 
     try:
-        api.checkpoint_kind(checkpoint)
+        checkpoint_kind(checkpoint)
     except FileNotFoundError as e:
         raise MissingPathError(str(e)) from None
     records = list(benchmarks.read_records(bench, data_dir))

@@ -18,6 +18,7 @@ from flax import nnx
 from qwenvl_jax.config import QWenConfig
 from qwenvl_jax.model import layers
 from qwenvl_jax.model.attention import dot_product_attention
+from qwenvl_jax.model.options import ModelOptions
 
 # The reference precomputes logn factors for positions 1..32767 only.
 LOGN_TABLE_SIZE = 32767
@@ -99,12 +100,12 @@ def logn_scale(positions: jax.Array, seq_length: int) -> jax.Array:
 class QWenAttention(nnx.Module):
     """Causal self-attention: fused c_attn (with bias), rotary, [logn], attention, c_proj."""
 
-    def __init__(self, cfg: QWenConfig, *, rngs, dtype, param_dtype, attn_impl):
+    def __init__(self, cfg: QWenConfig, options: ModelOptions, *, rngs: nnx.Rngs):
         d, n, h = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
         self.seq_length = cfg.seq_length
         self.head_dim = h
-        self.attn_impl = attn_impl
-        self.dtype = dtype
+        self.options = options
+        dtype, param_dtype = options.dtype, options.param_dtype
         std = cfg.initializer_range
         # [Wq; Wk; Wv], each head-major: kernel [D, 3, N, H]. c_attn has a bias even with no_bias.
         self.c_attn = layers.Einsum(
@@ -164,7 +165,7 @@ class QWenAttention(nnx.Module):
                 scale=1.0 / math.sqrt(self.head_dim),
                 q_segment_ids=segment_ids,
                 kv_segment_ids=segment_ids,
-                implementation=self.attn_impl,
+                implementation=self.options.attn_impl,
             )
         else:
             ck, cv, kv_seg = layer_cache
@@ -184,7 +185,7 @@ class QWenAttention(nnx.Module):
                 kv_segment_ids=kv_seg,
                 q_positions=q_pos,
                 kv_positions=kv_pos,
-                implementation=self.attn_impl,
+                implementation=self.options.attn_impl,
             )
             new_cache = (ck, cv)
         return self.c_proj(layers.remat_name(out, "attn_out")), new_cache
@@ -193,9 +194,14 @@ class QWenAttention(nnx.Module):
 class QWenMLP(nnx.Module):
     """SwiGLU: c_proj(w1(x) * silu(w2(x)))."""
 
-    def __init__(self, cfg: QWenConfig, *, rngs, dtype, param_dtype):
+    def __init__(self, cfg: QWenConfig, options: ModelOptions, *, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.mlp_width
-        kw = dict(use_bias=not cfg.no_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        kw = dict(
+            use_bias=not cfg.no_bias,
+            rngs=rngs,
+            dtype=options.dtype,
+            param_dtype=options.param_dtype,
+        )
         std = cfg.initializer_range
         self.w1 = layers.Linear(d, f, ("embed", "mlp"), kernel_init=layers.normal(std), **kw)
         self.w2 = layers.Linear(d, f, ("embed", "mlp"), kernel_init=layers.normal(std), **kw)
@@ -214,12 +220,13 @@ class QWenMLP(nnx.Module):
 class QWenBlock(nnx.Module):
     """Pre-norm decoder block: h + attn(ln_1(h)), then h + mlp(ln_2(h))."""
 
-    def __init__(self, cfg: QWenConfig, *, rngs, dtype, param_dtype, attn_impl):
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    def __init__(self, cfg: QWenConfig, options: ModelOptions, *, rngs: nnx.Rngs):
+        self.options = options
+        kw = dict(rngs=rngs, dtype=options.dtype, param_dtype=options.param_dtype)
         self.ln_1 = layers.RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon, **kw)
-        self.attn = QWenAttention(cfg, attn_impl=attn_impl, **kw)
+        self.attn = QWenAttention(cfg, options, rngs=rngs)
         self.ln_2 = layers.RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon, **kw)
-        self.mlp = QWenMLP(cfg, **kw)
+        self.mlp = QWenMLP(cfg, options, rngs=rngs)
 
     def __call__(self, x: jax.Array, **attn_kwargs):
         a, new_cache = self.attn(self.ln_1(x), **attn_kwargs)

@@ -1,10 +1,12 @@
 """Qwen-VL: the visual tower's features spliced into the Qwen decoder's token stream.
 
 Public:
-  QWenLMHeadModel(config, *, rngs, dtype, param_dtype, scan_layers, remat, visual_remat, attn_impl)
+  QWenLMHeadModel(config, options, *, rngs)      options: a `ModelOptions`, passed whole down
   model(input_ids, *, images, image_token_index, segment_ids, positions, cache, cache_index,
         ntk_alpha, use_logn, image_valid, image_budget, image_groups)
     -> logits [B, T, V]  (or (logits, cache) when a cache is passed)
+  model.hidden_states(input_ids, ...same keywords) -> [B, T, D] after ln_f (or (hidden, cache))
+  model.logits(hidden) -> [..., V]                 the LM head alone (the chunked training loss)
 The `image_token_index` of token ids comes from `qwenvl_jax.tokenizer.image_token_index`.
 """
 
@@ -16,6 +18,7 @@ from flax import nnx
 
 from qwenvl_jax.config import QWenConfig
 from qwenvl_jax.model import layers
+from qwenvl_jax.model.options import ModelOptions
 from qwenvl_jax.model.qwen import QWenBlock, rotary_inv_freq
 from qwenvl_jax.model.visual import VisionTransformer
 
@@ -41,43 +44,29 @@ def splice_features(embeds: jax.Array, features: jax.Array, token_index: jax.Arr
 class QWenModel(nnx.Module):
     """`transformer`: wte, the decoder blocks `h`, ln_f and the visual tower `visual`."""
 
-    def __init__(
-        self,
-        cfg: QWenConfig,
-        *,
-        rngs: nnx.Rngs,
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
-        scan_layers: bool = False,
-        remat: str = "none",
-        visual_remat: str | None = None,
-        attn_impl: str = "auto",
-    ):
+    def __init__(self, cfg: QWenConfig, options: ModelOptions, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.dtype = dtype
-        self.scan_layers = scan_layers
-        self.remat = layers.check_remat(remat)
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.options = options
+        self.dtype = options.dtype
+        kw = dict(rngs=rngs, dtype=options.dtype, param_dtype=options.param_dtype)
         self.wte = layers.Embed(
             cfg.vocab_size, cfg.hidden_size, init_std=cfg.initializer_range, **kw
         )
 
         def make(r):
-            return QWenBlock(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype, attn_impl=attn_impl)
+            return QWenBlock(cfg, options, rngs=r)
 
-        if scan_layers:
+        if options.scan_layers:
             self.h = layers.make_stacked(make, cfg.num_hidden_layers, rngs)
         else:
             self.h = nnx.List([make(rngs) for _ in range(cfg.num_hidden_layers)])
         self.ln_f = layers.RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon, **kw)
         self.visual = VisionTransformer(
             cfg.visual,
-            scan_layers=scan_layers,
-            remat=remat if visual_remat is None else visual_remat,
-            attn_impl=attn_impl,
+            options,
+            rngs=rngs,
             init_std=cfg.initializer_range,
             c_proj_std=layers.c_proj_std(cfg.initializer_range, cfg.num_hidden_layers),
-            **kw,
         )
 
     def encode_images(
@@ -191,7 +180,7 @@ class QWenModel(nnx.Module):
             )
 
         x, new_kv = layers.run_stack(
-            self.h, x, xs, scan=self.scan_layers, remat=self.remat, call=call
+            self.h, x, xs, scan=self.options.scan_layers, remat=self.options.remat, call=call
         )
         x = self.ln_f(x)
         if cache is None:
@@ -203,42 +192,19 @@ class QWenLMHeadModel(nnx.Module):
     """Qwen-VL: `transformer` (QWenModel with its visual tower) and the untied `lm_head`.
 
     Args (constructor):
-      config: a QWenConfig (e.g. `get_preset("tiny")`).
+      config: a QWenConfig (e.g. `get_preset("tiny")`): the architecture, what the checkpoint
+        holds.
+      options: a `ModelOptions` (dtypes, scan_layers, remat, attn_impl): how it is stored and
+        computed. The one object reaches every decoder block, the ViT and the adapter (each
+        keeps it as `.options`).
       rngs: nnx.Rngs for initialisation.
-      dtype: compute dtype (bfloat16 on accelerators); norms, softmax and rotary run in float32.
-      param_dtype: parameter storage dtype.
-      scan_layers: stacked decoder and ViT blocks (leading `layers` axis) run with lax.scan.
-      remat: decoder remat policy name (`layers.REMAT_POLICIES`); visual_remat: the ViT's (default:
-        same as remat).
-      attn_impl: `dot_product_attention` implementation ("auto": the platform's fused kernel;
-        "xla", "splash", "pallas_gpu", "cudnn", "jax").
     """
 
-    def __init__(
-        self,
-        config: QWenConfig,
-        *,
-        rngs: nnx.Rngs,
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
-        scan_layers: bool = False,
-        remat: str = "none",
-        visual_remat: str | None = None,
-        attn_impl: str = "auto",
-    ):
+    def __init__(self, config: QWenConfig, options: ModelOptions, *, rngs: nnx.Rngs):
         self.config = config
-        self.dtype = dtype
-        self.scan_layers = scan_layers
-        self.transformer = QWenModel(
-            config,
-            rngs=rngs,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            scan_layers=scan_layers,
-            remat=remat,
-            visual_remat=visual_remat,
-            attn_impl=attn_impl,
-        )
+        self.options = options
+        self.dtype = options.dtype
+        self.transformer = QWenModel(config, options, rngs=rngs)
         self.lm_head = layers.Linear(
             config.hidden_size,
             config.vocab_size,
@@ -246,9 +212,22 @@ class QWenLMHeadModel(nnx.Module):
             use_bias=False,
             kernel_init=layers.normal(config.initializer_range),
             rngs=rngs,
-            dtype=dtype,
-            param_dtype=param_dtype,
+            dtype=options.dtype,
+            param_dtype=options.param_dtype,
         )
+
+    def hidden_states(self, input_ids: jax.Array, **kwargs):
+        """The final hidden states [B, T, D] after ln_f, in the compute dtype (and the new cache
+        when a cache is passed): the forward without the LM head.
+
+        Takes the keywords of `__call__`. The training loss applies `logits` to chunks of these,
+        so the [B, T, V] float32 logits never exist in full.
+        """
+        return self.transformer(input_ids, **kwargs)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """The LM head: hidden [..., D] -> logits [..., V] in the compute dtype."""
+        return self.lm_head(hidden)
 
     def __call__(
         self,
@@ -288,7 +267,7 @@ class QWenLMHeadModel(nnx.Module):
         Returns:
           logits [B, T, V] in the compute dtype, or (logits, new_cache) when cache is given.
         """
-        out = self.transformer(
+        out = self.hidden_states(
             input_ids,
             images=images,
             image_token_index=image_token_index,
@@ -303,6 +282,6 @@ class QWenLMHeadModel(nnx.Module):
             image_groups=image_groups,
         )
         if cache is None:
-            return layers.shard_activation(self.lm_head(out), ("act_batch", "act_seq", "act_vocab"))
+            return layers.shard_activation(self.logits(out), ("act_batch", "act_seq", "act_vocab"))
         h, new_cache = out
-        return self.lm_head(h), new_cache
+        return self.logits(h), new_cache

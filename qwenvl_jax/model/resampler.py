@@ -16,6 +16,7 @@ from flax import nnx
 
 from qwenvl_jax.model import layers
 from qwenvl_jax.model.attention import dot_product_attention
+from qwenvl_jax.model.options import ModelOptions
 
 
 def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
@@ -45,11 +46,18 @@ class MultiheadAttention(nnx.Module):
     """torch.nn.MultiheadAttention: separate query/key/value inputs, packed q/k/v weights."""
 
     def __init__(
-        self, embed_dim: int, num_heads: int, *, rngs, dtype, param_dtype, attn_impl, init_std=0.02
+        self,
+        embed_dim: int,
+        num_heads: int,
+        options: ModelOptions,
+        *,
+        rngs: nnx.Rngs,
+        init_std: float = 0.02,
     ):
         head_dim = embed_dim // num_heads
         self.scale = 1.0 / math.sqrt(head_dim)
-        self.attn_impl = attn_impl
+        self.options = options
+        dtype, param_dtype = options.dtype, options.param_dtype
         # Standard [Wq; Wk; Wv] packing: kernel [D, 3, N, H], bias [3, N, H].
         self.in_proj = layers.Einsum(
             "...d,dnh->...nh",  # applied one third at a time (query, key and value inputs differ)
@@ -92,7 +100,7 @@ class MultiheadAttention(nnx.Module):
         k = self._project(key, 1)
         v = self._project(value, 2)
         out = dot_product_attention(
-            q, k, v, causal=False, scale=self.scale, implementation=self.attn_impl
+            q, k, v, causal=False, scale=self.scale, implementation=self.options.attn_impl
         )
         return self.out_proj(out)
 
@@ -114,14 +122,14 @@ class Resampler(nnx.Module):
         embed_dim: int,
         num_heads: int,
         kv_dim: int,
+        options: ModelOptions,
         *,
         eps: float,
         rngs: nnx.Rngs,
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
-        attn_impl: str = "xla",
         init_std: float = 0.02,
     ):
+        self.options = options
+        dtype, param_dtype = options.dtype, options.param_dtype
         self.dtype = dtype
         n_queries = grid_size * grid_size
         self.pos_embed = layers.param(
@@ -152,9 +160,7 @@ class Resampler(nnx.Module):
         else:
             self.kv_proj = None
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.attn = MultiheadAttention(
-            embed_dim, num_heads, attn_impl=attn_impl, init_std=init_std, **kw
-        )
+        self.attn = MultiheadAttention(embed_dim, num_heads, options, rngs=rngs, init_std=init_std)
         self.ln_q = layers.LayerNorm(embed_dim, eps=eps, **kw)
         self.ln_kv = layers.LayerNorm(embed_dim, eps=eps, **kw)
 

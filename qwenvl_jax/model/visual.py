@@ -16,6 +16,7 @@ from qwenvl_jax.config import VisualConfig
 from qwenvl_jax.model import layers
 from qwenvl_jax.model.attention import dot_product_attention
 from qwenvl_jax.model.layers import bicubic_matrix, pos_resize_matrix, resize_pos_table
+from qwenvl_jax.model.options import ModelOptions
 from qwenvl_jax.model.resampler import Resampler
 
 __all__ = ["VisionTransformer", "bicubic_matrix", "pos_resize_matrix", "resize_pos_table"]
@@ -28,16 +29,15 @@ class VisualAttention(nnx.Module):
         self,
         width: int,
         heads: int,
+        options: ModelOptions,
         *,
         rngs: nnx.Rngs,
-        dtype,
-        param_dtype,
-        attn_impl,
-        init_std=0.02,
+        init_std: float = 0.02,
     ):
         head_dim = width // heads
         self.scale = 1.0 / math.sqrt(head_dim)
-        self.attn_impl = attn_impl
+        self.options = options
+        dtype, param_dtype = options.dtype, options.param_dtype
         # QWEN-QUIRK: the fused in_proj rows are interleaved per head (head, {q,k,v}, dim), not the
         # [Wq; Wk; Wv] layout of nn.MultiheadAttention; kernel [W, N, 3, H] keeps that order.
         self.in_proj = layers.Einsum(
@@ -67,7 +67,7 @@ class VisualAttention(nnx.Module):
         qkv = layers.remat_name(self.in_proj(x), "qkv_proj")  # [B, P, N, 3, H]
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
         out = dot_product_attention(
-            q, k, v, causal=False, scale=self.scale, implementation=self.attn_impl
+            q, k, v, causal=False, scale=self.scale, implementation=self.options.attn_impl
         )
         return self.out_proj(layers.remat_name(out, "attn_out"))
 
@@ -79,14 +79,13 @@ class VisualMLP(nnx.Module):
         self,
         width: int,
         mlp_width: int,
+        options: ModelOptions,
         *,
         rngs: nnx.Rngs,
-        dtype,
-        param_dtype,
-        init_std=0.02,
-        c_proj_std=0.02,
+        init_std: float = 0.02,
+        c_proj_std: float = 0.02,
     ):
-        kw = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        kw = dict(use_bias=True, rngs=rngs, dtype=options.dtype, param_dtype=options.param_dtype)
         fc_init, proj_init = layers.normal(init_std), layers.normal(c_proj_std)
         self.c_fc = layers.Linear(
             width, mlp_width, ("vit_embed", "vit_mlp"), kernel_init=fc_init, **kw
@@ -107,23 +106,20 @@ class VisualAttentionBlock(nnx.Module):
     def __init__(
         self,
         cfg: VisualConfig,
+        options: ModelOptions,
         *,
         rngs: nnx.Rngs,
-        dtype,
-        param_dtype,
-        attn_impl,
-        init_std=0.02,
-        c_proj_std=0.02,
+        init_std: float = 0.02,
+        c_proj_std: float = 0.02,
     ):
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.options = options
+        kw = dict(rngs=rngs, dtype=options.dtype, param_dtype=options.param_dtype)
         eps = cfg.layer_norm_epsilon
         self.ln_1 = layers.LayerNorm(cfg.width, eps=eps, **kw)
-        self.attn = VisualAttention(
-            cfg.width, cfg.heads, attn_impl=attn_impl, init_std=init_std, **kw
-        )
+        self.attn = VisualAttention(cfg.width, cfg.heads, options, rngs=rngs, init_std=init_std)
         self.ln_2 = layers.LayerNorm(cfg.width, eps=eps, **kw)
         self.mlp = VisualMLP(
-            cfg.width, cfg.mlp_width, init_std=init_std, c_proj_std=c_proj_std, **kw
+            cfg.width, cfg.mlp_width, options, rngs=rngs, init_std=init_std, c_proj_std=c_proj_std
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -138,31 +134,20 @@ class TransformerBlock(nnx.Module):
     def __init__(
         self,
         cfg: VisualConfig,
+        options: ModelOptions,
         *,
-        rngs,
-        dtype,
-        param_dtype,
-        scan_layers,
-        remat,
-        attn_impl,
-        init_std=0.02,
-        c_proj_std=0.02,
+        rngs: nnx.Rngs,
+        init_std: float = 0.02,
+        c_proj_std: float = 0.02,
     ):
-        self.scan_layers = scan_layers
-        self.remat = layers.check_remat(remat)
+        self.options = options
 
         def make(r):
             return VisualAttentionBlock(
-                cfg,
-                rngs=r,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                attn_impl=attn_impl,
-                init_std=init_std,
-                c_proj_std=c_proj_std,
+                cfg, options, rngs=r, init_std=init_std, c_proj_std=c_proj_std
             )
 
-        if scan_layers:
+        if options.scan_layers:
             self.resblocks = layers.make_stacked(make, cfg.layers, rngs)
         else:
             self.resblocks = nnx.List([make(rngs) for _ in range(cfg.layers)])
@@ -171,8 +156,8 @@ class TransformerBlock(nnx.Module):
         x, _ = layers.run_stack(
             self.resblocks,
             x,
-            scan=self.scan_layers,
-            remat=self.remat,
+            scan=self.options.scan_layers,
+            remat=self.options.vit_remat,
             call=lambda block, h, _: (block(h), None),
         )
         return x
@@ -183,10 +168,9 @@ class VisionTransformer(nnx.Module):
 
     Args (constructor):
       cfg: the visual config.
-      dtype: compute dtype; param_dtype: parameter storage dtype.
-      scan_layers: stack the blocks (leading `layers` axis) and run them with `jax.lax.scan`.
-      remat: a `layers.REMAT_POLICIES` name applied per block.
-      attn_impl: `dot_product_attention` implementation.
+      options: the model's `ModelOptions`, passed whole to the blocks and the adapter: dtypes,
+        `scan_layers` (stacked blocks run with `jax.lax.scan`), `vit_remat` (per block) and
+        `attn_impl`.
       init_std / c_proj_std: the normal init of the Linear layers / of the MLP's c_proj: the
         published code's `initializer_range` and `initializer_range / sqrt(2 L_llm)` (HF's
         `_init_weights` reaches the visual tower too). conv1 keeps PyTorch's Conv2d default
@@ -196,18 +180,16 @@ class VisionTransformer(nnx.Module):
     def __init__(
         self,
         cfg: VisualConfig,
+        options: ModelOptions,
         *,
         rngs: nnx.Rngs,
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
-        scan_layers: bool = False,
-        remat: str = "none",
-        attn_impl: str = "xla",
         init_std: float = 0.02,
         c_proj_std: float = 0.02,
     ):
         self.cfg = cfg
-        self.dtype = dtype
+        self.options = options
+        self.dtype = dtype = options.dtype
+        param_dtype = options.param_dtype
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         p, w = cfg.patch_size, cfg.width
         self.conv1 = layers.Einsum(
@@ -226,23 +208,17 @@ class VisionTransformer(nnx.Module):
         )
         self.ln_pre = layers.LayerNorm(w, eps=cfg.layer_norm_epsilon, **kw)
         self.transformer = TransformerBlock(
-            cfg,
-            scan_layers=scan_layers,
-            remat=remat,
-            attn_impl=attn_impl,
-            init_std=init_std,
-            c_proj_std=c_proj_std,
-            **kw,
+            cfg, options, rngs=rngs, init_std=init_std, c_proj_std=c_proj_std
         )
         self.attn_pool = Resampler(
             grid_size=math.isqrt(cfg.n_queries),
             embed_dim=cfg.output_dim,
             num_heads=cfg.resampler_heads,
             kv_dim=w,
+            options=options,
             eps=cfg.layer_norm_epsilon,
-            attn_impl=attn_impl,
+            rngs=rngs,
             init_std=init_std,
-            **kw,
         )
         self.ln_post = layers.LayerNorm(cfg.output_dim, eps=cfg.layer_norm_epsilon, **kw)
         # QWEN-QUIRK: proj is a raw [in, out] matrix applied as x @ proj (no transpose, no bias).

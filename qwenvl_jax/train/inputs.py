@@ -182,11 +182,11 @@ def data_spec(files: str, mixture: str, where: str, spec=None):
 
 def train_spec(cfg):
     """(kind, pipeline config or None) of the run: "pipeline" with its config, or "random"."""
-    kind = str(cfg.data.get("kind", "pipeline"))
+    kind = str(cfg.data.kind)
     if kind not in KINDS:
         raise ConfigError(f"--config.data.kind={kind!r}; valid: {', '.join(KINDS)}")
     d = cfg.data
-    spec = data_spec(d.get("train") or "", d.get("mixture") or "", "data", d.get("spec"))
+    spec = data_spec(d.train, d.mixture, "data", d.spec)
     if kind == "random":
         if spec is not None:
             raise ConfigError(
@@ -200,10 +200,8 @@ def train_spec(cfg):
 
 def eval_spec(cfg):
     """The held-out data's pipeline config (None: no eval), read in order, repeating."""
-    ev = cfg.get("eval")
-    if not ev:
-        return None
-    spec = data_spec(ev.get("data") or "", ev.get("mixture") or "", "eval")
+    ev = cfg.eval
+    spec = data_spec(ev.data, ev.mixture, "eval")
     if spec is None:
         return None
     if int(ev.every_steps) <= 0 or int(ev.batches) <= 0:
@@ -225,7 +223,7 @@ def describe(cfg, *, dry_run: bool = False) -> str:
     if spec is None:
         if dry_run:
             return f"data: none given (a real run needs {HOW})"
-        stage = cfg.get("stage") or "<stage>"
+        stage = cfg.stage or "<stage>"
         raise ConfigError(
             f"no training data given: pass {HOW} (examples in configs/data/), or run"
             f" configs/{stage}.py:data=random for random tokens"
@@ -254,7 +252,7 @@ def _pipeline_iterator(cfg, mcfg, spec, batch_size_per_host: int, seed: int):
     # Every <img>...</img> span gets one position per adapter query (256 as published; a smaller
     # model with fewer queries gets a tokenizer with shorter spans).
     tokenizer = load_tokenizer(
-        cfg.data.get("tokenizer") or None, image_span=int(mcfg.visual.n_queries)
+        cfg.data.tokenizer or None, image_span=int(mcfg.visual.n_queries)
     )
     return make_train_iterator(
         spec,

@@ -160,16 +160,16 @@ def train(
         opt_state = jax.jit(s.tx.init, out_shardings=s.opt_sharding)(params)
         log(f"initialised params from {desc}")
 
-    cache = compiler.enable_cache(str(cfg.get("compilation_cache_dir", "") or ""))
+    cache = compiler.enable_cache(str(cfg.compilation_cache_dir))
     hits0 = cache.hits if cache else 0
     step_fn = make_train_step(s, compiled)
     eval_step = make_eval_step(s) if inputs.eval_spec(cfg) is not None else None
     writer = MetricsWriter(workdir, total)
     flops_step = step_model_flops(s)
     dev = s.mesh.devices.flat[0]
-    peak = flops_lib.chip_peak(cfg.get("chip") or None, dev.device_kind)
+    peak = flops_lib.chip_peak(cfg.chip or None, dev.device_kind)
     n_chips = s.mesh.devices.size
-    preempt = _Preemption(int(cfg.checkpoint.get("preemption_check_every", 10)))
+    preempt = _Preemption(int(cfg.checkpoint.preemption_check_every))
     preempt.install()
     meta = {"seed": int(cfg.seed), "scan_layers": bool(cfg.model.scan_layers), "stage": cfg.stage}
     meta["config"] = json.loads(cfg.to_json_best_effort())

@@ -40,7 +40,7 @@ def auto_towers(cfg: ml_collections.ConfigDict) -> list[str]:
     """
     out = []
     for key in TOWERS:
-        value = cfg.model.get(key, "full")
+        value = cfg.model[key]
         if value == "auto":
             out.append(key)
         elif value not in layers.REMAT_POLICIES:
@@ -89,7 +89,7 @@ def resolve(cfg: ml_collections.ConfigDict, devices=None) -> tuple[Setup, Any]:
     names = "/".join(f"config.model.{k}" for k in keys)
     s = build(with_remat(cfg, keys, LADDER[0]), devices)
     check_setup(s)  # a config error is named before any compile
-    fit = float(cfg.model.get("remat_fit_gib", 0.0) or 0.0)
+    fit = float(cfg.model.remat_fit_gib)
     limit = int(fit * 2**30) if fit > 0 else device_memory_bytes(s.mesh.devices.flat[0])
     if limit is None:
         log(f"{names}=auto: no device memory to fit, so {LADDER[0]}")

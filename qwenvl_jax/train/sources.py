@@ -10,19 +10,19 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from qwenvl_jax import api
 from qwenvl_jax import checkpoint as ckpt_lib
 from qwenvl_jax import lora as lora_lib
 from qwenvl_jax import optim as optim_lib
 from qwenvl_jax import tree as tree_lib
 from qwenvl_jax.errors import CheckpointError, ConfigError, MissingPathError
+from qwenvl_jax.model.factory import load_params
 from qwenvl_jax.train.state import Setup, init_base_params, init_params
 
 
 def _load_checkpoint(path: str, scan: bool) -> dict:
-    """Params of any checkpoint `api.load_params` reads (our format, HF weights converted in
-    memory, a workdir's latest step) in the run's layer layout."""
-    _, params = api.load_params(path, scan_layers=scan)
+    """Params of any checkpoint `model.factory.load_params` reads (our format, HF weights
+    converted in memory, a workdir's latest step) in the run's layer layout."""
+    _, params = load_params(path, scan_layers=scan)
     return jax.tree.map(np.asarray, params)
 
 

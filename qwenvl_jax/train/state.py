@@ -1,5 +1,5 @@
-"""The static side of a run: model config and options (`api.make_model` builds it), mesh,
-shardings, optimizer (`Setup`)."""
+"""The static side of a run: model config and options (`model.factory.make_model` builds it),
+mesh, shardings, optimizer (`Setup`)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ import ml_collections
 import optax
 from flax import nnx
 
-from qwenvl_jax import api
-from qwenvl_jax import config as config_lib
 from qwenvl_jax import flops as flops_lib
 from qwenvl_jax import lora as lora_lib
 from qwenvl_jax import optim as optim_lib
 from qwenvl_jax import sharding as shd
 from qwenvl_jax import tree as tree_lib
 from qwenvl_jax.config import QWenConfig, get_preset
+from qwenvl_jax.model.factory import make_model
+from qwenvl_jax.model.options import ModelOptions
 
 
 def log(msg: str) -> None:
@@ -30,35 +30,15 @@ def log(msg: str) -> None:
 
 def model_config(cfg: ml_collections.ConfigDict) -> QWenConfig:
     """The QWenConfig of a training config: preset + overrides, at the stage's image size."""
-    overrides = cfg.model.overrides.to_dict() if cfg.model.get("overrides") else {}
+    overrides = cfg.model.overrides.to_dict()
     visual = dict(overrides.pop("visual", {}) or {})
     visual.setdefault("image_size", int(cfg.data.image_size))
     return get_preset(cfg.model.preset, visual=visual, **overrides)
 
 
-def _dtype(name: str, key: str = "config.model.dtype"):
-    return config_lib.dtype_from_name(name, key)
-
-
-def model_options(cfg: ml_collections.ConfigDict) -> dict:
-    """`api.make_model`'s options for a training config: dtypes, layer scan, remat, attention,
-    and the LoRA block when `config.lora` is enabled."""
-    return dict(
-        dtype=_dtype(cfg.model.dtype),
-        param_dtype=_dtype(cfg.model.param_dtype, "config.model.param_dtype"),
-        scan_layers=bool(cfg.model.scan_layers),
-        remat=_remat(cfg.model.remat_llm),
-        visual_remat=_remat(cfg.model.remat_vit),
-        attn_impl=cfg.model.get("attn_impl", "auto"),
-        lora=cfg.lora if lora_lib.enabled(cfg) else None,
-    )
-
-
-def _remat(name: str) -> str:
-    """A tower's remat policy; "auto" not resolved by `train.remat.resolve` is its first rung."""
-    from qwenvl_jax.model import layers
-
-    return layers.REMAT_AUTO_LADDER[0] if name == "auto" else name
+def _lora(cfg: ml_collections.ConfigDict):
+    """The `config.lora` block when LoRA is enabled (`make_model` attaches its adapters)."""
+    return cfg.lora if lora_lib.enabled(cfg) else None
 
 
 @dataclasses.dataclass
@@ -67,6 +47,7 @@ class Setup:
 
     cfg: ml_collections.ConfigDict
     mcfg: QWenConfig
+    options: ModelOptions  # how the model is built (`ModelOptions.from_config(cfg)`)
     mesh: jax.sharding.Mesh
     rules: tuple
     graphdef: Any
@@ -91,17 +72,28 @@ class Setup:
         return self.abstract_base is not None
 
 
-def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
-    """Builds the abstract model, shardings and optimizer without allocating parameters."""
+def build(
+    cfg: ml_collections.ConfigDict, devices=None, *, options: ModelOptions | None = None
+) -> Setup:
+    """Builds the abstract model, shardings and optimizer without allocating parameters.
+
+    Args:
+      cfg: the training config.
+      devices: the devices of the mesh (default: all).
+      options: the model options; default `ModelOptions.from_config(cfg)`. The setup keeps them
+        and every model of the run (abstract, initialised, merged) is built with this object.
+    """
     if lora_lib.enabled(cfg):
         lora_lib.check_config(cfg.lora)
     mcfg = model_config(cfg)
+    if options is None:
+        options = ModelOptions.from_config(cfg)
     mesh = shd.make_mesh(cfg.mesh, devices)
     accum = grad_accum_steps(cfg, mesh)
     rules = shd.rules_from_config(cfg.sharding.rules)
     with nnx.use_eager_sharding(False):
         abstract_model = nnx.eval_shape(
-            lambda: api.make_model(mcfg, nnx.Rngs(0), **model_options(cfg))
+            lambda: make_model(mcfg, options, nnx.Rngs(0), lora=_lora(cfg))
         )
     graphdef, state = nnx.split(abstract_model, nnx.Param)
     logical = nnx.to_pure_dict(shd.logical_axes_of_state(state))
@@ -140,8 +132,8 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Setup:
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_opt, opt_sharding
     )
     return Setup(
-        cfg, mcfg, mesh, rules, graphdef, state, abstract, param_sharding, tx, labels, schedule,
-        abstract_opt, opt_sharding, accum, abstract_base, base_sharding,
+        cfg, mcfg, options, mesh, rules, graphdef, state, abstract, param_sharding, tx, labels,
+        schedule, abstract_opt, opt_sharding, accum, abstract_base, base_sharding,
     )  # fmt: skip
 
 
@@ -155,7 +147,7 @@ def grad_accum_steps(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) ->
     """
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     b = int(cfg.batch_size)
-    db = int(cfg.get("device_batch", 0) or 0)
+    db = int(cfg.device_batch)
     if db:
         if b % (db * dp):
             raise ValueError(
@@ -197,7 +189,7 @@ def _init(s: Setup, seed: int, like: Any, sharding: Any) -> Any:
     @functools.partial(jax.jit, out_shardings=sharding)
     def init(key):
         with nnx.use_eager_sharding(False):
-            model = api.make_model(s.mcfg, nnx.Rngs(key), **model_options(s.cfg))
+            model = make_model(s.mcfg, s.options, nnx.Rngs(key), lora=_lora(s.cfg))
         full = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         # LoRA: only the requested part leaves the jit (XLA drops the rest of the draw).
         out = lora_lib.split(full, keep)[0] if s.lora else full
@@ -222,7 +214,7 @@ def _towers_trainable(labels: Any) -> tuple[bool, bool]:
 def encoded_images(s: Setup) -> int:
     """Images the step encodes: every static slot, or `data.image_budget` per micro-batch."""
     slots = int(s.cfg.batch_size) * int(s.cfg.data.max_images)
-    budget = int(s.cfg.data.get("image_budget", 0) or 0)
+    budget = int(s.cfg.data.image_budget)
     return min(slots, budget * s.accum) if budget and slots else slots
 
 

@@ -24,7 +24,7 @@ def cross_entropy_sum(
     """
     images = batch.get("images")
     budget = dict(image_valid=batch.get("image_valid"), image_budget=image_budget or None)
-    h = model.transformer(
+    h = model.hidden_states(
         batch["input_ids"],
         images=images,
         image_token_index=batch.get("image_token_index") if images is not None else None,
@@ -35,7 +35,7 @@ def cross_entropy_sum(
     targets, mask = batch["targets"], batch["loss_mask"].astype(jnp.float32)
 
     def chunk_loss(h_c, t_c, m_c):
-        logits = model.lm_head(h_c).astype(jnp.float32)
+        logits = model.logits(h_c).astype(jnp.float32)
         logz = jax.nn.logsumexp(logits, axis=-1)
         tgt = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
         correct = (jnp.argmax(logits, -1) == t_c).astype(jnp.float32)
@@ -71,7 +71,7 @@ def make_train_step(s: Setup, compiled=None):
     if compiled is not None:
         return LoraStep(compiled, s) if s.lora else compiled
     cfg = s.cfg
-    loss_chunk = int(cfg.get("loss_chunk", 0) or 0)
+    loss_chunk = int(cfg.loss_chunk)
     budget, groups = image_budget_of(s)
     frozen = jax.tree.map(lambda lab: lab == "frozen", s.labels)
     dropout = s.lora and float(cfg.lora.dropout) > 0
@@ -171,7 +171,7 @@ class LoraStep:
 def make_eval_step(s: Setup):
     """The jitted held-out step: (params, batch[A, b, ...]) -> {loss_sum, tokens, correct}, the
     train step's loss (`cross_entropy_sum`) forward only, summed over the micro-batches."""
-    loss_chunk = int(s.cfg.get("loss_chunk", 0) or 0)
+    loss_chunk = int(s.cfg.loss_chunk)
 
     def step(params, batch, base=None):
         from qwenvl_jax.model import layers
@@ -224,7 +224,7 @@ def image_budget_of(s: Setup) -> tuple[int, int]:
     valid slots never moves pixels between devices.
     """
     dp = s.mesh.shape["data"] * s.mesh.shape["fsdp"]
-    k = int(s.cfg.data.get("image_budget", 0) or 0)
+    k = int(s.cfg.data.image_budget)
     if not k or not int(s.cfg.data.max_images):
         return 0, dp
     if k % dp:
