@@ -47,15 +47,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from qwenvl_jax import bench_reference, train
+from qwenvl_jax import bench_reference, cli, train
 from qwenvl_jax import flops as flops_lib
 from qwenvl_jax.config import get_preset
 from qwenvl_jax.data.random_batches import RandomBatches
-from qwenvl_jax.errors import ConfigError, MissingPathError, UserError, run_cli
+from qwenvl_jax.errors import ConfigError, MissingPathError, UserError
 from qwenvl_jax.train import stage_config
-from qwenvl_jax.train.cli import parse_absl_flags
 from qwenvl_jax.train.state import encoded_images, model_config
 from qwenvl_jax.train.step import image_budget_of
 
@@ -404,8 +403,7 @@ def run_decode(shape="tiny", batches=(1, 32), prompt_len=64, new_tokens=64) -> d
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise UserError(f"unexpected argument {argv[1]!r}; flags take the form --name=value")
+    del argv  # cli.absl_main refuses positional words
     if _REF_DIR.value and _MODE.value == "decode":
         raise ConfigError("--reference_dir times --mode=grad or train, not --mode=decode")
     if _MODE.value == "decode":
@@ -511,4 +509,4 @@ def _line(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(lambda: app.run(main, flags_parser=parse_absl_flags)))
+    cli.absl_main(main)

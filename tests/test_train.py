@@ -509,6 +509,7 @@ def test_init_sources_previous_workdir_checkpoint_and_towers(reference, tmp_path
 
 def test_dry_run_7b_without_allocating(capsys):
     c = load_config("multitask", None)
+    c.aot.slice = "local"  # the 8 fake CPU devices (the stage's own slice: test_aot.py)
     out = train.dry_run(c)
     printed = capsys.readouterr().out
     assert "9,656,935,168" in printed  # the published Qwen-VL parameter count

@@ -1,25 +1,26 @@
 """Command line: convert Qwen-VL checkpoints between HF format and qwenvl_jax's own format.
 
-  python -m qwenvl_jax.convert import HF_DIR OUT_DIR [--scan_layers] [--dtype float32]
+  python -m qwenvl_jax.convert import HF_DIR OUT_DIR [--scan_layers] [--dtype=float32]
       HF directory (model*.safetensors or pytorch_model*.bin shards, with or without an index,
       and config.json) -> our format (config.json + Orbax params/).
-  python -m qwenvl_jax.convert export SRC_DIR OUT_DIR [--dtype bfloat16] [--max_shard_size 2GB]
+  python -m qwenvl_jax.convert export SRC_DIR OUT_DIR [--dtype=bfloat16] [--max_shard_size=2GB]
       our format (config.json + params/), or a training workdir (config.json +
-      checkpoints/<step>/: its latest complete step, or --step N) -> HF directory (safetensors
+      checkpoints/<step>/: its latest complete step, or --step=N) -> HF directory (safetensors
       shards + index, config.json, generation_config.json, qwen.tiktoken, tokenizer_config.json)
       that the published PyTorch code loads; SRC_DIR and OUT_DIR may be gs:// paths; --code_dir
       copies the published *.py files from a directory you point to. A LoRA workdir
       (configs/sft.py:lora) exports merged onto its config.init weights, or with --peft as a PEFT
       adapter (adapter_config.json + adapter_model.safetensors).
-  python -m qwenvl_jax.convert import-llm QWEN7B_DIR OUT_DIR [--scan_layers] [--dtype ...]
+  python -m qwenvl_jax.convert import-llm QWEN7B_DIR OUT_DIR [--scan_layers] [--dtype=...]
       text-only HF Qwen (Qwen-7B) -> a decoder-only tower checkpoint (our format) for stage 1's
       --config.init.llm_checkpoint.
-  python -m qwenvl_jax.convert import-vit OPENCLIP_FILE OUT_DIR [--heads 16] [--dtype ...]
+  python -m qwenvl_jax.convert import-vit OPENCLIP_FILE OUT_DIR [--heads=16] [--dtype=...]
       OpenCLIP ViT (ViT-bigG-14: open_clip_pytorch_model.bin or .safetensors) -> a ViT-trunk tower
       checkpoint (our format) for stage 1's --config.init.vit_checkpoint. The class token and
       OpenCLIP's ln_post/proj are dropped, the text tower is ignored (both reported).
 
-Neither direction needs torch. Progress is printed per shard.
+Neither direction needs torch. Progress is printed per shard. `python -m qwenvl_jax.convert COMMAND
+--help` lists a command's flags; a mistake is one line `error: ...`, exit 2 (`qwenvl_jax.cli`).
 """
 
 from __future__ import annotations
@@ -30,19 +31,12 @@ import os
 import sys
 import time
 
+from qwenvl_jax import cli, fileio
 from qwenvl_jax import config as config_lib
-from qwenvl_jax import fileio
-from qwenvl_jax.errors import EXIT_USAGE, ConfigError, MissingPathError, UserError
+from qwenvl_jax.errors import ConfigError, MissingPathError, UserError
 
 DTYPES = ("keep", *config_lib.DTYPES)
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line `error: ...` on stderr (exit 2), without the usage."""
-
-    def error(self, message):
-        self.exit(EXIT_USAGE, f"error: {message} (see `{self.prog} --help`)\n")
 
 
 def _dtype(name: str):
@@ -97,11 +91,12 @@ def _check_out(out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(
-        prog="python -m qwenvl_jax.convert",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    """The command line (`qwenvl_jax.cli`'s convention: a user mistake is one line, exit 2)."""
+    return cli.main(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    p = cli.ArgumentParser("python -m qwenvl_jax.convert", __doc__)
     sub = p.add_subparsers(dest="command", required=True)
     pi = sub.add_parser("import", help="HF Qwen-VL directory -> qwenvl_jax checkpoint")
     pi.add_argument("src", help="HF checkpoint directory (config.json + weight shards)")
@@ -152,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         msg = _one_line(e)
         if isinstance(e, CheckpointError) and args.src not in msg:
             msg = f"{args.src}: {msg}"  # a library message that names only a key or a shard
-        print(f"error: {args.command}: {msg}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
+        raise UserError(f"{args.command}: {msg}") from None
 
 
 def _log(msg: str) -> None:

@@ -10,9 +10,9 @@ import sys
 
 from absl import app, flags
 
+from qwenvl_jax.cli import parse_absl_flags
 from qwenvl_jax.demo.run import SETTINGS, run_demo
 from qwenvl_jax.errors import UserError, run_cli
-from qwenvl_jax.train.cli import parse_absl_flags
 
 _SETTING = flags.DEFINE_enum("demo_setting", "default", sorted(SETTINGS), "The demo's size.")
 _WORKDIR = flags.DEFINE_string(

@@ -8,30 +8,38 @@ Data: `--config.data.train=a.json,b.jsonl` (official fine-tuning files) or
 `--config.data.mixture=mixture.json` (configs/data/), held-out `--config.eval.data=...`; a full-size
 stage with neither stops at start, `configs/<stage>.py:data=random` trains on random tokens.
 
-Flags: --config (ml_collections file, `--config.a.b=value` overrides), --workdir, --dry_run (print
-the resolved config, mesh and per-device bytes without allocating; with `config.aot.topology` set
-and the `tpu` extra installed, compile the train step ahead of time for that TPU slice and print its
-memory and FLOPs), --coordinator/--num_processes/--process_id (multi-process without a TPU pod).
-Flags only: the work is `qwenvl_jax.train.train` and `qwenvl_jax.train.dry_run`. A user mistake (a
-config file or override key that does not exist, a bad value) ends in one line naming it, exit 2."""
+Flags: --config (ml_collections file, `--config.a.b=value` overrides; `configs/<stage>.py` is the
+checkout's file, or the copy installed with the package when run from elsewhere), --workdir,
+--dry_run (print the resolved config, the mesh and per-device bytes without allocating, on any
+machine: laid out for the slice `--config.aot.slice` names, v5p-64 for the 7B stages, or `local`;
+with `--config.aot.topology` set and the `tpu` extra installed, compile the train step ahead of time
+for that TPU slice and print its memory and FLOPs), --coordinator/--num_processes/--process_id
+(multi-process without a TPU pod). Flags only: the work is `qwenvl_jax.train.train` and
+`qwenvl_jax.train.dry_run`. The command-line convention (`qwenvl_jax.cli`): a user mistake (a config
+file or override key that does not exist, a bad value) ends in one line naming it, exit 2."""
 
 from __future__ import annotations
 
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from qwenvl_jax import cli
 from qwenvl_jax import sharding as shd
-from qwenvl_jax.errors import UserError, run_cli
+from qwenvl_jax.errors import UserError
 from qwenvl_jax.train import compiler
-from qwenvl_jax.train.aot import dry_run
-from qwenvl_jax.train.cli import parse_absl_flags
+from qwenvl_jax.train.aot import command_line, dry_run
+from qwenvl_jax.train.cli import parse_flags
 from qwenvl_jax.train.loop import train
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Stage config file, e.g. configs/multitask.py:tiny", lock_config=True
+    "config",
+    None,
+    "Stage config file[:variant], e.g. configs/multitask.py:tiny (configs/ is the checkout's, or"
+    " the copy installed with the package).",
+    lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (local or gs://).")
 _DEMO_SETTING = flags.DEFINE_enum(
@@ -41,7 +49,10 @@ _DEMO_SETTING = flags.DEFINE_enum(
     "Without --config: the demo's setting.",
 )
 _DRY_RUN = flags.DEFINE_bool(
-    "dry_run", False, "Print config, mesh, per-device bytes (and AOT-compile for aot.topology)."
+    "dry_run",
+    False,
+    "Print config, mesh and per-device bytes for --config.aot.slice (or AOT-compile for"
+    " --config.aot.topology); allocates nothing.",
 )
 _COORD = flags.DEFINE_string("coordinator", None, "jax.distributed coordinator host:port.")
 _NPROC = flags.DEFINE_integer("num_processes", None, "jax.distributed process count.")
@@ -52,8 +63,7 @@ _DIST = flags.DEFINE_bool(
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise UserError(f"unexpected argument {argv[1]!r}; flags take the form --name=value")
+    del argv  # cli.absl_main refuses positional words
     from absl import logging as absl_logging
 
     # Orbax logs every save at INFO; the progress line is printed, warnings still show.
@@ -69,7 +79,7 @@ def main(argv) -> None:
         )
         return
     if _DRY_RUN.value:
-        dry_run(cfg)
+        dry_run(cfg, command=command_line(sys.argv))
         return
     if not _WORKDIR.value:
         raise UserError("--workdir is required (where checkpoints, logs and TensorBoard files go)")
@@ -80,4 +90,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(lambda: app.run(main, flags_parser=parse_absl_flags)))
+    cli.absl_main(main, parse_flags)

@@ -1,29 +1,29 @@
-"""absl flag parsing for the command lines, with user mistakes as one `ConfigError` line."""
+"""The trainer's flag parsing: `--config=` found wherever the package is installed, and config
+mistakes as one `ConfigError` line (the convention itself: `qwenvl_jax.cli`)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 
-from qwenvl_jax.errors import ConfigError, one_line
+from qwenvl_jax import cli
+from qwenvl_jax.errors import ConfigError
 from qwenvl_jax.train import stage_config
 
 
-def parse_absl_flags(argv: Sequence[str]) -> list[str]:
-    """`absl.flags` parsing for `app.run(flags_parser=...)` that turns flag errors into UserError.
+def parse_flags(argv: Sequence[str]) -> list[str]:
+    """`cli.parse_absl_flags` for `--config` (ml_collections) command lines.
 
-    Covers an unknown flag, a bad value, a config file that does not exist or does not load, and an
-    `--config.a.b=value` override of a key the config does not have (naming the keys it has).
+    `--config=configs/<stage>.py[:variant]` names a checkout's file, or the copy installed with
+    the package when run elsewhere (`stage_config.resolve`). Besides absl's own mistakes, a config
+    file that does not exist or does not load and an `--config.a.b=value` override of a key the
+    config does not have (naming the keys it has) end in one line.
     """
     from absl import flags
 
-    args = list(argv)
+    args = resolve_config_args(argv)
     try:
-        rest = flags.FLAGS(args)
-    except flags.UnrecognizedFlagError as e:
-        raise ConfigError(_unknown_override(args, e.flagname or "") or one_line(str(e))) from None
-    except flags.Error as e:
-        raise ConfigError(_flag_error_line(str(e))) from None
+        rest = cli.parse_absl_flags(args, explain=_unknown_override)
     except (KeyError, AttributeError) as e:  # ml_collections, on an override of a missing key
         for a in args:
             name = a[2:].partition("=")[0] if a.startswith("--") else ""
@@ -32,33 +32,27 @@ def parse_absl_flags(argv: Sequence[str]) -> list[str]:
         raise ConfigError(
             f"a --config.* override names a key the config does not have ({e})"
         ) from None
-    for name in ("config",):
-        if name not in flags.FLAGS:
-            continue
-        flag = flags.FLAGS[name]
-        if flag.value is None:
-            continue
+    if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
+        flag = flags.FLAGS["config"]
         try:
             flag.value.to_dict()  # a config file that failed to load raises here (lazily)
         except Exception as e:  # noqa: BLE001 - ml_collections re-raises the loader's error
             path = str(flag.serialize()).partition("=")[2].partition(":")[0]
             if path and not os.path.isfile(path):
-                raise ConfigError(f"--{name}: config file {path!r} does not exist") from None
-            raise ConfigError(f"--{name}={path}: {_flag_error_line(str(e))}") from None
+                raise stage_config.missing_config(path) from None
+            raise ConfigError(f"--config={path}: {cli.flag_error_line(str(e))}") from None
     return rest
 
 
-def _flag_error_line(message: str) -> str:
-    """The informative line of an absl flag error (ml_collections appends the loader's traceback:
-    its last line names the real problem)."""
-    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
-    if len(lines) > 1 and lines[-1] != lines[0]:
-        last = lines[-1]
-        kind, sep, text = last.partition(": ")
-        if sep and "." in kind or kind.endswith(("Error", "Exception")):
-            last = text
-        return f"{lines[0].rstrip(':')}: {last}"
-    return lines[0] if lines else str(message)
+def resolve_config_args(argv: Sequence[str]) -> list[str]:
+    """`argv` with the file of each `--config=SPEC` (or `--config SPEC`) resolved."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a.startswith("--config="):
+            out[i] = "--config=" + stage_config.resolve(a.partition("=")[2])
+        elif a == "--config" and i + 1 < len(out):
+            out[i + 1] = stage_config.resolve(out[i + 1])
+    return out
 
 
 def _unknown_override(argv: Sequence[str], flagname: str) -> str | None:

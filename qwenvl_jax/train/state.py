@@ -79,7 +79,9 @@ def build(
 
     Args:
       cfg: the training config.
-      devices: the devices of the mesh (default: all).
+      devices: the devices of the mesh (default: all), or a `jax.sharding.AbstractMesh` of the
+        config's mesh shape: shardings laid out for devices that are not here (the dry run of a
+        named slice, `train.aot.slice_dry_run`).
       options: the model options; default `ModelOptions.from_config(cfg)`. The setup keeps them
         and every model of the run (abstract, initialised, merged) is built with this object.
     """
@@ -88,7 +90,10 @@ def build(
     mcfg = model_config(cfg)
     if options is None:
         options = ModelOptions.from_config(cfg)
-    mesh = shd.make_mesh(cfg.mesh, devices)
+    if isinstance(devices, jax.sharding.AbstractMesh):
+        mesh = devices
+    else:
+        mesh = shd.make_mesh(cfg.mesh, devices)
     accum = grad_accum_steps(cfg, mesh)
     rules = shd.rules_from_config(cfg.sharding.rules)
     with nnx.use_eager_sharding(False):
@@ -234,10 +239,12 @@ def step_model_flops(s: Setup, images: float | None = None) -> float:
 
 
 def describe(s: Setup) -> str:
-    lines = [
-        f"mesh {dict(s.mesh.shape)} over {s.mesh.devices.size} {s.mesh.devices.flat[0].platform}"
-        f" devices ({s.mesh.devices.flat[0].device_kind})",
-    ]
+    if isinstance(s.mesh, jax.sharding.AbstractMesh):  # a named slice's layout, no devices
+        where = f"{s.mesh.size} devices (laid out abstractly: none allocated, none needed)"
+    else:
+        dev = s.mesh.devices.flat[0]
+        where = f"{s.mesh.devices.size} {dev.platform} devices ({dev.device_kind})"
+    lines = [f"mesh {dict(s.mesh.shape)} over {where}"]
     counts = optim_lib.count_params(s.abstract_params, s.labels)
     lines.append(
         f"parameters: {counts['total']:,} ({counts['train']:,} trained,"
