@@ -243,6 +243,29 @@ def test_peft_adapter_export_keys_and_layout(lora_run, tmp_path):
     np.testing.assert_allclose(b @ a, ours_delta.reshape(256, -1).T, rtol=1e-5, atol=1e-7)
 
 
+def test_lora_on_an_int8_base_in_the_layer_scan(base_ckpt):
+    """config.lora.quantize_base="int8": the stacked decoder kernels are int8 with per-layer,
+    per-output-channel scales made from the init checkpoint (absmax over D / 127, recomputed here),
+    and a training step through the scanned blocks moves the adapters."""
+    from qwenvl_jax.data.random_batches import RandomBatches
+
+    s = build(_from(base_ckpt, small("qlora", **{"lora.quantize_base": "int8"})))
+    params, _ = initial_params(s)
+    base = _flat(base_params(s))
+    _, src = ours.load_params(base_ckpt, scan_layers=True)
+    w = _flat(src)["transformer.h.attn.c_attn.kernel"]  # [L, D, 3, N, H]
+    assert base["transformer.h.attn.c_attn.kernel"].dtype == np.int8
+    want = np.max(np.abs(w), axis=1, keepdims=True) / 127
+    np.testing.assert_allclose(base["transformer.h.attn.c_attn.kernel_scale"], want, rtol=1e-6)
+    opt = jax.jit(s.tx.init, out_shardings=s.opt_sharding)(params)
+    step = make_train_step(s)
+    data = RandomBatches(s.cfg, s.mcfg, int(s.cfg.batch_size), 0)
+    b0 = _flat(params)["transformer.h.mlp.w2.lora_B"].copy()
+    params, opt, m = step(params, opt, to_step_batch(next(data), s))
+    assert np.isfinite(float(m["loss"]))
+    assert not np.array_equal(_flat(params)["transformer.h.mlp.w2.lora_B"], b0)
+
+
 def test_qlora_trains_and_loss_falls(base_ckpt, tmp_path):
     from qwenvl_jax.train.loop import train
 
