@@ -23,14 +23,16 @@ format is one `Codec` entry in `CODECS` (its qwix type, the code that absmax map
 or blockwise); the walker, the layer, the host-side quantizer and `decode_params` need no change.
 
 The codecs are qwix's (`qwix.quantize` / `qwix.dequantize` on the kernel array, with our two
-layouts as qwix's channelwise / tiled axes; NF4 codes and scales are bit-identical to QLoRA's
-recipe); qwix's model-level providers are not used because our layer stack runs each block as an
-`nnx.merge` copy (lazily created LoRA Params never reach the model) and casts the kernel before
-the einsum (`WithAux.astype` fails on a QArray: "Unsupported type: QArray"), measured with 0.1.8.
+layouts as qwix's channelwise / tiled axes; NF4 codes and scales are bit-identical to the
+hand-written QLoRA NF4 they replace). qwix's model-level providers are not used: our layer stack
+runs each block as an `nnx.merge` copy (lazily created LoRA Params never reach the model) and
+casts the kernel before the einsum (`WithAux.astype` fails on a QArray: "Unsupported type:
+QArray"), measured with 0.1.8.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -43,6 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 import qwix
 from flax import nnx
+
+# Private: qwix's bound per type, to map absmax to our qmax (tests recompute the scales in numpy).
 from qwix._src.core import numerics as _qwix_numerics
 
 from qwenvl_jax.model import layers
@@ -343,6 +347,4 @@ def _host():
     try:
         return jax.default_device(jax.local_devices(backend="cpu")[0])
     except RuntimeError:  # JAX_PLATFORMS without cpu: encode where the arrays are
-        import contextlib
-
         return contextlib.nullcontext()
