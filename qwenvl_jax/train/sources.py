@@ -11,7 +11,6 @@ import numpy as np
 from etils import epath
 
 from qwenvl_jax import checkpoint as ckpt_lib
-from qwenvl_jax import lora as lora_lib
 from qwenvl_jax import optim as optim_lib
 from qwenvl_jax import tree as tree_lib
 from qwenvl_jax.errors import CheckpointError, ConfigError, MissingPathError
@@ -183,9 +182,10 @@ def _lora_base(s: Setup, loaded: Any, desc: str) -> Any:
     """The base tree on its shardings: the init source's leaves, 4-bit where the run quantizes."""
     # The source holds every base leaf at full precision (a 4-bit kernel's codes have its shape;
     # its scales are made here) and the trained modules_to_save, but no adapters.
-    want = {
-        p: a for p, a in tree_lib.flatten(s.abstract_base).items() if not p.endswith("kernel_scale")
-    }
+    from qwenvl_jax.model import variants
+
+    abstract = tree_lib.flatten(s.abstract_base)
+    want = {p: a for p, a in abstract.items() if not p.endswith(variants.SCALE_NAMES)}
     want.update(
         (p, a)
         for p, a in tree_lib.flatten(s.abstract_params).items()
@@ -193,16 +193,16 @@ def _lora_base(s: Setup, loaded: Any, desc: str) -> Any:
     )
     tree_lib.check_fits(loaded, want, source=desc)
     flat = tree_lib.flatten(loaded)
-    mode = s.cfg.lora.quantize_base
-    quant = jax.jit(lora_lib.quantize, static_argnums=1)
+    codec = variants.CODECS.get(s.cfg.lora.quantize_base)
+    encode = jax.jit(codec.encode, static_argnums=1) if codec else None
 
     def leaf(p, a):
-        if p.endswith(".kernel_scale"):
+        if p.endswith(variants.SCALE_NAMES):
             return "scale"  # filled in with its kernel's codes
-        if jnp.issubdtype(a.dtype, jnp.integer):  # a 4-bit kernel: quantize the source's
+        sp = p[: -len("kernel")] + codec.scale_name if codec and p.endswith(".kernel") else ""
+        if sp in abstract:  # a codec-stored kernel: encode the source's
             x = jnp.asarray(np.asarray(flat[p], np.float32))
-            codes, scale = quant(x, mode)
-            scales[p[: -len("kernel")] + "kernel_scale"] = scale
+            codes, scales[sp] = encode(x, tuple(abstract[sp].shape))
             return jax.device_put(codes, a.sharding)
         return jax.device_put(np.asarray(flat[p], a.dtype), a.sharding)
 
