@@ -79,5 +79,5 @@ def lora_config(variant: str):
     lc.targets = lora_lib.DEFAULT_TARGETS
     # Trained in full with the adapters (the published base-model run: wte and lm_head).
     lc.modules_to_save = ()
-    lc.quantize_base = "nf4" if variant == "qlora" else "none"  # none | int4 | nf4
+    lc.quantize_base = "nf4" if variant == "qlora" else "none"  # none | lora.QUANT_MODES
     return lc
