@@ -63,6 +63,8 @@ def _run(argv) -> None:
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "fsdp=4,model=2"')
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default by platform)")
     p.add_argument("--quantize", default=None, choices=["int8"], help="weight-only int8")
+    p.add_argument("--pause_after", type=int, default=None, metavar="N",
+                   help="after N predictions, wait while OUT/BENCHMARK.paused exists")  # fmt: skip
     args = p.parse_args(argv)
     from qwenvl_jax.eval.run import evaluate
 
@@ -77,6 +79,7 @@ def _run(argv) -> None:
         mesh=args.mesh,
         dtype=args.dtype,
         quantize=args.quantize,
+        pause_after=args.pause_after,
         log=lambda s: print(s, flush=True),
     )
 

@@ -18,6 +18,8 @@ import os
 import posixpath
 import re
 import shutil
+import time
+from collections.abc import Callable
 
 import fsspec.config
 from etils import epath
@@ -152,12 +154,33 @@ class JsonLines:
         path(self.path).write_text(self._content)
 
 
+def hold(p: str | os.PathLike, note: str, stop: Callable[[], bool] = lambda: False) -> bool:
+    """Writes `note` to the file `p` and waits while `p` exists: a barrier someone else opens.
+
+    Whoever holds the run (a user inspecting it, a test about to kill it) knows it is waiting
+    at this exact point while the file is there, and releases it by deleting the file. `stop()` is
+    polled too: when it turns True the wait ends and the file is removed, so its disappearance
+    also tells the outside that `stop` was seen.
+
+    Returns:
+        True when `stop()` ended the wait, False when the file was deleted.
+    """
+    write_text(p, note)
+    while exists(p):
+        if stop():
+            path(p).unlink(missing_ok=True)
+            return True
+        time.sleep(0.05)
+    return False
+
+
 __all__ = [
     "JsonLines",
     "absolute",
     "copy_file",
     "copy_tree",
     "exists",
+    "hold",
     "is_remote",
     "isdir",
     "isfile",

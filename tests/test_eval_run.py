@@ -10,9 +10,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
+from held import wait_until
 import pytest
 from PIL import Image
 from reference_weights import write_hf_dir
@@ -145,15 +145,12 @@ def test_killed_run_resumes_where_it_stopped(hf_dir, data_dir, tmp_path):
            "--batch_size", "1", "--limit", "12", "--dtype", "float32"]  # fmt: skip
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     preds = out / "vqav2_val.jsonl"
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if preds.exists() and len(_lines(preds)) >= 2:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
+    # Held once 2 predictions are written (the tests' barrier), then killed.
+    proc = subprocess.Popen([*cmd, "--pause_after", "2"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    held = out / "vqav2_val.paused"
+    wait_until(held.exists, [proc], "held after 2 predictions", 600)
+    proc.kill()
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stdout.read().decode()[-2000:]
     killed = _lines(preds) if preds.read_text().endswith("\n") else _lines(preds)[:-1]

@@ -10,12 +10,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 from gcs_emulator import GcsEmulator
+from held import wait_until
 from PIL import Image
 
 from qwenvl_jax import checkpoint as ckpt_lib
@@ -114,14 +114,14 @@ def test_sigkill_then_resume_from_the_bucket_is_bit_identical(gcs, gs_run, tmp_p
     cmd, env = _cli(gcs, wd, cache)
     # stderr to a file: Orbax's warnings on GCS fill a pipe that nobody reads until the kill.
     log = open(tmp_path / "killed.stderr", "w+")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
-    # Orbax writes commit_success.txt into a step on GCS once the step is complete.
+    # Held after step 3 (the barrier in the bucket) once step 2's checkpoint is complete (Orbax
+    # writes commit_success.txt into a step on GCS last), then killed: it resumes from step 2.
+    proc = subprocess.Popen([*cmd, "--config.pause_after_step=3"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
+    held = fileio.join(wd, "paused_at_step_3.process_0")
     committed = fileio.join(wd, "checkpoints", "2", "commit_success.txt")
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None and not fileio.exists(committed):
-        time.sleep(0.1)
-    log.seek(0)
-    assert proc.poll() is None, log.read()[-3000:]
+    wait_until(lambda: fileio.exists(held) and fileio.exists(committed), [proc],
+               "held at step 3 with step 2 saved", 600, log=log)  # fmt: skip
     proc.kill()
     proc.wait()
     log.close()
@@ -130,7 +130,7 @@ def test_sigkill_then_resume_from_the_bucket_is_bit_identical(gcs, gs_run, tmp_p
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=600)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     out = done.stdout.decode()
-    assert f"resumed from {wd}/checkpoints step" in out, out[-2000:]
+    assert f"resumed from {wd}/checkpoints step 2" in out, out[-2000:]
     assert _losses(wd) == ref, (killed_at, _losses(wd), ref)
 
 

@@ -6,17 +6,16 @@ batches (`data.kind="random"`), so each run compiles in tens of seconds on a CPU
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 from absl import logging as absl_logging
+from held import wait_until
 from ports import free_port
 
 from qwenvl_jax import checkpoint as ckpt_lib
@@ -241,45 +240,41 @@ def test_sigkill_then_restart_matches_uninterrupted(tmp_path):
     ref = [losses_by_step(ref_wd)[i] for i in range(1, 7)]
     wd = str(tmp_path / "run")
     cmd, env = cli(wd)
-    kill_after = random.Random(os.getpid()).randint(2, 5)
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    metrics = os.path.join(wd, "metrics.jsonl")
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(metrics) and len(open(metrics).readlines()) >= kill_after:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    # Held after step 5 (before its checkpoint) once step 4's checkpoint is complete, then killed:
+    # the restart must resume from step 4 and replay step 5's batch and update exactly.
+    proc = subprocess.Popen([*cmd, "--config.pause_after_step=5"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    held = os.path.join(wd, "paused_at_step_5.process_0")
+    step4 = os.path.join(wd, "checkpoints", "4")  # Orbax renames a step's folder when complete
+    wait_until(lambda: os.path.exists(held) and os.path.isdir(step4), [proc], "held at step 5")
     proc.kill()
     proc.wait()
+    assert max(losses_by_step(wd)) == 5
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert f"resumed from {os.path.join(wd, 'checkpoints')} step 4" in done.stdout.decode()
     got = losses_by_step(wd)
-    assert [got[i] for i in range(1, 7)] == ref, (kill_after, got, ref)
+    assert [got[i] for i in range(1, 7)] == ref, (got, ref)
 
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_before_exit(tmp_path):
     wd = str(tmp_path / "run")
-    cmd, env = cli(wd, "--config.checkpoint.every_steps=1000", "--config.steps=50")
+    cmd, env = cli(wd, "--config.checkpoint.every_steps=1000", "--config.steps=50",
+                   "--config.pause_after_step=2")  # fmt: skip
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    metrics = os.path.join(wd, "metrics.jsonl")
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(metrics) and len(open(metrics).readlines()) >= 2:
-            break
-        time.sleep(0.05)
+    held = os.path.join(wd, "paused_at_step_2.process_0")
+    wait_until(lambda: os.path.exists(held), [proc], "held at step 2")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err.decode()[-3000:]
     assert "SIGTERM" in err.decode()
-    steps = ckpt_lib.Checkpointer(wd).all_steps()
-    last = max(losses_by_step(wd))
-    assert steps == [last] and 2 <= last < 50
+    # Only the SIGTERM saves step 2 (checkpoints are every 1000 steps); nothing ran after it.
+    assert ckpt_lib.Checkpointer(wd).all_steps() == [2]
+    assert max(losses_by_step(wd)) == 2
+    assert not os.path.exists(held)
 
 
 @pytest.mark.slow
@@ -330,14 +325,14 @@ def test_sigterm_on_one_of_two_processes(tmp_path, service, reference_12_losses)
     wd = str(tmp_path / "run")
     port = free_port()
 
-    def launch(port):
+    def launch(port, *extra):
         procs = []
         for pid in range(2):
             cmd, env = cli(
                 wd, f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}",
                 "--config.mesh.data=2", "--config.mesh.fsdp=2", f"--config.steps={steps}",
                 "--config.checkpoint.every_steps=1000",
-                f"--config.checkpoint.preemption_check_every={every}", devices=2,
+                f"--config.checkpoint.preemption_check_every={every}", *extra, devices=2,
             )  # fmt: skip
             env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
             env["JAX_ENABLE_PREEMPTION_SERVICE"] = "true" if service else "false"
@@ -345,14 +340,19 @@ def test_sigterm_on_one_of_two_processes(tmp_path, service, reference_12_losses)
                                           stderr=subprocess.PIPE))  # fmt: skip
         return procs
 
-    procs = launch(port)
-    metrics = os.path.join(wd, "metrics.jsonl")
-    deadline = time.time() + 400
-    while time.time() < deadline and procs[0].poll() is None:
-        if os.path.exists(metrics) and len(open(metrics).readlines()) >= 2:
-            break
-        time.sleep(0.05)
+    # Both processes hold after step 2 (before its preemption check); process 1 gets SIGTERM.
+    procs = launch(port, "--config.pause_after_step=2")
+    held = [os.path.join(wd, f"paused_at_step_2.process_{i}") for i in range(2)]
+    wait_until(lambda: all(map(os.path.exists, held)), procs, "both held at step 2", 400)
     procs[1].send_signal(signal.SIGTERM)
+    if not service:
+        # Process 1's handler set its flag: it removes its file and waits in the all-gather.
+        wait_until(lambda: not os.path.exists(held[1]), procs, "process 1 saw SIGTERM")
+    # With the service the notice travels through JAX's coordination service in the background
+    # (ms), while 10 steps remain; the sync point is one past the furthest process's step.
+    for f in held:
+        if os.path.exists(f):
+            os.remove(f)
     errs = [p.communicate(timeout=400)[1].decode() for p in procs]
     for p, err in zip(procs, errs, strict=True):
         assert p.returncode == 0, err[-3000:]
@@ -361,7 +361,7 @@ def test_sigterm_on_one_of_two_processes(tmp_path, service, reference_12_losses)
     assert ckpt_lib.Checkpointer(wd).all_steps() == [last]
     assert 2 <= last < steps, last
     if not service:
-        assert last % every == 0
+        assert last == 2  # the flags are all-gathered at step 2, after process 1's was set
     for p in launch(free_port()):
         err = p.communicate(timeout=400)[1].decode()
         assert p.returncode == 0, err[-3000:]

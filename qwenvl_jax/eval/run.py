@@ -23,6 +23,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
+from qwenvl_jax import fileio
 from qwenvl_jax.errors import ConfigError, MissingPathError
 from qwenvl_jax.eval import benchmarks, metrics
 
@@ -115,6 +116,7 @@ def evaluate(
     dtype: str | None = None,
     quantize: str | None = None,
     log: Callable[[str], None] = print,
+    pause_after: int | None = None,
 ) -> dict:
     """Predict every (remaining) question of `benchmark`, then score all of them.
 
@@ -129,6 +131,9 @@ def evaluate(
       chat: wrap prompts in ChatML (Qwen-VL-Chat) and stop on `<|im_end|>`.
       mesh: shard the model, e.g. "fsdp=4,model=2" (`QwenVL.from_pretrained(mesh=...)`).
       dtype, quantize: as `QwenVL.from_pretrained`.
+      pause_after: once the file holds this many predictions (flushed), wait while
+        `<out_dir>/<benchmark>.paused` exists (delete it to go on): to look at a live run, and
+        the tests' barrier before they kill one.
 
     Returns:
       the scores dict written to `<benchmark>_scores.json` (score None for server-scored splits).
@@ -177,6 +182,10 @@ def evaluate(
                 log(
                     f"[{n0 + n}/{total}] {rate:.2f} questions/s, ETA {_eta((len(todo) - n) / rate)}"
                 )
+                if pause_after is not None and n0 + n - len(batch) < pause_after <= n0 + n:
+                    hold = os.path.join(out_dir, f"{bench.name}.paused")
+                    log(f"paused after {n0 + n} predictions: delete {hold} to go on")
+                    fileio.hold(hold, f"{n0 + n}\n")
     result = {"benchmark": bench.name, "metric": bench.metric, "n": total, "score": None,
               "checkpoint": checkpoint, "chat": chat, "limit": limit}  # fmt: skip
     if bench.metric is not None:

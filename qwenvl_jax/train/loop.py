@@ -237,6 +237,12 @@ def train(
                 if jax.process_index() == 0:
                     metrics_log.append(json.dumps(rec))
                 t_last, steps_since, wait_since, imgs_since = time.time(), 0, 0.0, 0.0
+            if step == int(cfg.pause_after_step):
+                # Held before this step's checkpoint: a SIGTERM now (seen through the local
+                # handler's flag) checkpoints this very step; deleting the file goes on.
+                hold = fileio.join(workdir, f"paused_at_step_{step}.process_{jax.process_index()}")
+                log(f"paused after step {step}: delete {hold} to go on, or SIGTERM to stop here")
+                fileio.hold(hold, f"{step}\n", stop=lambda: preempt.flag)
             stop = preempt.should_stop(step)
             if step % int(cfg.checkpoint.every_steps) == 0 or step == total or stop:
                 ckpt.save(step, params, opt_state, meta, json.dumps(data.get_state()), wait=stop)

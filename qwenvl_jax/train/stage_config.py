@@ -116,6 +116,11 @@ def base() -> mlc.ConfigDict:
     c.checkpoint.preemption_check_every = 10
 
     c.log_every = 10
+    # Hold the run after this step (0 = never), before its checkpoint: each process writes
+    # <workdir>/paused_at_step_N.process_I and waits while it exists. Delete the files to go on;
+    # SIGTERM checkpoints step N and exits. For looking at a live run, and the tests' barrier
+    # before they kill or terminate one (train/loop.py).
+    c.pause_after_step = 0
     # LM head + float32 log-softmax in chunks of this many positions (0 = all at once), so the
     # [B, T, 151936] float32 logits never exist in full.
     c.loss_chunk = 512
