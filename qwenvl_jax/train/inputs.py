@@ -76,10 +76,12 @@ def _check_entry(where: str, name: str, entry, root: str) -> dict:
     unknown = sorted(set(entry) - set(known))
     if unknown:
         raise ConfigError(f"{at}: unknown key(s) {unknown}; valid: {known} (and comment)")
-    kind = entry.get("kind", "json")
+    # The keys a file leaves out take `source_config`'s defaults (written there once).
+    given, entry = entry, dict(pipeline.source_config().to_dict(), **entry)
+    kind = entry["kind"]
     if kind not in ("json", "tfds"):
         raise ConfigError(f"{at}: kind {kind!r}; valid: json, tfds")
-    task = entry.get("task", "chatml")
+    task = entry["task"]
     if task not in tasks.TASKS:
         raise ConfigError(f"{at}: task {task!r}; valid: {', '.join(tasks.TASKS)}")
     for key in ("path", "name", "split", "data_dir", "image_root", "box_format"):
@@ -100,7 +102,7 @@ def _check_entry(where: str, name: str, entry, root: str) -> dict:
     else:
         if not entry.get("name"):
             raise ConfigError(f"{at}: kind tfds needs a name (a TFDS builder: coco_captions)")
-        if not entry.get("split"):
+        if not given.get("split"):  # explicit, though source_config has a default
             raise ConfigError(f'{at}: TFDS {entry["name"]!r} needs a split (e.g. "train")')
         if entry.get("path"):
             raise ConfigError(f"{at}: path is for kind json; a tfds source has name and split")
@@ -108,18 +110,18 @@ def _check_entry(where: str, name: str, entry, root: str) -> dict:
             entry["data_dir"] = resolve(entry["data_dir"])
     if entry.get("image_root"):
         entry["image_root"] = resolve(entry["image_root"])
-    w = entry.get("weight", 1.0)
+    w = entry["weight"]
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
         raise ConfigError(f"{at}: weight {w!r}; it must be a number > 0")
-    fmt = entry.get("box_format", "xyxy_pixel")
+    fmt = entry["box_format"]
     if fmt not in tasks.BOX_FORMATS:
         raise ConfigError(f"{at}: box_format {fmt!r}; valid: {', '.join(tasks.BOX_FORMATS)}")
-    fields = entry.get("fields", {})
+    fields = entry["fields"]
     if not isinstance(fields, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in fields.items()
     ):
         raise ConfigError(f"{at}: fields must map field names to record keys, got {fields!r}")
-    options = entry.get("options", {})
+    options = entry["options"]
     valid_opts = sorted(f.name for f in dataclasses.fields(tasks.TaskOptions))
     if not isinstance(options, dict) or set(options) - set(valid_opts):
         bad = sorted(set(options) - set(valid_opts)) if isinstance(options, dict) else options
@@ -228,10 +230,11 @@ def describe(cfg, *, dry_run: bool = False) -> str:
             f"no training data given: pass {HOW} (examples in configs/data/), or run"
             f" configs/{stage}.py:data=random for random tokens"
         )
+    from qwenvl_jax.data import pipeline
+
+    filled = {n: pipeline.source_config(**s) for n, s in _sources_of(spec).items()}
     line = "data: " + ", ".join(
-        f"{n} ({s.get('task', 'chatml')}, {s.get('path') or s.get('name')}, weight"
-        f" {float(s.get('weight', 1.0)):g})"
-        for n, s in _sources_of(spec).items()
+        f"{n} ({s.task}, {s.path or s.name}, weight {float(s.weight):g})" for n, s in filled.items()
     )
     if spec.get("weight_by_records"):
         line += " [weights x records]"
@@ -251,9 +254,7 @@ def _pipeline_iterator(cfg, mcfg, spec, batch_size_per_host: int, seed: int):
 
     # Every <img>...</img> span gets one position per adapter query (256 as published; a smaller
     # model with fewer queries gets a tokenizer with shorter spans).
-    tokenizer = load_tokenizer(
-        cfg.data.tokenizer or None, image_span=int(mcfg.visual.n_queries)
-    )
+    tokenizer = load_tokenizer(cfg.data.tokenizer or None, image_span=int(mcfg.visual.n_queries))
     return make_train_iterator(
         spec,
         tokenizer,
