@@ -7,10 +7,11 @@
   raises) is one line `error: ...` on stderr, exit 2 (`errors.run_cli`). Anything else is our
   bug and keeps its traceback.
 
-Two parsers serve it. Tools configured by an ml_collections file (`train`, `bench`, `demo`) use absl
-flags, because `--config.a.b=value` overrides are absl flags: `absl_main(main, parse)`, with
-`parse_absl_flags` turning absl's errors into one line. Tools with subcommands or positional paths
-(`convert`, `evaluate`, and the coming `serve` and `prep`) use `ArgumentParser` with `main(run)`.
+Two parsers serve it. The trainer and the tools beside it (`train`, `bench`, `demo`) use absl flags,
+because the trainer's ml_collections `--config.a.b=value` overrides are absl flags:
+`absl_main(main, parse)`, with `parse_absl_flags` turning absl's errors into one line. The library's
+tools (`convert` with its subcommands and positional paths, `evaluate`, and the coming `serve` and
+`prep`) use `ArgumentParser` with `main(run)`; both list value flags as `--name=VALUE`.
 """
 
 from __future__ import annotations
