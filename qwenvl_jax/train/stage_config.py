@@ -71,6 +71,12 @@ def base() -> mlc.ConfigDict:
     c.data.image_budget = 0
     c.data.worker_count = 0
     c.data.spec = mlc.ConfigDict()  # the pipeline's config itself (from Python; pipeline.py)
+    # Bad records are skipped and counted, but a source whose first `skip_check_records` records
+    # are skipped more often than this stops the run with the counts by reason (checked at start
+    # on the records, then on their images as they load): wrong paths or a broken file otherwise
+    # train on a fraction of the data, or wait forever for a batch (data/pipeline.py).
+    c.data.max_skip_fraction = 0.1
+    c.data.skip_check_records = 1000
 
     # Held-out loss and token accuracy every `every_steps` steps on the first `batches` batches of
     # `data` (files as data.train) or `mixture`, read in file order (the same batches each time).
