@@ -12,6 +12,17 @@ knows only the records a state dict needs (`collections.OrderedDict`,
 and refuses any other global (code a malicious pickle would run). Tensors are read lazily: a
 `LazyTensor` holds its storage's zip member and strides, and `.numpy()` materialises it.
 
+A `.bin` file is untrusted input, so every tensor record is checked when the file is opened, before
+any storage byte is touched (`_check_record`): size, stride and storage offset are non-negative
+integers (torch.save never writes a negative one; numpy would read outside the storage or crash);
+the storage's element count agrees with its zip member's size, which lies inside the file and is
+stored uncompressed (as torch.save writes it: a compressed member could inflate to any size); the
+tensor's last element lies inside its storage; and the materialised tensor is no larger than the
+file (a zero stride, as an `expand`ed tensor saved as is, repeats elements, but never beyond the
+file's size). Any other layout torch.save writes (transposed views, views at an offset, shared and
+expanded storages) loads as torch would read it. Each violation is one `TensorFileError` naming
+the file, the tensor and what is wrong.
+
 Supported dtypes: float32, bfloat16 (as `ml_dtypes.bfloat16`) and float16; anything else raises
 `UnsupportedDtypeError` naming the tensor.
 """
@@ -180,12 +191,16 @@ class _Storage:
     member: str  # zip member holding the raw bytes
     dtype: np.dtype | None  # None for a dtype we refuse
     dtype_name: str
-    numel: int
+    numel: object  # as the pickle gives it; `_check_record` makes sure it is an int >= 0
+
+    @property
+    def itemsize(self) -> int:
+        return (self.dtype or np.dtype(self.dtype_name)).itemsize
 
 
 @dataclasses.dataclass
 class LazyTensor:
-    """A tensor record of a `.bin` file, materialised by `.numpy()`."""
+    """A checked tensor record of a `.bin` file, materialised by `.numpy()`."""
 
     zf: zipfile.ZipFile
     storage: _Storage
@@ -205,13 +220,9 @@ class LazyTensor:
             )
         dtype = self.storage.dtype
         flat = _member_array(self.zf, self.storage.member, dtype.newbyteorder("<"))
-        if flat.size != self.storage.numel:
+        if flat.size != self.storage.numel:  # checked at open; the file changed since
             raise TensorFileError(f"{self.zf.filename}: storage of {name!r} has the wrong size")
-        if not self.shape:
-            return flat[self.offset].copy().astype(dtype)
-        need = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride, strict=True))
-        if min(self.shape) > 0 and need >= flat.size:
-            raise TensorFileError(f"{self.zf.filename}: tensor {name!r} reads past its storage")
+        # Safe: `_check_record` proved every index offset + sum(i * stride) < numel, strides >= 0.
         view = np.lib.stride_tricks.as_strided(
             flat[self.offset :],
             shape=self.shape,
@@ -221,11 +232,92 @@ class LazyTensor:
         return np.array(view, dtype=dtype)  # a contiguous copy, independent of the zip buffer
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _bytes(n: int) -> str:
+    """A byte count for a message: exact, with a binary unit when it is large."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n} bytes ({n / size:.1f} {unit})"
+    return f"{n} bytes"
+
+
+def _check_record(zf: zipfile.ZipFile, file_size: int, name: str, record: tuple) -> LazyTensor:
+    """A tensor record of the pickle as a LazyTensor, once its layout is proved safe to read.
+
+    Reads only the zip directory, never the storage bytes.
+
+    Raises:
+      TensorFileError: the first thing wrong with the record (names the file and the tensor).
+    """
+    path = zf.filename
+    _, storage, offset, shape, stride = record
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(storage, _Storage):
+        raise TensorFileError(f"{where} has no storage record")
+    if not (isinstance(shape, tuple) and all(map(_is_int, shape))):
+        raise TensorFileError(f"{where} has size {shape!r:.80}; expected a tuple of integers")
+    if not (isinstance(stride, tuple) and all(map(_is_int, stride))):
+        raise TensorFileError(f"{where} has stride {stride!r:.80}; expected a tuple of integers")
+    if not _is_int(offset):
+        raise TensorFileError(f"{where} has storage offset {offset!r:.80}; expected an integer")
+    if len(shape) != len(stride):
+        raise TensorFileError(f"{where} has size {shape} but stride {stride} (lengths differ)")
+    if min(shape, default=0) < 0:
+        raise TensorFileError(f"{where} has a negative size {shape}")
+    if min(stride, default=0) < 0:
+        raise TensorFileError(
+            f"{where} has a negative stride {stride} (torch.save never writes one)"
+        )
+    if offset < 0:
+        raise TensorFileError(f"{where} has a negative storage offset {offset}")
+    numel, itemsize = storage.numel, storage.itemsize
+    if not _is_int(numel) or numel < 0:
+        raise TensorFileError(f"{where}: its storage has {numel!r:.80} elements")
+    member = storage.member[storage.member.rfind("data/") :]  # as torch names it: data/<key>
+    claimed = numel * itemsize
+    if claimed > file_size:
+        raise TensorFileError(
+            f"{where}: its storage {member} claims {numel} elements ({_bytes(claimed)}), more"
+            f" than the whole file holds ({_bytes(file_size)})"
+        )
+    try:
+        info = zf.getinfo(storage.member)
+    except KeyError:
+        raise TensorFileError(f"{where}: its storage {member} is not in the archive") from None
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise TensorFileError(
+            f"{where}: its storage {member} is compressed (torch.save stores storages"
+            " uncompressed; re-save the file with torch.save)"
+        )
+    if info.file_size != claimed:
+        raise TensorFileError(
+            f"{where}: its storage {member} claims {numel} elements ({_bytes(claimed)}) but the"
+            f" archive stores {_bytes(info.file_size)}"
+        )
+    count = 1
+    for n in shape:
+        count *= n
+    if count and offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True)) >= numel:
+        raise TensorFileError(
+            f"{where} (size {shape}, stride {stride}, storage offset {offset}) reads past its"
+            f" storage of {numel} elements"
+        )
+    if count * itemsize > file_size:
+        raise TensorFileError(
+            f"{where} (size {shape}, stride {stride}) has {count} elements"
+            f" ({_bytes(count * itemsize)}), more than the whole file holds ({_bytes(file_size)})"
+        )
+    return LazyTensor(zf, storage, offset, shape, stride)
+
+
 def _member_array(zf: zipfile.ZipFile, member: str, dtype: np.dtype) -> np.ndarray:
-    """A zip member as a flat array: memory-mapped when stored uncompressed (torch's case)."""
+    """A stored (uncompressed, as `_check_record` requires) zip member as a flat memory map."""
     info = zf.getinfo(member)
-    if info.compress_type != zipfile.ZIP_STORED or info.file_size == 0:
-        return np.frombuffer(zf.read(member), dtype=dtype)
+    if info.file_size == 0:  # nothing to map
+        return np.zeros(0, dtype)
     with open(zf.filename, "rb") as f:
         f.seek(info.header_offset)
         local = f.read(30)
@@ -241,9 +333,8 @@ def _member_array(zf: zipfile.ZipFile, member: str, dtype: np.dtype) -> np.ndarr
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
-    if not isinstance(storage, _Storage):
-        raise TensorFileError("tensor record without a storage")
-    return ("tensor", storage, int(storage_offset), tuple(size), tuple(stride))
+    # Kept as the pickle gives it: `_check_record` checks it, naming the file and the tensor.
+    return ("tensor", storage, storage_offset, size, stride)
 
 
 def _rebuild_parameter(data, requires_grad, backward_hooks, *unused):
@@ -285,15 +376,18 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise TensorFileError(f"{self.path}: storage of unknown type {stype!r:.80}")
         dtype = TORCH_STORAGES.get(stype.name)
         dname = _TORCH_OTHER_STORAGES.get(stype.name, stype.name)
-        return _Storage(f"{self.prefix}data/{key}", dtype, dname, int(numel))
+        return _Storage(f"{self.prefix}data/{key}", dtype, dname, numel)
 
 
 def read_torch_bin(path: str) -> OrderedDict[str, LazyTensor]:
     """The state dict of a torch zip-format `.bin` file, as name -> LazyTensor (in file order).
 
+    Every record is checked before any storage byte is read (see the module docstring).
+
     Raises:
       TensorFileError: not a torch zip file (e.g. the pre-1.6 legacy format), a pickle that holds
-        anything but a flat dict of tensors, or a disallowed global.
+        anything but a flat dict of tensors, a disallowed global, or a tensor whose size, stride,
+        offset or storage is not safe to read (named).
     """
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
@@ -320,12 +414,12 @@ def read_torch_bin(path: str) -> OrderedDict[str, LazyTensor]:
         raise TensorFileError(f"{path}: not a readable torch checkpoint ({e})") from None
     if not isinstance(obj, dict):
         raise TensorFileError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    file_size = os.path.getsize(path)
     out: OrderedDict[str, LazyTensor] = OrderedDict()
     for k, v in obj.items():
         if not (isinstance(v, tuple) and len(v) == 5 and v[0] == "tensor"):
             raise TensorFileError(f"{path}: entry {k!r} is not a tensor")
-        _, storage, offset, shape, stride = v
-        out[str(k)] = LazyTensor(zf, storage, offset, shape, stride)
+        out[str(k)] = _check_record(zf, file_size, str(k), v)
     return out
 
 

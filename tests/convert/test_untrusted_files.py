@@ -1,0 +1,203 @@
+"""Untrusted model files end in one line naming the file and what is wrong (issue 24, item 3).
+
+Malformed torch `.bin` records (a negative stride, a negative storage offset, a zero stride that
+repeats one element into terabytes, a storage that claims 1 TiB), out-of-range `config.json`
+values and a bad `generation_config.json`.
+
+The `.bin` files are written here the way `torch.save` lays them out (a zip of `archive/data.pkl`,
+one stored member `archive/data/<key>` per storage, and `archive/version`), with the pickle opcodes
+spelled out, so no torch is needed. A malformed file is loaded by the `convert` command line in a
+child process under a 2 GiB address-space limit and a timeout, so a crash or a huge allocation fails
+the test rather than the machine.
+"""
+
+import os
+import pickle
+import resource
+import subprocess
+import sys
+import zipfile
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from qwenvl_jax import config as config_lib
+from qwenvl_jax.convert import TensorFileError, openclip, tensor_io
+from qwenvl_jax.errors import CheckpointError
+
+MEMORY_LIMIT = 2 * 2**30  # the child's address space: jax and a tiny conversion fit easily
+KEY = "transformer.wte.weight"
+
+
+# ----------------------------------------------------------------------------- torch.save layout
+def _global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"  # GLOBAL
+
+
+def _value(obj) -> bytes:
+    """The opcodes that push one plain value (int, str, tuple of ints), without PROTO and STOP."""
+    return pickle.dumps(obj, protocol=2)[2:-1]
+
+
+def tensor_record(storage: str, key: str, numel: int, offset: int, size, stride) -> bytes:
+    """`torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict())` with
+    the storage as torch's persistent id ('storage', torch.<storage>, key, 'cpu', numel)."""
+    pid = b"(" + _value("storage") + _global("torch", storage)
+    pid += _value(key) + _value("cpu") + _value(numel) + b"tQ"  # TUPLE, BINPERSID
+    args = b"(" + pid + _value(offset) + _value(tuple(size)) + _value(tuple(stride))
+    args += b"\x89" + _global("collections", "OrderedDict") + b")Rt"  # False, OrderedDict()
+    return _global("torch._utils", "_rebuild_tensor_v2") + args + b"R"
+
+
+def write_bin(path, records: dict[str, bytes], storages: dict[str, bytes]) -> None:
+    """A torch zip-format state dict: name -> tensor_record, storage key -> little-endian bytes."""
+    pkl = b"\x80\x02}(" + b"".join(_value(k) + r for k, r in records.items()) + b"u."
+    with zipfile.ZipFile(path, "w") as z:  # ZIP_STORED, as torch.save writes
+        z.writestr("archive/data.pkl", pkl)
+        for key, raw in storages.items():
+            z.writestr(f"archive/data/{key}", raw)
+        z.writestr("archive/version", "3\n")
+
+
+F32 = np.arange(24, dtype="<f4")  # storage "0": 24 float32 values 0..23
+
+
+def test_valid_layouts_torch_save_writes_still_load(tmp_path):
+    """Transposed, offset, expanded (zero stride), shared, scalar and empty tensors read as torch
+    reads them (values written out by hand from the layouts)."""
+    bf16 = np.array([1.5, -2.0], ml_dtypes.bfloat16)
+    path = tmp_path / "ok.bin"
+    write_bin(
+        path,
+        {
+            "transposed": tensor_record("FloatStorage", "0", 24, 0, (6, 4), (1, 6)),
+            "offset": tensor_record("FloatStorage", "0", 24, 5, (3,), (1,)),
+            "expanded": tensor_record("FloatStorage", "0", 24, 2, (2, 3), (0, 1)),
+            "scalar": tensor_record("BFloat16Storage", "1", 2, 1, (), ()),
+            "empty": tensor_record("FloatStorage", "0", 24, 0, (0, 4), (4, 1)),
+        },
+        {"0": F32.tobytes(), "1": bf16.tobytes()},
+    )
+    got = dict(tensor_io.iter_torch_bin(str(path)))
+    # transposed: element [i, j] is storage[i * 1 + j * 6], i.e. arange(24).reshape(4, 6).T
+    assert got["transposed"].tolist() == [[j * 6 + i for j in range(4)] for i in range(6)]
+    assert got["offset"].tolist() == [5.0, 6.0, 7.0]
+    assert got["expanded"].tolist() == [[2.0, 3.0, 4.0], [2.0, 3.0, 4.0]]
+    assert got["scalar"].dtype == ml_dtypes.bfloat16 and float(got["scalar"]) == -2.0
+    assert got["empty"].shape == (0, 4)
+
+
+# Each malformed record -> the line after "<file>: tensor 'transformer.wte.weight'".
+MALFORMED = {
+    "negative_stride": (
+        tensor_record("FloatStorage", "0", 24, 0, (4, 6), (-(2**30), 1)),
+        F32,
+        " has a negative stride (-1073741824, 1) (torch.save never writes one)",
+    ),
+    "negative_offset": (
+        tensor_record("FloatStorage", "0", 24, -4, (4,), (1,)),
+        F32,
+        " has a negative storage offset -4",
+    ),
+    "zero_stride_4TiB": (
+        tensor_record("FloatStorage", "0", 24, 0, (2**20, 2**20), (0, 0)),
+        F32,
+        " (size (1048576, 1048576), stride (0, 0)) has 1099511627776 elements"
+        " (4398046511104 bytes (4.0 TiB)), more than the whole file holds ({size} bytes)",
+    ),
+    "storage_claims_1TiB": (
+        tensor_record("FloatStorage", "0", 2**38, 0, (2**38,), (1,)),
+        F32,
+        ": its storage data/0 claims 274877906944 elements (1099511627776 bytes (1.0 TiB)),"
+        " more than the whole file holds ({size} bytes)",
+    ),
+}
+# Malformed records that never crashed or allocated: checked in this process.
+INCONSISTENT = {
+    "storage_size_disagrees": (
+        tensor_record("FloatStorage", "0", 30, 0, (30,), (1,)),
+        ": its storage data/0 claims 30 elements (120 bytes) but the archive stores 96 bytes",
+    ),
+    "reads_past_storage": (
+        tensor_record("FloatStorage", "0", 24, 20, (2, 4), (4, 1)),
+        " (size (2, 4), stride (4, 1), storage offset 20) reads past its storage of 24 elements",
+    ),
+    "size_not_ints": (
+        tensor_record("FloatStorage", "0", 24, 0, ("4",), (1,)),
+        " has size ('4',); expected a tuple of integers",
+    ),
+    "ranks_differ": (
+        tensor_record("FloatStorage", "0", 24, 0, (4, 6), (1,)),
+        " has size (4, 6) but stride (1,) (lengths differ)",
+    ),
+}
+
+
+def _limit_memory():
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_bin_is_one_line_exit_2(tmp_path, case):
+    """`convert import` of a directory whose .bin holds the malformed record: `error: ...` naming
+    the file, the tensor and the fault, exit 2, no signal, within the memory limit; no output."""
+    record, storage, what = MALFORMED[case]
+    src = tmp_path / "hf"
+    src.mkdir()
+    config_lib.get_preset("tiny").save_hf_json(str(src))
+    weights = src / "pytorch_model.bin"
+    write_bin(weights, {KEY: record}, {"0": storage.tobytes()})
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "qwenvl_jax.convert", "import", str(src), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_limit_memory,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode >= 0, f"killed by signal {-proc.returncode}: {proc.stderr[-2000:]}"
+    expected = f"error: import: {weights}: tensor {KEY!r}" + what.format(
+        size=weights.stat().st_size
+    )
+    assert proc.stderr.strip().splitlines() == [expected], proc.stderr[-3000:]
+    assert proc.returncode == 2
+    assert not out.exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("case", sorted(INCONSISTENT) + ["negative_offset"])
+def test_malformed_record_is_refused_at_open(tmp_path, case):
+    """The library refuses the record when the file is opened (before any storage byte is read),
+    with a TensorFileError (a CheckpointError); openclip's shape reader too. A good tensor beside
+    it does not change that."""
+    record, what = INCONSISTENT[case] if case in INCONSISTENT else MALFORMED[case][::2]
+    good = tensor_record("FloatStorage", "0", 24, 0, (24,), (1,))
+    path = tmp_path / "open_clip_pytorch_model.bin"
+    write_bin(path, {"good": good, "visual.conv1.weight": record}, {"0": F32.tobytes()})
+    want = f"{path}: tensor 'visual.conv1.weight'{what}"
+    with pytest.raises(TensorFileError) as e:
+        tensor_io.read_torch_bin(str(path))
+    assert str(e.value) == want and isinstance(e.value, CheckpointError)
+    with pytest.raises(TensorFileError) as e:
+        openclip.tensor_shapes(str(path))
+    assert str(e.value) == want
+
+
+def test_compressed_or_missing_storage_is_refused(tmp_path):
+    record = tensor_record("FloatStorage", "0", 24, 0, (24,), (1,))
+    path = tmp_path / "deflated.bin"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", b"\x80\x02}(" + _value("w") + record + b"u.")
+        z.writestr("archive/data/0", F32.tobytes())
+    with pytest.raises(TensorFileError) as e:
+        tensor_io.read_torch_bin(str(path))
+    assert str(e.value) == (
+        f"{path}: tensor 'w': its storage data/0 is compressed (torch.save stores storages"
+        " uncompressed; re-save the file with torch.save)"
+    )
+    path = tmp_path / "missing.bin"
+    write_bin(path, {"w": record}, {})
+    with pytest.raises(TensorFileError) as e:
+        tensor_io.read_torch_bin(str(path))
+    assert str(e.value) == f"{path}: tensor 'w': its storage data/0 is not in the archive"
