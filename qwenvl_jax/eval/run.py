@@ -5,9 +5,10 @@
 
 `python -m qwenvl_jax.evaluate` is the command line of the same function. Predictions go to
 `<out_dir>/<benchmark>.jsonl`, one JSON line per question (`question_id`, `output`), appended and
-flushed batch by batch; a rerun skips the questions already there (a line cut by a kill is
-dropped and redone), so a killed run resumes where it stopped. The score goes to
-`<out_dir>/<benchmark>_scores.json`.
+flushed batch by batch; a rerun skips the questions already there, so a killed run resumes where
+it stopped. A line that cannot be read (cut by a kill, damaged on disk) or that repeats a question
+is dropped with one line saying which, and its question asked again: every question once. The
+score goes to `<out_dir>/<benchmark>_scores.json`.
 
 Generation follows the eval_mm scripts: the base-model prompt of `benchmarks.read_records` (or
 its ChatML form with `chat=True`, `chat.chat_batch`, stopping on `<|im_end|>`), greedy, the
@@ -40,22 +41,62 @@ def _key(question_id) -> str:
     return json.dumps(question_id)
 
 
-def read_predictions(path: str) -> dict[str, object]:
-    """question-id key -> output of a predictions file; a trailing line cut by a kill is removed."""
+def read_predictions(path: str, log: Callable[[str], None] | None = None) -> dict[str, object]:
+    """question-id key -> output of a predictions file, repaired so that a rerun asks every
+    question exactly once.
+
+    A line that is not a JSON object with `question_id` and `output` (bytes damaged on disk, a
+    line cut by a kill: the last one, unterminated) is skipped, and a question seen on an earlier
+    line is not taken twice; either way the file is rewritten (atomically) with the good lines
+    only, so the questions skipped are asked again and appended once. `log` gets one line saying
+    how many lines were skipped and which (1-based line numbers).
+    """
     done: dict[str, object] = {}
     if not os.path.exists(path):
         return done
     with open(path, "rb") as f:
         data = f.read()
-    keep = data[: data.rfind(b"\n") + 1]  # complete lines only
-    if len(keep) != len(data):
-        with open(path, "wb") as f:
-            f.write(keep)
-    for line in keep.decode("utf-8").splitlines():
-        if line.strip():
-            d = json.loads(line)
-            done[_key(d["question_id"])] = d["output"]
+    lines = data.split(b"\n")
+    cut = lines.pop() != b""  # the last piece lacks its newline: a write cut by a kill
+    keep, corrupt, repeated = [], [], []
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            d = json.loads(raw.decode("utf-8"))
+            key, output = _key(d["question_id"]), d["output"]
+        except (ValueError, KeyError, TypeError):  # bad bytes, bad JSON, not a prediction
+            corrupt.append(number)
+            continue
+        if key in done:
+            repeated.append(number)
+            continue
+        done[key] = output
+        keep.append(raw + b"\n")
+    if cut:
+        corrupt.append(len(lines) + 1)
+    if corrupt or repeated:
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(b"".join(keep))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if log is not None:
+            parts = [f"{len(corrupt)} unreadable ({_numbers(corrupt)})"] if corrupt else []
+            if repeated:
+                parts.append(f"{len(repeated)} repeating a question ({_numbers(repeated)})")
+            log(
+                f"{path}: dropped {' and '.join(parts)} of its {len(lines) + cut} lines; kept"
+                f" {len(keep)} predictions, the dropped questions are asked again"
+            )
     return done
+
+
+def _numbers(numbers: list[int], most: int = 20) -> str:
+    """`line 3` or `lines 3, 7, 9` (the first `most`, then how many more)."""
+    text = ("line " if len(numbers) == 1 else "lines ") + ", ".join(map(str, numbers[:most]))
+    return text + (f" and {len(numbers) - most} more" if len(numbers) > most else "")
 
 
 def _eta(seconds: float) -> str:
@@ -159,7 +200,7 @@ def evaluate(
         records = records[:limit]
     os.makedirs(out_dir, exist_ok=True)
     preds_path = os.path.join(out_dir, f"{bench.name}.jsonl")
-    done = read_predictions(preds_path)
+    done = read_predictions(preds_path, log)
     todo = [r for r in records if _key(r["question_id"]) not in done]
     total = len(records)
     log(f"{bench.name}: {total} questions, {total - len(todo)} already in {preds_path}")
