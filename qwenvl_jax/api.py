@@ -33,6 +33,7 @@ from qwenvl_jax import config as config_lib
 from qwenvl_jax import convert
 from qwenvl_jax import image as image_lib
 from qwenvl_jax import tokenizer as tok_lib
+from qwenvl_jax.errors import CheckpointError
 from qwenvl_jax.model.factory import build_model, load_params
 from qwenvl_jax.model.options import ModelOptions
 from qwenvl_jax.model.qwen import dynamic_ntk_alpha
@@ -44,6 +45,16 @@ DEFAULT_GENERATION = {"max_new_tokens": 512, "do_sample": False, "top_p": None, 
 GENERATION_KEYS = ("max_new_tokens", "do_sample", "top_p", "top_k", "temperature")
 # generation_config.json keys kept besides GENERATION_KEYS: chat's history window (6144 published).
 CHAT_KEYS = ("max_window_size",)
+# What each kept key of a generation_config.json may hold (None allowed where marked): a bad value
+# is named at load, not deep inside the first `generate`. top_k 0 is the published "off".
+GENERATION_BOUNDS = {
+    "max_new_tokens": (config_lib.Bound(int, 1, 2**20), False),
+    "do_sample": (config_lib.Bound(bool), False),
+    "top_p": (config_lib.Bound(float, 0, 1, open_low=True), True),
+    "top_k": (config_lib.Bound(int, 0, 2**21), True),
+    "temperature": (config_lib.Bound(float, 0, 100, open_low=True), True),
+    "max_window_size": (config_lib.Bound(int, 1, 2**20), False),
+}
 # `logits` right-pads prompts to a multiple of this, so prompts of similar length share one
 # compilation (causal attention: the padding cannot change the logits of the real positions).
 LOGITS_BUCKET = 64
@@ -93,6 +104,37 @@ def inference_options(dtype: Any = None, options: ModelOptions | None = None) ->
             raise ValueError(f"pass dtype={dtype!r} inside options, not beside it")
         return options
     return ModelOptions.inference(default_dtype() if dtype is None else dtype)
+
+
+def read_generation_config(path: str) -> dict | None:
+    """The generation defaults in checkpoint directory `path`'s generation_config.json.
+
+    Only GENERATION_KEYS and CHAT_KEYS are kept (the file also holds HF's bookkeeping).
+
+    Returns:
+      key -> value, or None when the directory has no generation_config.json.
+
+    Raises:
+      CheckpointError: the file is not JSON or not an object, or a kept key's value is of the wrong
+        type or out of `GENERATION_BOUNDS` (the message names the file and the key).
+    """
+    gen_file = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(gen_file):
+        return None
+    try:
+        with open(gen_file, encoding="utf-8") as f:
+            d = json.load(f)
+    except (ValueError, OSError) as e:  # JSONDecodeError, UnicodeDecodeError, unreadable
+        raise CheckpointError(f"{gen_file} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{gen_file} holds a JSON {type(d).__name__}, not an object")
+    gen = {k: v for k, v in d.items() if k in GENERATION_KEYS + CHAT_KEYS}
+    for key, value in gen.items():
+        bound, nullable = GENERATION_BOUNDS[key]
+        if not (value is None and nullable) and not bound.holds(value):
+            what = bound.describe() + (" or null" if nullable else "")
+            raise CheckpointError(f"{gen_file}: {key}={value!r:.80} is not {what}")
+    return gen
 
 
 def _has(path: str, *names: str) -> bool:
@@ -192,6 +234,7 @@ class QwenVL:
         """
         options = inference_options(dtype, options)
         mesh = resolve_mesh(mesh)
+        gen = read_generation_config(path)  # a bad file is named before any weight is read
         cfg, params = load_params(path)
         model = build_model(cfg, params, options, mesh=mesh, quantize=quantize, source=path)
         del params
@@ -200,11 +243,6 @@ class QwenVL:
             if tok_path is None and _has(path, "qwen.tiktoken", tok_lib.SP_MODEL_NAME):
                 tok_path = path
             tokenizer = tok_lib.load_tokenizer(tok_path, image_span=cfg.visual.n_queries)
-        gen = None
-        gen_file = os.path.join(path, "generation_config.json")
-        if os.path.isfile(gen_file):
-            with open(gen_file) as f:
-                gen = {k: v for k, v in json.load(f).items() if k in GENERATION_KEYS + CHAT_KEYS}
         return cls(
             model,
             tokenizer,

@@ -4,12 +4,19 @@ Values the published code hard-codes (256 resampler queries, resampler heads = o
 decoder MLP width = intermediate_size // 2, the 16x16 learned ViT position table) are explicit
 fields here whose defaults reproduce the reference, so tiny test models are possible.
 Presets: `qwen-vl-7b` and `tiny`.
+
+Every field is checked against `BOUNDS` when a config is made (from a `config.json`, a preset, or
+the trainer's overrides), before anything is allocated from it: a hand-edited or hostile config
+(`num_hidden_layers` = 10^7, `visual.image_size` = 10^6, a string where a number belongs) is one
+`ConfigError` line naming the field, not minutes of allocation; the file readers prefix the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from typing import Any
 
 import ml_dtypes
@@ -33,6 +40,107 @@ def dtype_from_name(name: Any, key: str = "dtype"):
     if name not in DTYPES:
         raise ConfigError(f"{key}={name!r}: unknown dtype; use one of {sorted(DTYPES)}")
     return DTYPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """The values a config field may hold: its kind and an inclusive (or open) numeric range."""
+
+    kind: type  # int, float (an int is accepted) or bool
+    low: float = 0
+    high: float = 0
+    open_low: bool = False  # low itself is out (a positive float such as an epsilon)
+    open_high: bool = False
+
+    def describe(self) -> str:
+        if self.kind is bool:
+            return "true or false"
+        what = "an integer" if self.kind is int else "a number"
+        left, right = "(" if self.open_low else "[", ")" if self.open_high else "]"
+        return f"{what} in {left}{_num(self.low)}, {_num(self.high)}{right}"
+
+    def holds(self, value: Any) -> bool:
+        if self.kind is bool:
+            return isinstance(value, bool | np.bool_)
+        if isinstance(value, bool | np.bool_) or not isinstance(
+            value, numbers.Integral if self.kind is int else numbers.Real
+        ):
+            return False
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return above and below
+
+
+def _num(x: float) -> str:
+    """A bound as written in a message: 2097152, not 2.09715e+06; 1e+09 stays short."""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e8 else f"{x:g}"
+
+
+def _ints(low: int, high: int) -> Bound:
+    return Bound(int, low, high)
+
+
+# Generous bounds (the published 9.6B model is far inside each): they stop a config that would
+# allocate without end, not an unusual model. Layer counts may be 0 (a tower alone, FLOP counts).
+BOUNDS = {
+    "vocab_size": _ints(1, 2**21),
+    "hidden_size": _ints(1, 65536),
+    "num_hidden_layers": _ints(0, 1024),
+    "num_attention_heads": _ints(1, 1024),
+    "kv_channels": _ints(1, 4096),
+    "intermediate_size": _ints(2, 2**21),  # the MLP is intermediate_size // 2 wide
+    "mlp_width": _ints(1, 2**20),
+    "rotary_emb_base": Bound(float, 1, 1e9, open_low=True),
+    "rotary_pct": Bound(float, 0, 1, open_low=True),
+    "layer_norm_epsilon": Bound(float, 0, 1, open_low=True, open_high=True),
+    "no_bias": Bound(bool),
+    "tie_word_embeddings": Bound(bool),
+    "seq_length": _ints(2, 2**20),  # logn attention divides by log(seq_length)
+    "max_position_embeddings": _ints(1, 2**20),
+    "use_dynamic_ntk": Bound(bool),
+    "use_logn_attn": Bound(bool),
+    "use_flash_attn": Bound(bool),
+    "scale_attn_weights": Bound(bool),
+    "emb_dropout_prob": Bound(float, 0, 1, open_high=True),
+    "attn_dropout_prob": Bound(float, 0, 1, open_high=True),
+    "initializer_range": Bound(float, 0, 10),
+    "visual.heads": _ints(1, 1024),
+    "visual.image_size": _ints(1, 4096),
+    "visual.image_start_id": _ints(0, 2**21),
+    "visual.layers": _ints(0, 1024),
+    "visual.mlp_ratio": Bound(float, 0, 64, open_low=True),
+    "visual.output_dim": _ints(1, 65536),
+    "visual.patch_size": _ints(1, 1024),
+    "visual.width": _ints(1, 65536),
+    "visual.n_queries": _ints(1, 4096),
+    "visual.resampler_heads": _ints(1, 1024),
+    "visual.mlp_width": _ints(1, 2**20),
+    "visual.pos_grid_size": _ints(1, 1024),
+    "visual.layer_norm_epsilon": Bound(float, 0, 1, open_low=True, open_high=True),
+}
+
+
+def check_bounds(values: dict, prefix: str = "") -> None:
+    """Checks the fields present in `values` (a config dict or section) against `BOUNDS`.
+
+    Args:
+      values: field name -> value; names without a bound, and None (a derived field left to its
+        rule), are not checked.
+      prefix: "visual." for the visual section.
+
+    Raises:
+      ConfigError: the first field outside its bound, as `<field>=<value> is not <bound>`.
+    """
+    for name, value in values.items():
+        bound = BOUNDS.get(prefix + name)
+        if bound is not None and value is not None and not bound.holds(value):
+            raise ConfigError(f"{prefix}{name}={value!r:.80} is not {bound.describe()}")
+
+
+def _fields(obj) -> dict:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
 
 # Keys of the published config.json that only describe the PyTorch wrapper; kept verbatim on export.
@@ -62,19 +170,26 @@ class VisualConfig:
     layer_norm_epsilon: float = 1e-6
 
     def __post_init__(self):
+        check_bounds(_fields(self), "visual.")  # before anything is derived from the values
         if self.resampler_heads is None:
             object.__setattr__(self, "resampler_heads", self.output_dim // 128)
         if self.mlp_width is None:
             object.__setattr__(self, "mlp_width", int(self.width * self.mlp_ratio))
+        check_bounds({"resampler_heads": self.resampler_heads, "mlp_width": self.mlp_width},
+                     "visual.")  # fmt: skip
         if self.image_size % self.patch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"visual.image_size={self.image_size} is not a multiple of"
                 f" patch_size={self.patch_size}"
             )
         if self.width % self.heads or self.output_dim % self.resampler_heads:
-            raise ValueError(f"visual widths do not divide into heads: {self}")
-        if int(self.n_queries**0.5) ** 2 != self.n_queries:
-            raise ValueError(f"visual.n_queries={self.n_queries} must be a square (sin-cos grid)")
+            raise ConfigError(
+                f"visual widths do not divide into heads: width={self.width},"
+                f" heads={self.heads}, output_dim={self.output_dim},"
+                f" resampler_heads={self.resampler_heads}"
+            )
+        if math.isqrt(self.n_queries) ** 2 != self.n_queries:
+            raise ConfigError(f"visual.n_queries={self.n_queries} must be a square (sin-cos grid)")
 
     @property
     def grid_size(self) -> int:
@@ -127,23 +242,26 @@ class QWenConfig:
     mlp_width: int | None = None
 
     def __post_init__(self):
+        check_bounds({k: v for k, v in _fields(self).items() if k != "visual"})
         if isinstance(self.visual, dict):
             object.__setattr__(self, "visual", visual_from_dict(self.visual))
+        if not isinstance(self.visual, VisualConfig):
+            raise ConfigError(f"visual={self.visual!r:.80} is not a section (a JSON object)")
         if self.mlp_width is None:
             object.__setattr__(self, "mlp_width", self.intermediate_size // 2)
         if self.num_attention_heads * self.kv_channels != self.hidden_size:
-            raise ValueError(
+            raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads})"
                 f" x kv_channels ({self.kv_channels})"
                 f" != hidden_size ({self.hidden_size})"
             )
         if self.visual.output_dim != self.hidden_size:
-            raise ValueError(
+            raise ConfigError(
                 f"visual.output_dim ({self.visual.output_dim}) must equal hidden_size"
                 f" ({self.hidden_size}): image features enter the token stream directly"
             )
         if self.rotary_pct != 1.0:
-            raise ValueError("only rotary_pct=1.0 (Qwen-VL's value) is implemented")
+            raise ConfigError("only rotary_pct=1.0 (Qwen-VL's value) is implemented")
 
     @property
     def head_dim(self) -> int:
@@ -213,16 +331,29 @@ def _reference_derived(cfg: QWenConfig) -> dict:
 
 
 def visual_from_dict(d: dict) -> VisualConfig:
+    """The `visual` section of a config.json as a VisualConfig (unknown keys ignored).
+
+    Raises:
+      ConfigError: not a JSON object, or a field out of `BOUNDS` (named `visual.<field>`).
+    """
+    if not isinstance(d, dict):
+        raise ConfigError(f"visual={d!r:.80} is not a section (a JSON object)")
     names = {f.name for f in dataclasses.fields(VisualConfig)}
     return VisualConfig(**{k: v for k, v in d.items() if k in names})
 
 
 def from_hf_dict(d: dict) -> QWenConfig:
-    """Build a config from a Qwen-VL `config.json` dict; keys of the PyTorch wrapper are ignored."""
+    """Build a config from a Qwen-VL `config.json` dict; keys of the PyTorch wrapper are ignored.
+
+    Raises:
+      ConfigError (a ValueError): not a Qwen-VL config, or a field out of `BOUNDS` (named).
+    """
+    if not isinstance(d, dict):
+        raise ConfigError(f"holds a JSON {type(d).__name__}, not an object of config fields")
     if d.get("model_type", "qwen") != "qwen":
-        raise ValueError(f"config.json has model_type={d.get('model_type')!r}, expected 'qwen'")
+        raise ConfigError(f"config.json has model_type={d.get('model_type')!r}, expected 'qwen'")
     if "visual" not in d:
-        raise ValueError("config.json has no 'visual' section: a text-only Qwen, not Qwen-VL")
+        raise ConfigError("config.json has no 'visual' section: a text-only Qwen, not Qwen-VL")
     names = {f.name for f in dataclasses.fields(QWenConfig)}
     kwargs = {k: v for k, v in d.items() if k in names}
     kwargs["visual"] = visual_from_dict(d["visual"])

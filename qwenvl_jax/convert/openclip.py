@@ -125,12 +125,13 @@ def vit_config(
             f"{source}: visual.conv1.weight has shape {conv}; expected [W, 3, p, p]"
         )
     width, patch = conv[0], conv[2]
-    rows = shapes["visual.positional_embedding"][0]
-    grid = math.isqrt(rows - 1)
-    if grid * grid != rows - 1:
+    pos = shapes["visual.positional_embedding"]
+    rows = pos[0] if len(pos) == 2 else 0
+    grid = math.isqrt(max(rows - 1, 0))
+    if rows < 2 or grid * grid != rows - 1:
         raise hf.StateDictMismatchError(
-            f"{source}: visual.positional_embedding has {rows} rows; expected 1 + G*G (class"
-            " token + a square grid)"
+            f"{source}: visual.positional_embedding has shape {pos}; expected [1 + G*G, W]"
+            " (class token + a square grid)"
         )
     layers = sorted({int(m.group(1)) for k in shapes if (m := _BLOCK.match(k))})
     if not layers or layers != list(range(len(layers))):
@@ -142,21 +143,31 @@ def vit_config(
         raise hf.StateDictMismatchError(
             f"{source}: missing key 'visual.transformer.resblocks.0.mlp.c_fc.weight'"
         )
+    if len(fc) != 2:
+        raise hf.StateDictMismatchError(
+            f"{source}: visual.transformer.resblocks.0.mlp.c_fc.weight has shape {fc}; expected"
+            " [F, W]"
+        )
     if width % heads:
         raise CheckpointError(f"{source}: width {width} does not split into {heads} heads")
     base = base or QWenConfig()
-    return base.replace(
-        visual=dict(
-            width=width,
-            patch_size=patch,
-            layers=len(layers),
-            heads=heads,
-            mlp_width=fc[0],
-            mlp_ratio=round(fc[0] / width, 4),
-            pos_grid_size=grid,
-            image_size=grid * patch,
+    try:  # the shapes are the file's word: out of `config.BOUNDS` is the file's fault
+        return base.replace(
+            visual=dict(
+                width=width,
+                patch_size=patch,
+                layers=len(layers),
+                heads=heads,
+                mlp_width=fc[0],
+                mlp_ratio=round(fc[0] / width, 4) if width else 0,
+                pos_grid_size=grid,
+                image_size=grid * patch,
+            )
         )
-    )
+    except ValueError as e:  # ConfigError, naming the visual field
+        raise CheckpointError(
+            f"{source}: the ViT read from its shapes is out of bounds: {e}"
+        ) from None
 
 
 def interleave_qkv(a: np.ndarray, heads: int) -> np.ndarray:

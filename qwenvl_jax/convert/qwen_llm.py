@@ -41,8 +41,11 @@ def llm_config(d: dict, *, source: str = "config.json", visual: VisualConfig | N
       visual: the ViT/adapter config to attach (default: Qwen-VL's, with output_dim = hidden_size).
 
     Raises:
-      CheckpointError: the config is not a Qwen model, or is a Qwen-VL one (has `visual`).
+      CheckpointError: the config is not a Qwen model, is a Qwen-VL one (has `visual`), or a field
+        is out of `config.BOUNDS` (named, with the file).
     """
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{source}: holds a JSON {type(d).__name__}, not a config object")
     if d.get("model_type", "qwen") != "qwen":
         raise CheckpointError(f"{source}: model_type={d.get('model_type')!r}, expected 'qwen'")
     if "visual" in d:
@@ -56,11 +59,16 @@ def llm_config(d: dict, *, source: str = "config.json", visual: VisualConfig | N
     missing = [k for k in required if k not in kwargs]
     if missing:
         raise CheckpointError(f"{source} lacks {missing}: not a Qwen config.json")
-    hidden = int(kwargs["hidden_size"])
-    kwargs.setdefault("kv_channels", hidden // int(kwargs["num_attention_heads"]))
-    if visual is None:
-        visual = VisualConfig(output_dim=hidden)
-    return QWenConfig(visual=visual, **kwargs)
+    try:
+        # The LLM fields first, so a bad one is named as itself, not as the ViT's output_dim.
+        config_lib.check_bounds(kwargs)
+        hidden = kwargs["hidden_size"]
+        kwargs.setdefault("kv_channels", hidden // kwargs["num_attention_heads"])
+        if visual is None:
+            visual = VisualConfig(output_dim=hidden)
+        return QWenConfig(visual=visual, **kwargs)
+    except ValueError as e:  # ConfigError: a field out of bounds or inconsistent
+        raise CheckpointError(f"{source}: {e}") from None
 
 
 def import_qwen_llm(

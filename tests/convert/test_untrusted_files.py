@@ -11,20 +11,24 @@ child process under a 2 GiB address-space limit and a timeout, so a crash or a h
 the test rather than the machine.
 """
 
+import json
 import os
 import pickle
 import resource
 import subprocess
 import sys
+import time
 import zipfile
 
 import ml_dtypes
 import numpy as np
 import pytest
 
+from qwenvl_jax import QwenVL
 from qwenvl_jax import config as config_lib
-from qwenvl_jax.convert import TensorFileError, openclip, tensor_io
-from qwenvl_jax.errors import CheckpointError
+from qwenvl_jax.api import read_generation_config
+from qwenvl_jax.convert import TensorFileError, hf, openclip, qwen_llm, tensor_io
+from qwenvl_jax.errors import CheckpointError, ConfigError
 
 MEMORY_LIMIT = 2 * 2**30  # the child's address space: jax and a tiny conversion fit easily
 KEY = "transformer.wte.weight"
@@ -201,3 +205,156 @@ def test_compressed_or_missing_storage_is_refused(tmp_path):
     with pytest.raises(TensorFileError) as e:
         tensor_io.read_torch_bin(str(path))
     assert str(e.value) == f"{path}: tensor 'w': its storage data/0 is not in the archive"
+
+
+# ----------------------------------------------------------------------------- config.json bounds
+PUBLISHED = config_lib.get_preset("qwen-vl-7b").to_hf_dict()
+
+
+def _section(d: dict, field: str) -> tuple[dict, str]:
+    return (d["visual"], field[len("visual.") :]) if field.startswith("visual.") else (d, field)
+
+
+# field -> (bad value, the line after "<file>: "); each one is read within a second.
+BAD_FIELDS = {
+    "num_hidden_layers": (10**7, "num_hidden_layers=10000000 is not an integer in [0, 1024]"),
+    "visual.image_size": (10**6, "visual.image_size=1000000 is not an integer in [1, 4096]"),
+    "visual.patch_size": (0, "visual.patch_size=0 is not an integer in [1, 1024]"),
+    "visual.layers": (4.5, "visual.layers=4.5 is not an integer in [0, 1024]"),
+    "hidden_size": (2**17, "hidden_size=131072 is not an integer in [1, 65536]"),
+    "vocab_size": ("151936", "vocab_size='151936' is not an integer in [1, 2097152]"),
+    "num_attention_heads": (-1, "num_attention_heads=-1 is not an integer in [1, 1024]"),
+    "use_logn_attn": ("yes", "use_logn_attn='yes' is not true or false"),
+    "layer_norm_epsilon": (float("nan"), "layer_norm_epsilon=nan is not a number in (0, 1)"),
+    "visual": ([], "visual=[] is not a section (a JSON object)"),
+}
+
+
+@pytest.mark.parametrize("field", sorted(BAD_FIELDS))
+def test_config_field_out_of_bounds_is_one_line_within_a_second(tmp_path, field):
+    value, what = BAD_FIELDS[field]
+    d = json.loads(json.dumps(PUBLISHED))
+    section, key = _section(d, field)
+    section[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError) as e:
+        hf.read_config(str(tmp_path))
+    assert time.perf_counter() - t0 < 1.0
+    assert str(e.value) == f"{tmp_path / 'config.json'}: {what}"
+
+
+def test_config_cross_field_and_shape_faults(tmp_path):
+    """image_size must be a multiple of patch_size; a JSON list is no config; the published
+    config.json itself still reads (nothing good is refused)."""
+    d = json.loads(json.dumps(PUBLISHED))
+    d["visual"]["image_size"] = 450
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(CheckpointError) as e:
+        hf.read_config(str(tmp_path))
+    path = tmp_path / "config.json"
+    assert str(e.value) == f"{path}: visual.image_size=450 is not a multiple of patch_size=14"
+    path.write_text("[1, 2]")
+    with pytest.raises(CheckpointError) as e:
+        hf.read_config(str(tmp_path))
+    assert str(e.value) == f"{path}: holds a JSON list, not an object of config fields"
+    path.write_text(json.dumps(PUBLISHED))
+    assert hf.read_config(str(tmp_path)) == config_lib.get_preset("qwen-vl-7b")
+
+
+def test_presets_and_overrides_are_bounded():
+    """The same bounds guard the trainer's overrides (a ConfigError: one line, exit 2)."""
+    with pytest.raises(ConfigError) as e:
+        config_lib.get_preset("tiny", num_hidden_layers=10**7)
+    assert str(e.value) == "num_hidden_layers=10000000 is not an integer in [0, 1024]"
+    with pytest.raises(ConfigError) as e:
+        config_lib.get_preset("tiny", visual={"output_dim": 64, "resampler_heads": None})
+    assert str(e.value) == "visual.resampler_heads=0 is not an integer in [1, 1024]"
+
+
+def test_text_only_qwen_config_out_of_bounds(tmp_path):
+    """import-llm's config.json: a bad LLM field is named as itself (no ZeroDivisionError)."""
+    d = {k: PUBLISHED[k] for k in ("vocab_size", "hidden_size", "num_attention_heads")}
+    for field, value, what in (
+        ("num_hidden_layers", 10**7, "num_hidden_layers=10000000 is not an integer in [0, 1024]"),
+        ("num_attention_heads", 0, "num_attention_heads=0 is not an integer in [1, 1024]"),
+        ("hidden_size", "4096", "hidden_size='4096' is not an integer in [1, 65536]"),
+    ):
+        bad = {**d, "num_hidden_layers": 32, field: value}
+        with pytest.raises(CheckpointError) as e:
+            qwen_llm.llm_config(bad, source="q/config.json")
+        assert str(e.value) == f"q/config.json: {what}"
+    assert qwen_llm.llm_config({**d, "num_hidden_layers": 32}).num_hidden_layers == 32
+
+
+def test_openclip_shapes_out_of_bounds():
+    """A ViT whose position table says 400x400 patches of 14 px (5600 px images)."""
+    shapes = {
+        "visual.conv1.weight": (64, 3, 14, 14),
+        "visual.positional_embedding": (1 + 400 * 400, 64),
+        "visual.class_embedding": (64,),
+        "visual.transformer.resblocks.0.mlp.c_fc.weight": (256, 64),
+    }
+    with pytest.raises(CheckpointError) as e:
+        openclip.vit_config(shapes, heads=4, source="clip.bin")
+    assert str(e.value) == (
+        "clip.bin: the ViT read from its shapes is out of bounds: visual.image_size=5600 is not"
+        " an integer in [1, 4096]"
+    )
+
+
+def test_config_json_cli_is_one_line_exit_2(tmp_path):
+    """`convert import` of a directory whose config.json says 10^7 layers: exit 2 at once."""
+    d = json.loads(json.dumps(PUBLISHED))
+    d["num_hidden_layers"] = 10**7
+    src = tmp_path / "hf"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(d))
+    proc = subprocess.run(
+        [sys.executable, "-m", "qwenvl_jax.convert", "import", str(src), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_limit_memory,
+    )
+    want = (
+        f"error: import: {src / 'config.json'}: num_hidden_layers=10000000 is not an integer in"
+        " [0, 1024]"
+    )
+    assert (proc.returncode, proc.stderr.strip().splitlines()) == (2, [want]), proc.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- generation_config
+BAD_GENERATION = {
+    "not_json": ("{max_new_tokens: 3}", " is not valid JSON: Expecting property name enclosed in"
+                 " double quotes: line 1 column 2 (char 1)"),
+    "list": ("[1]", " holds a JSON list, not an object"),
+    "max_new_tokens": ('{"max_new_tokens": "512"}',
+                       ": max_new_tokens='512' is not an integer in [1, 1048576]"),
+    "do_sample": ('{"do_sample": "false"}', ": do_sample='false' is not true or false"),
+    "top_p": ('{"top_p": 2}', ": top_p=2 is not a number in (0, 1] or null"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BAD_GENERATION))
+def test_bad_generation_config_is_one_line(tmp_path, case):
+    """QwenVL.from_pretrained names the file and the key before it reads any weight."""
+    text, what = BAD_GENERATION[case]
+    config_lib.get_preset("tiny").save_hf_json(str(tmp_path))
+    gen_file = tmp_path / "generation_config.json"
+    gen_file.write_text(text)
+    with pytest.raises(CheckpointError) as e:
+        QwenVL.from_pretrained(str(tmp_path))
+    assert str(e.value) == f"{gen_file}{what}"
+
+
+def test_published_generation_config_is_kept(tmp_path):
+    (tmp_path / "generation_config.json").write_text(json.dumps(hf.GENERATION_CONFIG))
+    assert read_generation_config(str(tmp_path)) == {
+        "do_sample": True,
+        "max_new_tokens": 512,
+        "max_window_size": 6144,
+        "top_k": 0,
+        "top_p": 0.3,
+    }
+    assert read_generation_config(str(tmp_path / "none")) is None
