@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 from absl import logging as absl_logging
+from paths import ROOT
 from PIL import Image
 
 from qwenvl_jax import train
@@ -19,7 +20,6 @@ from qwenvl_jax.data import pipeline
 from qwenvl_jax.errors import ConfigError, MissingPathError
 from qwenvl_jax.train import inputs, stage_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 absl_logging.set_verbosity(absl_logging.WARNING)
 
 

@@ -13,10 +13,10 @@ import sys
 
 import numpy as np
 import pytest
+from paths import FIXTURES
 
 from qwenvl_jax.convert import hf_tensors, import_hf, save_params, tensor_io
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 BIN_MINI = os.path.join(FIXTURES, "reference", "bin_mini")
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 

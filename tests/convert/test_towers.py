@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from paths import ROOT
 
 from qwenvl_jax.config import get_preset
 from qwenvl_jax.convert import (
@@ -28,7 +29,6 @@ from qwenvl_jax.convert import (
 from qwenvl_jax.convert import __main__ as cli
 from qwenvl_jax.convert.hf import _leaf
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT_KEYS = {  # a few OpenCLIP text-tower keys (top level, not under visual.)
     "token_embedding.weight": (50, 8),
     "positional_embedding": (7, 8),

@@ -12,11 +12,12 @@ import sys
 
 import numpy as np
 import pytest
+from paths import FIXTURES
 
 from qwenvl_jax.eval import benchmarks as bm
 from qwenvl_jax.eval import metrics as M
 
-ROOT = os.path.join(os.path.dirname(__file__), "fixtures", "eval")
+ROOT = os.path.join(FIXTURES, "eval")
 with open(os.path.join(ROOT, "goldens.json"), encoding="utf-8") as _f:
     GOLDENS = json.load(_f)
 with open(os.path.join(ROOT, "predictions.json"), encoding="utf-8") as _f:

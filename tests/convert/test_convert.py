@@ -16,6 +16,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from paths import FIXTURES
 from reference_weights import reference_tensors
 
 from qwenvl_jax import config as config_lib
@@ -35,7 +36,6 @@ from qwenvl_jax.convert import (
 )
 from qwenvl_jax.tree import TreeMismatchError
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 REF = os.path.join(FIXTURES, "reference")
 BIN_MINI = os.path.join(REF, "bin_mini")
 

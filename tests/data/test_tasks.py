@@ -11,11 +11,12 @@ import os
 
 import numpy as np
 import pytest
+from paths import FIXTURES
 
 from qwenvl_jax.data import tasks
 from qwenvl_jax.tokenizer import QWenTokenizer
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "finetune", "preprocess.json")
+PREPROCESS = os.path.join(FIXTURES, "finetune", "preprocess.json")
 EOD, IM_START, IM_END = 151643, 151644, 151645
 REF, REF_END, BOX, BOX_END, QUAD, QUAD_END = 151851, 151852, 151853, 151854, 151855, 151856
 IMG, IMG_END, IMG_PAD = 151857, 151858, 151859
@@ -148,7 +149,7 @@ def test_chatml_hand_layout(tok):
 
 
 def test_chatml_matches_published_finetune(tok):
-    with open(FIXTURES, encoding="utf-8") as f:
+    with open(PREPROCESS, encoding="utf-8") as f:
         fx = json.load(f)
     ignore = fx["ignore_token_id"]
     assert len(fx["records"]) >= 6

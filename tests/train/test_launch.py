@@ -3,7 +3,7 @@
 import os
 import subprocess
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import ROOT
 
 
 def test_tpu_pod_passes_flags_with_spaces_through_the_remote_shell(tmp_path):

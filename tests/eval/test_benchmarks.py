@@ -9,10 +9,11 @@ import json
 import os
 
 import pytest
+from paths import FIXTURES
 
 from qwenvl_jax.eval import benchmarks as bm
 
-ROOT = os.path.join(os.path.dirname(__file__), "fixtures", "eval")
+ROOT = os.path.join(FIXTURES, "eval")
 with open(os.path.join(ROOT, "goldens.json"), encoding="utf-8") as _f:
     GOLDENS = json.load(_f)
 

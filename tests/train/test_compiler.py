@@ -7,10 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from paths import ROOT
 
 from qwenvl_jax.train import compiler
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_flags_per_platform_keep_what_the_user_set():
