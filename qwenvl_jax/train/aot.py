@@ -23,6 +23,7 @@ from qwenvl_jax.train import inputs
 from qwenvl_jax.train import remat as remat_lib
 from qwenvl_jax.train.state import build, check_setup, describe, step_model_flops
 from qwenvl_jax.train.step import aot_compile, compiled_report  # noqa: F401 (aot's API too)
+from qwenvl_jax.train.validate import validate
 
 _COLLECTIVE = re.compile(
     r" (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-start)?\("
@@ -151,6 +152,7 @@ def dry_run(cfg: ml_collections.ConfigDict, command: str | None = None) -> dict:
       cfg: the training config.
       command: the command line that asked for it (repeated in the how-to-compile line).
     """
+    validate(cfg)  # the mesh is checked below, against the devices it is laid out for
     print(inputs.describe(cfg, dry_run=True))
     print(cfg)
     devices = topology_devices(cfg)

@@ -21,6 +21,7 @@ from qwenvl_jax.train.inputs import make_data_iterator, make_eval_iterator
 from qwenvl_jax.train.sources import initial_params
 from qwenvl_jax.train.state import check_setup, describe, log, step_model_flops
 from qwenvl_jax.train.step import make_eval_step, make_train_step, to_step_batch
+from qwenvl_jax.train.validate import validate
 
 
 class _Preemption:
@@ -120,6 +121,8 @@ def train(
         stop_after: testing aid: return after this many optimizer steps of this invocation.
         devices: devices for the mesh (default all).
     """
+    # A config the run cannot use stops here in one line, before anything is read or allocated.
+    validate(cfg, workdir=workdir, devices=jax.devices() if devices is None else devices)
     # What the run trains on comes first, and a run with no data stops here, before the model.
     log(inputs.describe(cfg))
     fileio.makedirs(workdir)
@@ -136,10 +139,6 @@ def train(
     total = int(cfg.steps)
     ckpt = ckpt_lib.Checkpointer(workdir, int(cfg.checkpoint.keep), bool(cfg.checkpoint.async_save))
     restored = ckpt.restore_latest(s.abstract_params, s.abstract_opt)
-    if cfg.batch_size % jax.process_count():
-        raise ValueError(
-            f"batch_size {cfg.batch_size} not divisible by {jax.process_count()} hosts"
-        )
     data = make_data_iterator(cfg, s.mcfg, int(cfg.batch_size) // jax.process_count())
     if restored is not None:
         start, params, opt_state, meta = restored

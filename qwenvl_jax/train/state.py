@@ -19,6 +19,7 @@ from qwenvl_jax import optim as optim_lib
 from qwenvl_jax import sharding as shd
 from qwenvl_jax import tree as tree_lib
 from qwenvl_jax.config import QWenConfig, get_preset
+from qwenvl_jax.errors import ConfigError
 from qwenvl_jax.model.factory import make_model
 from qwenvl_jax.model.options import ModelOptions
 
@@ -142,28 +143,39 @@ def build(
     )  # fmt: skip
 
 
-def grad_accum_steps(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> int:
+def grad_accum_steps(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | dict) -> int:
     """Micro-batches per optimizer step.
 
     With `cfg.device_batch` > 0 (sequences per data-parallel shard per micro-step), the number of
     micro-batches follows from the global batch and the mesh: batch / (device_batch x data x fsdp);
     the paper's per-GPU accumulation (Table 8) only fixes the global batch on a different cluster.
     With `cfg.device_batch` = 0, `cfg.grad_accum` is used as given.
+
+    Args:
+      cfg: the training config.
+      mesh: the run's mesh, or its {axis: size} (`train.validate` asks before any mesh exists).
+
+    Raises:
+      ConfigError: the batch does not split so (one line naming the keys to change).
     """
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    shape = getattr(mesh, "shape", mesh)
+    dp = shape["data"] * shape["fsdp"]
     b = int(cfg.batch_size)
     db = int(cfg.device_batch)
     if db:
         if b % (db * dp):
-            raise ValueError(
-                f"batch_size {b} is not a multiple of device_batch {db} x data-parallel size {dp}"
+            raise ConfigError(
+                f"--config.batch_size={b}: must be a multiple of --config.device_batch={db} x the"
+                f" data-parallel size data x fsdp = {dp} (or set --config.device_batch=0 and"
+                " --config.grad_accum)"
             )
         return b // (db * dp)
     a = int(cfg.grad_accum)
     if b % a or (b // a) % dp:
-        raise ValueError(
-            f"batch_size {b} / grad_accum {a} must be a whole number of sequences per micro-batch"
-            f" and a multiple of the data-parallel size data x fsdp = {dp}"
+        raise ConfigError(
+            f"--config.batch_size={b}: must be a multiple of --config.grad_accum={a} x the"
+            f" data-parallel size data x fsdp = {dp} (a whole number of sequences per micro-batch"
+            " on every data shard)"
         )
     return a
 
