@@ -4,7 +4,9 @@
         --out=eval_out --batch_size=16 [--chat] [--mesh=fsdp=4,model=2]
 
 `--data_dir` holds `data/<dataset>/...` as the eval_mm scripts read it (sources:
-`qwenvl_jax.eval.benchmarks.DATA_SOURCES`). Rerunning the same command resumes a killed run.
+`qwenvl_jax.eval.benchmarks.DATA_SOURCES`). Rerunning the same command resumes a killed run: the
+questions in OUT/BENCHMARK.jsonl are skipped, a line there that cannot be read (cut by a kill,
+damaged on disk) is dropped with one line saying which, and its question asked again.
 """
 
 from __future__ import annotations
