@@ -3,6 +3,7 @@
 `python -m qwenvl_jax.train --config=configs/<stage>.py --workdir=DIR` (`__main__`: the flags) calls
 `train(config, workdir)` (`loop`), so tests and notebooks run exactly what the command line runs.
 
+- `validate`: the config checked before any work (ranges, cross-field rules, mesh, workdir);
 - `state`: the static side of a run (`Setup`): model config and factory, mesh, shardings, optimizer;
 - `step`: the loss and the jitted train step (gradient accumulation, donated state);
 - `sources`: the first parameters (a previous stage, a converted checkpoint, two towers, random);
