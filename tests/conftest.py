@@ -47,3 +47,21 @@ def _run_quick_demo(workdir: str):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "held-out evaluation (quick)" in proc.stdout and "blind prior" in proc.stdout
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The published Qwen-VL tokenizer (tiktoken vocabulary, 256-position image spans)."""
+    from qwenvl_jax.tokenizer import QWenTokenizer
+
+    return QWenTokenizer()
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny Qwen-VL checkpoint in the published HF layout (reference_weights.write_hf_dir)."""
+    from reference_weights import write_hf_dir
+
+    out = tmp_path_factory.mktemp("tiny_hf")
+    write_hf_dir("tiny", str(out))
+    return str(out)

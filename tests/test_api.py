@@ -11,19 +11,12 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference_weights import REF, write_hf_dir
+from reference_weights import REF
 
 from qwenvl_jax import QwenVL, chat
 from qwenvl_jax import tokenizer as tk
 from qwenvl_jax.convert import checkpoint_kind
 from qwenvl_jax.demo.vocab import train_sentencepiece
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny_hf")
-    write_hf_dir("tiny", str(out))
-    return str(out)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import pytest
 from reference_weights import REF
 
 from qwenvl_jax import QwenVL, chat
-from qwenvl_jax import tokenizer as tk
 from qwenvl_jax.demo.vocab import train_sentencepiece
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "tokenizer")
@@ -17,11 +16,6 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "tokenizer")
 def _fixture(name):
     with open(os.path.join(FIXTURES, name), encoding="utf8") as f:
         return json.load(f)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tk.QWenTokenizer()
 
 
 # ---------------------------------------------------------------------- the published format

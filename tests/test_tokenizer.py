@@ -17,11 +17,6 @@ from qwenvl_jax.demo.vocab import train_sentencepiece
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "tokenizer")
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return tk.QWenTokenizer()
-
-
 # ---------------------------------------------------------------------- facts from the spec (§5)
 def test_special_ids_and_sizes(tok):
     assert len(tok) == tok.n_vocab == 151860

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 from paths import FIXTURES
+from tiny import train_config
 
 from qwenvl_jax.convert import hf_tensors, import_hf, save_params, tensor_io
 
@@ -196,15 +197,8 @@ def trained(tmp_path_factory):
     import jax
 
     from qwenvl_jax import train as train_lib
-    from qwenvl_jax.train import stage_config
 
-    c = stage_config.load("multitask:tiny")
-    c.model.overrides.vocab_size = 1024
-    c.model.overrides.visual = {"n_queries": 16, "image_start_id": 1000}
-    c.steps = 2
-    c.optim.warmup_steps = 1  # the schedule needs warmup < steps
-    c.log_every = 1
-    c.checkpoint.every_steps = 1
+    c = train_config(steps=2, checkpoint__every_steps=1)
     wd = tmp_path_factory.mktemp("run")
     train_lib.train(c, str(wd), devices=jax.devices()[:1])
     return wd

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 from test_gcs import gcs  # noqa: F401 - the module's emulator fixture
+from tiny import train_config
 
 from qwenvl_jax import checkpoint, fileio
 from qwenvl_jax.convert import hf_tensors, import_hf
@@ -22,14 +23,8 @@ from qwenvl_jax.convert.__main__ import main as convert_main
 def trained(tmp_path_factory):
     """A tiny model trained 2 steps on random batches (local workdir), and its HF tensors."""
     from qwenvl_jax import train as train_lib
-    from qwenvl_jax.train import stage_config
 
-    c = stage_config.load("multitask:tiny")
-    c.model.overrides.vocab_size = 1024
-    c.model.overrides.visual = {"n_queries": 16, "image_start_id": 1000}
-    c.steps = 2
-    c.optim.warmup_steps = 1  # the schedule needs warmup < steps
-    c.checkpoint.every_steps = 2
+    c = train_config(steps=2)
     wd = str(tmp_path_factory.mktemp("run"))
     train_lib.train(c, wd, devices=jax.devices()[:1])
     cfg, params = checkpoint.latest_params(wd)

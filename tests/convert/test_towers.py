@@ -5,7 +5,6 @@ in_proj rows, a class token); the check of the re-interleave is an independent n
 pre-norm block with the textbook multi-head attention formula on those weights.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -14,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from paths import ROOT
+from tiny import train_config
 
 from qwenvl_jax.config import get_preset
 from qwenvl_jax.convert import (
@@ -279,19 +278,12 @@ def test_llm_import_errors(tmp_path):
 
 
 # ----------------------------------------------------------------------------- stage 1 init
-def _load_config(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config("tiny")
 
 
 def test_stage1_init_from_converted_towers(tmp_path):
     from qwenvl_jax import train, tree
 
-    c = _load_config("pretrain")
-    c.model.overrides.vocab_size = 1024
-    c.model.overrides.visual = {"n_queries": 16, "image_start_id": 1000}
+    c = train_config("pretrain")
     tiny = get_preset("tiny", vocab_size=1024)
     v = tiny.visual
     # the tiny ViT in OpenCLIP form: 16x16 position grid + class token, patch 14

@@ -14,7 +14,6 @@ import pytest
 from paths import FIXTURES
 
 from qwenvl_jax.data import tasks
-from qwenvl_jax.tokenizer import QWenTokenizer
 
 PREPROCESS = os.path.join(FIXTURES, "finetune", "preprocess.json")
 EOD, IM_START, IM_END = 151643, 151644, 151645
@@ -23,11 +22,6 @@ IMG, IMG_END, IMG_PAD = 151857, 151858, 151859
 NL = 198
 MALFORMED = "malformed_conversation"
 SYSTEM = [IM_START, 8948, NL, 2610, 525, 264, 10950, 17847, 13, IM_END, NL]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return QWenTokenizer()
 
 
 def img_span(path: str) -> list[int]:

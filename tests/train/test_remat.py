@@ -3,21 +3,18 @@
 import jax
 import numpy as np
 import pytest
+from tiny import train_config
 
 from qwenvl_jax.errors import ConfigError
-from qwenvl_jax.train import remat, stage_config
+from qwenvl_jax.train import remat
 from qwenvl_jax.train.aot import aot_compile, compiled_report
 from qwenvl_jax.train.state import build
 
 
 def _cfg(fit_gib=0.0, steps=4, **kw):
-    c = stage_config.load("multitask:tiny")
-    c.model.overrides.vocab_size = 1024
-    c.model.overrides.visual = {"n_queries": 16, "image_start_id": 1000}
-    c.batch_size, c.grad_accum = 4, 2
+    c = train_config(steps=steps, batch_size=4, grad_accum=2, **{"checkpoint.every_steps": 100})
     c.model.remat_llm = c.model.remat_vit = "auto"
     c.model.remat_fit_gib = fit_gib
-    c.steps, c.log_every, c.checkpoint.every_steps = steps, 1, 100
     c.optim.warmup_steps = 1
     for k, v in kw.items():
         c.model[k] = v
