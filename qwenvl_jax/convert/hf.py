@@ -92,8 +92,9 @@ def read_config(path: str) -> QWenConfig:
 
     Raises:
       MissingPathError (a FileNotFoundError): nothing at `path`.
-      CheckpointError: `path` is a file, or its config.json is missing, not JSON or not a Qwen-VL
-        config (the message names the file).
+      CheckpointError: `path` is a file, or its config.json is missing, not JSON, not a Qwen-VL
+        config or has a field outside `config.BOUNDS` (the message names the file and the field;
+        checked before anything is allocated from the config).
     """
     if not fileio.exists(path):
         raise MissingPathError(f"no checkpoint at {path}: it does not exist")
