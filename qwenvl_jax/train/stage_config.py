@@ -75,6 +75,7 @@ def base() -> mlc.ConfigDict:
     # are skipped more often than this stops the run with the counts by reason (checked at start
     # on the records, then on their images as they load): wrong paths or a broken file otherwise
     # train on a fraction of the data, or wait forever for a batch (data/pipeline.py).
+    # skip_check_records = 0: no limit (a source whose every record is skipped still stops).
     c.data.max_skip_fraction = 0.1
     c.data.skip_check_records = 1000
 
