@@ -4,12 +4,15 @@ Mode conversion (`to_rgb`: the reference's `convert("RGB")`, with 16-bit images 
 resizing and CLIP normalisation are `qwenvl_jax.image`'s, so training and inference share one
 preprocessing; this module adds GCS reading (`etils.epath`), a minimum size and the skip reasons.
 Failures raise `tasks.BadSample` with the counter name: `image_missing`, `image_corrupt`,
-`image_too_small`.
+`image_too_small`, `image_not_regular_file` (a FIFO, a device, a directory: opening one could block
+forever or never end), `image_too_large` (more than `MAX_IMAGE_BYTES`).
 """
 
 from __future__ import annotations
 
 import io
+import os
+import stat
 import urllib.request
 import warnings
 from typing import Any
@@ -22,15 +25,66 @@ from qwenvl_jax import image as image_lib
 from qwenvl_jax.data.tasks import BadSample
 
 HTTP_TIMEOUT_S = 30
+# The most bytes read for one encoded image. PIL's decompression-bomb check bounds the pixels; this
+# bounds what is read before decoding (a 448 px training image is well under 1 MiB; 64 MiB leaves
+# room for large originals that are resized).
+MAX_IMAGE_BYTES = 64 << 20
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def local_file_kind(path: str) -> str | None:
+    """What a local `path` is when it is not a regular file ("a FIFO", "a character device", "a
+    directory", ...; "missing" when nothing is there), else None (a regular file, or a URL / remote
+    path, whose store holds only objects).
+
+    Asked before opening: opening a FIFO blocks until a writer comes, and reading a device such as
+    /dev/zero never ends. `os.stat` follows links, so a link to a regular file is one.
+    """
+    if "://" in path:
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in _KINDS if test(mode)), "not a regular file")
+
+
+def _read_capped(f, src: str) -> bytes:
+    data = f.read(MAX_IMAGE_BYTES + 1)
+    if len(data) > MAX_IMAGE_BYTES:
+        raise BadSample("image_too_large", f"image {src} is over {MAX_IMAGE_BYTES >> 20} MiB")
+    return data
+
+
+def check_image_file(src: str) -> None:
+    """Raises `BadSample` unless `src` (a local path, gs:// or URL) may be opened as an image."""
+    kind = local_file_kind(src)
+    if kind == "missing":
+        raise BadSample("image_missing", f"image not found: {src}")
+    if kind is not None:
+        raise BadSample("image_not_regular_file", f"image {src} is {kind}, not a regular file")
 
 
 def read_bytes(src: str) -> bytes:
-    """The bytes of an image path (local or gs://) or http(s) URL."""
+    """The bytes of an image path (local or gs://) or http(s) URL, at most `MAX_IMAGE_BYTES`."""
     try:
         if src.startswith(("http://", "https://")):
             with urllib.request.urlopen(src, timeout=HTTP_TIMEOUT_S) as r:  # noqa: S310
-                return r.read()
-        return epath.Path(src).read_bytes()
+                return _read_capped(r, src)
+        check_image_file(src)
+        with epath.Path(src).open("rb") as f:
+            return _read_capped(f, src)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise BadSample("image_missing", f"image not found: {src}") from None
     except OSError as e:

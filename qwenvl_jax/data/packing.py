@@ -15,6 +15,7 @@ records from its `MapDataset` parent (tokenization is deterministic).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 
@@ -51,8 +52,13 @@ REASONS = (
     "other",
     # Appended (not inserted) so counters saved in older checkpoints keep their indices.
     "stray_img_end",
+    "image_not_regular_file",
+    "image_too_large",
 )
 REASON_INDEX = {r: i for i, r in enumerate(REASONS)}
+# Counters that are not skipped records (the sample still trains, or it counts samples).
+NOT_SKIPS = ("samples", "tokens", "truncated", "box_clipped", "image_converted")
+SKIP_MASK = np.array([r not in NOT_SKIPS for r in REASONS])
 
 
 def reason_index(reason: str) -> int:
@@ -65,6 +71,105 @@ def pad_counts(counts, shape: tuple[int, int]) -> np.ndarray:
     out = np.zeros(shape, np.int64)
     out[:, : c.shape[1]] = c[:, : shape[1]]
     return out
+
+
+def counts_text(row) -> str:
+    """`bad_record 3, image_missing 1`: the skip counters of one source's counts row [REASONS]."""
+    pairs = zip(REASONS, row, SKIP_MASK, strict=True)
+    return ", ".join(f"{r} {int(c)}" for r, c, m in pairs if m and c)
+
+
+@dataclasses.dataclass(frozen=True)
+class SkipLimit:
+    """When skipped records stop a run instead of being only counted (per source).
+
+    Attributes:
+      labels: what the message calls each source ("data file a.json"), in source order.
+      sizes: each source's record count. That many records skipped in a row with no sample trained
+        since means every record is skipped: the stream would never yield a row, so it stops.
+      max_fraction: None, or the largest fraction of a source's first `window` records that may be
+        skipped (the trainer's `--config.data.max_skip_fraction`).
+      window: records per source over which `max_fraction` is judged (`data.skip_check_records`).
+    """
+
+    labels: tuple
+    sizes: tuple
+    max_fraction: float | None
+    window: int
+
+    def error(self, name: str, s: int, row, first: str | None, *, every: bool, read: int):
+        """The `DataError` of source `s` (name, counts row, first skip message)."""
+        from qwenvl_jax.data.sources import DataError
+
+        skipped = int(row[SKIP_MASK].sum())
+        if every:
+            what = f"every record is skipped ({skipped} of {read}: {counts_text(row)})"
+        else:
+            what = (
+                f"{skipped} of {read} records skipped ({counts_text(row)}), more than"
+                f" --config.data.max_skip_fraction={self.max_fraction:g} of the first"
+                f" {self.window} (--config.data.skip_check_records)"
+            )
+        tail = f"; first: {first}" if first else ""
+        return DataError(f"data source {name!r} ({self.labels[s]}): {what}{tail}")
+
+
+class SkipGuard:
+    """Applies a `SkipLimit` to a stream of counts: the packer feeds it every skip as it happens
+    and the counts of every row it hands on; `check` raises `DataError` when the limit is passed.
+
+    Its state (`get_state`) travels in the packer's checkpoint state.
+    """
+
+    def __init__(self, names: Sequence[str], limit: SkipLimit):
+        self.names, self.limit = list(names), limit
+        self.seen = np.zeros((len(names), len(REASONS)), np.int64)  # rows handed on
+        self.skips_at_good = np.zeros(len(names), np.int64)  # skips when a sample last trained
+        self.closed = np.zeros(len(names), bool)  # max_fraction judged and passed
+        self.first: dict[int, str] = {}  # the first skip message per source, for the error
+
+    def note(self, s: int, message: str) -> None:
+        self.first.setdefault(s, message)
+
+    def row_done(self, counts: np.ndarray) -> None:
+        """A row was handed on with these counts (its pending skips included)."""
+        self.seen += counts
+        good = counts[:, REASON_INDEX["samples"]] > 0
+        self.skips_at_good[good] = self.seen[good][:, SKIP_MASK].sum(1)
+
+    def check(self, pending: np.ndarray) -> None:
+        """Raises `DataError` for the first source over its limit (`pending`: counts not yet in a
+        handed-on row)."""
+        total = self.seen + pending
+        skips = total[:, SKIP_MASK].sum(1)
+        samples = total[:, REASON_INDEX["samples"]]
+        frac, window = self.limit.max_fraction, self.limit.window
+        for s, name in enumerate(self.names):
+            size = self.limit.sizes[s]
+            if size and skips[s] - self.skips_at_good[s] >= size:
+                read = int(skips[s] + samples[s])
+                raise self.limit.error(name, s, total[s], self.first.get(s), every=True, read=read)
+            if frac is None or self.closed[s]:
+                continue
+            if skips[s] > frac * window:
+                read = int(skips[s] + samples[s])
+                first = self.first.get(s)
+                raise self.limit.error(name, s, total[s], first, every=not samples[s], read=read)
+            if skips[s] + samples[s] >= window:
+                self.closed[s] = True
+
+    def get_state(self) -> dict:
+        return {
+            "seen": self.seen.tolist(),
+            "skips_at_good": self.skips_at_good.tolist(),
+            "closed": self.closed.tolist(),
+        }
+
+    def set_state(self, state: dict | None) -> None:
+        if state:
+            self.seen = pad_counts(state["seen"], self.seen.shape)
+            self.skips_at_good = np.array(state["skips_at_good"], np.int64)
+            self.closed = np.array(state["closed"], bool)
 
 
 def fit_example(
@@ -219,6 +324,9 @@ class PackIterDataset(grain.IterDataset):
       shard_index, shard_count: this host's share of every source (`src[index::count]`).
       row_transform: applied to each finished row (image loading, which may turn samples with bad
         images into padding); a row left with no sample is not emitted, its counters carry over.
+        It may add `_skip_first` {source index: message} for the skip limit's error.
+      skip_limit: when skipped records stop the stream with `DataError` (`SkipLimit`); None: they
+        are only counted (a source whose every record is skipped then never yields).
     """
 
     def __init__(
@@ -238,6 +346,7 @@ class PackIterDataset(grain.IterDataset):
         shard_count: int = 1,
         row_transform: Callable[[dict], dict] | None = None,
         n_queries: int = N_QUERIES,
+        skip_limit: SkipLimit | None = None,
     ):
         super().__init__()
         if too_long not in ("truncate", "drop"):
@@ -260,6 +369,7 @@ class PackIterDataset(grain.IterDataset):
         self.num_open_rows = max(1, num_open_rows)
         self.too_long = too_long
         self.row_transform = row_transform
+        self.skip_limit = skip_limit
 
     def _build(self) -> grain.MapDataset:
         k, n = self._shard
@@ -292,6 +402,12 @@ class _PackIterator(grain.DatasetIterator):
         self._rows_ex: list[list[Example]] = [[self._fit(i)[0] for i in r] for r in rows]
         shape = (len(self._d.source_names), len(REASONS))
         self._counts = np.zeros(shape, np.int64) if counts is None else pad_counts(counts, shape)
+        limit = self._d.skip_limit
+        self._guard = None if limit is None else SkipGuard(self._d.source_names, limit)
+
+    def _check(self) -> None:
+        if self._guard is not None:
+            self._guard.check(self._counts)
 
     def _count(self, source: str, reason: str, n: int = 1) -> None:
         s = self._src_index.get(source)
@@ -342,9 +458,17 @@ class _PackIterator(grain.DatasetIterator):
             row = self._next_row()
             if self._d.row_transform is not None:
                 row = self._d.row_transform(row)
+            first = row.pop("_skip_first", None) or {}
+            if self._guard is not None:
+                for s, message in first.items():
+                    self._guard.note(s, message)
             if row["segment_ids"].any():
+                if self._guard is not None:
+                    self._guard.row_done(row["_counts"])
+                    self._check()
                 return row
             self._counts += row["_counts"]
+            self._check()
 
     def _next_row(self) -> dict:
         T, M = self._d.seq_len, self._d.max_images
@@ -358,12 +482,16 @@ class _PackIterator(grain.DatasetIterator):
                     "data: skipped %s[%d] (%s): %s", el.source, el.index, el.reason, el.message
                 )
                 self._count(el.source, el.reason)
+                if self._guard is not None:
+                    self._guard.note(self._src_index[el.source], f"record {el.index}: {el.message}")
+                    self._check()
                 continue
             for e in el.events:
                 self._count(el.source, e)
             if event in ("dropped_too_long", "dropped_no_loss"):
                 logging.warning("data: %s %s[%d]", event, el.source, el.index)
                 self._count(el.source, event)
+                self._check()
                 continue
             if event == "truncated":
                 self._count(el.source, "truncated")
@@ -391,11 +519,16 @@ class _PackIterator(grain.DatasetIterator):
         raise StopIteration
 
     def get_state(self) -> dict:
-        return {
+        state = {
             "next_index": int(self._next),
             "open_rows": [list(map(int, r)) for r in self._rows_idx],
             "pending_counts": self._counts.tolist(),
         }
+        if self._guard is not None:
+            state["skip_guard"] = self._guard.get_state()
+        return state
 
     def set_state(self, state: dict) -> None:
         self._reset(int(state["next_index"]), state["open_rows"], state["pending_counts"])
+        if self._guard is not None:
+            self._guard.set_state(state.get("skip_guard"))

@@ -31,13 +31,21 @@ The data config (`default_data_config()`, an ml_collections ConfigDict):
     data.min_image_side: images with a shorter side (pixels) are skipped as too small
     data.prefetch:      batches prefetched per worker (or by a thread when worker_count=0)
 
+Skipped records: `make_train_iterator(max_skip_fraction=, skip_check_records=)` (the trainer's
+`data.*` keys of the same names) reads each source's first records at start and stops with one line
+when their image paths do not fit the image span, when every one is skipped, or when more than that
+fraction is; as images load the same limit holds. A source whose every record is skipped always ends
+the stream with `DataError`, never a wait for a batch that cannot come.
+
 Determinism: everything is a function of (config, seed, shard_index, shard_count, worker_count);
 restoring the state requires the same values.
 """
 
 from __future__ import annotations
 
+import ast
 import logging
+import re
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -50,6 +58,7 @@ from qwenvl_jax import image as image_lib
 from qwenvl_jax.data import images as images_lib
 from qwenvl_jax.data import packing, sources, tasks
 from qwenvl_jax.data.batch import BATCH_KEYS
+from qwenvl_jax.errors import ConfigError
 
 # Table 3 of the paper: the multi-task pre-training tasks and their sample counts (millions).
 TABLE3_SAMPLES_M = {
@@ -163,6 +172,7 @@ class LoadImages:
                 if self.strict:
                     raise sources.DataError(f"source {sname!r} record {index}: {e}") from None
                 logging.warning("data: skipped %s[%d] (%s): %s", sname, index, e.reason, e.message)
+                row.setdefault("_skip_first", {}).setdefault(s, f"record {index}: {e.message}")
                 seg = int(seg_of[m])
                 failed.add(seg)
                 counts[s, packing.reason_index(e.reason)] += 1
@@ -212,6 +222,49 @@ def build_sources(data_config, tokenizer) -> list[sources.Source]:
     return out
 
 
+_PATH_IN_MESSAGE = re.compile(r": ('.*'|\".*\")$")
+
+
+def _long_path_error(src: sources.Source, skips: list, read: int, span: int) -> ConfigError:
+    """The one start-up line for image paths longer than the model's image span."""
+    first = skips[0].message
+    m = _PATH_IN_MESSAGE.search(first)
+    path = ast.literal_eval(m.group(1)) if m else first
+    return ConfigError(
+        f"{src.label}: {len(skips)} of {read} records have image paths longer than the model's"
+        f" {span - 1}-byte image span (first: {path!r}, record {skips[0].index}); the path as"
+        " written between <img> and </img> must fit: use shorter paths, relative to the image"
+        f" root {src.image_root} (the data file's directory, or image_root in a mixture file), or"
+        " a model with more queries (--config.model.overrides.visual.n_queries=256, the"
+        " published span)"
+    )
+
+
+def check_sources(srcs: Sequence[sources.Source], limit: packing.SkipLimit, span: int) -> None:
+    """The start-up check of each source's first `limit.window` records (read, tokenized, not their
+    images): image paths too long for the image span (a configuration problem: one line for the
+    source, with the fix), every record skipped, or more than `limit.max_fraction` skipped.
+
+    Raises:
+      ConfigError: image paths too long. DataError: too many records skipped (the counts by
+      reason and the first message).
+    """
+    for s, src in enumerate(srcs):
+        read = min(len(src), limit.window)
+        skips = [el for i in range(read) if isinstance(el := src[i], tasks.Skip)]
+        long = [k for k in skips if k.reason == "image_path_too_long"]
+        if long:
+            raise _long_path_error(src, long, read, span)
+        row = np.zeros(len(packing.REASONS), np.int64)
+        for k in skips:
+            row[packing.reason_index(k.reason)] += 1
+        first = f"record {skips[0].index}: {skips[0].message}" if skips else None
+        if skips and len(skips) == read:
+            raise limit.error(src.name, s, row, first, every=True, read=read)
+        if limit.max_fraction is not None and len(skips) > limit.max_fraction * read:
+            raise limit.error(src.name, s, row, first, every=False, read=read)
+
+
 def make_train_dataset(
     data_config,
     tokenizer,
@@ -224,14 +277,33 @@ def make_train_dataset(
     shard_index: int = 0,
     shard_count: int = 1,
     worker_count: int = 0,
+    max_skip_fraction: float | None = None,
+    skip_check_records: int | None = None,
 ) -> grain.IterDataset:
     """The grain IterDataset behind `make_train_iterator` (same arguments); elements are batches
     with the contract's keys plus `_counts` [B, n_sources, n_reasons]."""
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index={shard_index} not in [0, shard_count={shard_count})")
+    if max_skip_fraction is not None and not (
+        skip_check_records is not None and skip_check_records >= 0 and 0 <= max_skip_fraction <= 1
+    ):
+        raise ConfigError(
+            f"--config.data.max_skip_fraction={max_skip_fraction} must be in [0, 1] and"
+            f" --config.data.skip_check_records={skip_check_records} >= 0 (0: no limit)"
+        )
+    if not skip_check_records:
+        max_skip_fraction = None
     data_config = resolve_data_config(data_config)
     srcs = build_sources(data_config, tokenizer)
     names = [s.name for s in srcs]
+    limit = packing.SkipLimit(
+        labels=tuple(s.label for s in srcs),
+        sizes=tuple(len(s) for s in srcs),
+        max_fraction=max_skip_fraction,
+        window=int(skip_check_records or 0),
+    )
+    if max_skip_fraction is not None:
+        check_sources(srcs, limit, tokenizer.image_span)
     weights = [float(_plain(data_config.sources)[n].get("weight", 1.0)) for n in names]
     if data_config.weight_by_records:
         weights = [w * len(s) for w, s in zip(weights, srcs, strict=True)]
@@ -254,6 +326,7 @@ def make_train_dataset(
         source_names=names,
         num_open_rows=int(data_config.num_open_rows),
         too_long=str(data_config.too_long),
+        skip_limit=limit,
     )
     load = LoadImages(
         image_size=image_size,
@@ -353,16 +426,12 @@ class DataIterator:
         tot = self._counts.sum(0)
         for r, c in zip(packing.REASONS, tot, strict=True):
             out[f"data/{r}"] = float(c)
-        skip_reasons = [i for i, r in enumerate(packing.REASONS) if r not in _NOT_SKIPS]
-        out["data/skipped"] = float(tot[skip_reasons].sum())
+        out["data/skipped"] = float(tot[packing.SKIP_MASK].sum())
         for n, row in zip(self.source_names, self._counts, strict=True):
             for r, c in zip(packing.REASONS, row, strict=True):
                 if c:
                     out[f"data/{n}/{r}"] = float(c)
         return out
-
-
-_NOT_SKIPS = ("samples", "tokens", "truncated", "box_clipped", "image_converted")
 
 
 def make_train_iterator(
@@ -377,6 +446,8 @@ def make_train_iterator(
     shard_index: int = 0,
     shard_count: int = 1,
     worker_count: int = 0,
+    max_skip_fraction: float | None = None,
+    skip_check_records: int | None = None,
 ) -> DataIterator:
     """The training batches of this host.
 
@@ -391,6 +462,13 @@ def make_train_iterator(
       shard_index, shard_count: this host's shard (`jax.process_index()`, `jax.process_count()`).
       worker_count: grain worker processes for tokenizing, packing and image decoding (0: in-process
         with a prefetch thread).
+      max_skip_fraction, skip_check_records: None or 0 (default): bad records are only counted. A
+        fraction in [0, 1] (the trainer's `data.max_skip_fraction`, with `skip_check_records`):
+        each source's first `skip_check_records` records are read and checked here (image paths
+        that fit the span, not every record skipped, at most that fraction skipped), and the
+        stream stops with `DataError` when that fraction of a source's first records (their images
+        included) is skipped. Either way a source whose every record is skipped stops the stream
+        with `DataError` instead of never yielding.
 
     Returns:
       a `DataIterator` yielding dicts of numpy arrays: input_ids, targets, segment_ids, positions,
@@ -408,5 +486,7 @@ def make_train_iterator(
         shard_index=shard_index,
         shard_count=shard_count,
         worker_count=worker_count,
+        max_skip_fraction=max_skip_fraction,
+        skip_check_records=skip_check_records,
     )
     return DataIterator(ds, list(_plain(resolve_data_config(data_config).sources)))

@@ -4,8 +4,9 @@ A source is one entry of `data_config.sources` (see `pipeline.default_data_confi
 
 - `kind="json"`: `path` is a JSON file holding a list of records (the official Qwen-VL
   fine-tuning format: `{"id", "conversations": [{"from", "value"}]}`) or a JSON-lines file (one
-  record a line). Local or `gs://` paths (read through `etils.epath`). Relative image paths
-  resolve against `image_root`, by default the JSON file's directory.
+  record a line), UTF-8 with or without a byte-order mark. Local or `gs://` paths (read through
+  `etils.epath`); a local path must be a regular file (a FIFO or a device is refused before it is
+  opened). Relative image paths resolve against `image_root`, by default the JSON file's directory.
 - `kind="tfds"`: `name` (e.g. `"coco_captions:1.0.0"`), `split`, `data_dir`, read with
   `tfds.data_source` (ArrayRecord; no TensorFlow needed). Image features arrive as encoded bytes.
 
@@ -19,6 +20,7 @@ and reason, which the packer logs and counts (or `strict=True` raises `DataError
 
 from __future__ import annotations
 
+import codecs
 import functools
 import io
 import json
@@ -32,13 +34,15 @@ import grain
 import numpy as np
 from etils import epath
 
-from qwenvl_jax.data import tasks
-from qwenvl_jax.errors import ConfigError, MissingPathError, optional_import
+from qwenvl_jax.data import images, tasks
+from qwenvl_jax.errors import ConfigError, MissingPathError, UserError, optional_import
 from qwenvl_jax.image import resolve_path
 
 
-class DataError(RuntimeError):
-    """A bad record or image met with `strict=True` (the message names source, index and reason)."""
+class DataError(UserError, RuntimeError):
+    """The data stops the run: a bad record or image met with `strict=True`, or too many skipped
+    records (the message names the source, the record or the counts, and the reason). A user
+    error: the trainer prints it as one line and exits 2."""
 
 
 def get_field(record: Mapping, key: str) -> Any:
@@ -82,10 +86,18 @@ class JsonRecords:
 
     def __init__(self, path: str):
         self.path = str(path)
+        kind = images.local_file_kind(self.path)
+        if kind == "missing":
+            raise MissingPathError(f"data file not found: {self.path}")
+        if kind is not None:
+            raise MissingPathError(f"data file {self.path} is {kind}, not a regular file")
         try:
             data = epath.Path(self.path).read_bytes()
         except (FileNotFoundError, IsADirectoryError):
             raise MissingPathError(f"data file not found: {self.path}") from None
+        # Editors on Windows start UTF-8 files with a byte-order mark; json.loads refuses it, which
+        # cost the first record of a JSON-lines file and every record of a JSON list.
+        data = data.removeprefix(codecs.BOM_UTF8)
         self._items: list | None = None
         self._lines: list[bytes] | None = None
         if data.lstrip()[:1] == b"[":
@@ -158,10 +170,13 @@ def image_size_of(src: Any) -> tuple[int, int]:
         if isinstance(src, bytes):
             with Image.open(io.BytesIO(src)) as im:
                 return im.size
+        images.check_image_file(src)
         with epath.Path(src).open("rb") as f, Image.open(f) as im:
             return im.size
     except FileNotFoundError:
         raise tasks.BadSample("image_missing", f"image not found: {src}") from None
+    except tasks.BadSample:
+        raise
     except Exception as e:  # noqa: BLE001 - any decoder error is a corrupt image
         msg = f"cannot read image header of {src!r}: {e}"
         raise tasks.BadSample("image_corrupt", msg) from None
@@ -197,6 +212,7 @@ class Source:
         if kind == "json":
             self.records = JsonRecords(cfg["path"])
             root = cfg.get("image_root") or posixpath.dirname(str(cfg["path"])) or "."
+            self.label = f"data file {cfg['path']}"
         elif kind == "tfds":
             image_field = None
             if self.task not in ("text", "chatml"):
@@ -204,6 +220,7 @@ class Source:
             split = cfg.get("split", "train")
             self.records = TfdsRecords(cfg["name"], split, cfg.get("data_dir"), image_field)
             root = cfg.get("image_root")
+            self.label = f"TFDS {cfg['name']}[{split}]"
         else:
             raise ValueError(f"source {name!r}: unknown kind {kind!r} (json or tfds)")
         self.image_root = root

@@ -47,6 +47,18 @@ def _exists(path: str) -> bool:
         return True
 
 
+def _check_file(path: str, what: str) -> None:
+    """Raises MissingPathError unless `path` exists and (when local) is a regular file: a FIFO
+    would block the reader forever and a device such as /dev/zero never ends."""
+    from qwenvl_jax.data.images import local_file_kind
+
+    if not _exists(path):
+        raise MissingPathError(f"{what} {path!r} does not exist")
+    kind = local_file_kind(path)
+    if kind is not None:
+        raise MissingPathError(f"{what} {path!r} is {kind}, not a regular file")
+
+
 def files_spec(files: str, flag: str) -> ml_collections.ConfigDict:
     """The pipeline config of comma-separated official-format files: one chatml source each."""
     from qwenvl_jax.data import pipeline
@@ -55,8 +67,7 @@ def files_spec(files: str, flag: str) -> ml_collections.ConfigDict:
     c = pipeline.default_data_config()
     c.weight_by_records = True
     for i, path in enumerate(paths):
-        if not _exists(path):
-            raise MissingPathError(f"{flag}: {path!r} does not exist")
+        _check_file(path, f"{flag}:")
         name = posixpath.splitext(posixpath.basename(path))[0] or f"file{i}"
         if name in c.sources:
             name = f"{name}_{i}"
@@ -97,8 +108,7 @@ def _check_entry(where: str, name: str, entry, root: str) -> dict:
         if entry.get("name"):
             raise ConfigError(f"{at}: name is for kind tfds; a json source has a path")
         entry["path"] = resolve(entry["path"])
-        if not _exists(entry["path"]):
-            raise MissingPathError(f"{at}: path {entry['path']!r} does not exist")
+        _check_file(entry["path"], f"{at}: path")
     else:
         if not entry.get("name"):
             raise ConfigError(f"{at}: kind tfds needs a name (a TFDS builder: coco_captions)")
@@ -135,10 +145,12 @@ def load_mixture(path: str, flag: str = "--config.data.mixture") -> ml_collectio
 
     where = f"{flag}={path}"
     p = epath.Path(path)
-    if not _exists(path) or not p.is_file():
-        raise MissingPathError(f"{flag}: mixture file {path!r} does not exist")
+    _check_file(path, f"{flag}: mixture file")
+    if p.is_dir():
+        raise MissingPathError(f"{flag}: mixture file {path!r} is a directory")
     try:
-        raw = json.loads(p.read_bytes().decode("utf-8"))
+        # utf-8-sig: a byte-order mark at the start (Windows editors write one) is not an error.
+        raw = json.loads(p.read_bytes().decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{where}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
@@ -266,6 +278,8 @@ def _pipeline_iterator(cfg, mcfg, spec, batch_size_per_host: int, seed: int):
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
         worker_count=int(cfg.data.worker_count),
+        max_skip_fraction=float(cfg.data.max_skip_fraction),
+        skip_check_records=int(cfg.data.skip_check_records),
     )
 
 
