@@ -52,6 +52,8 @@ class MetricsWriter:
         for key, f in fmt:
             if key in s and s[key] is not None:
                 parts.append(f.format(s[key]))
+        if s.get("nonfinite_steps"):  # only once a step was skipped (train/nonfinite.py)
+            parts.append(f"{s['nonfinite_steps']:.0f} non-finite steps skipped")
         elapsed = time.time() - self._t0
         parts.append(f"[{elapsed:.0f}s]")
         return " | ".join(parts)

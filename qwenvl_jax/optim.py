@@ -31,13 +31,16 @@ Decisions (documented here because the paper does not state them):
 - **Freezing**: a frozen parameter gets no optimizer state at all (`optax.multi_transform` with
   `optax.set_to_zero()` on the frozen partition, whose inner optimizer only sees `MaskedNode`s), and
   its update is exactly zero, so it stays bit-identical. The trainer also stops its gradient so XLA
-  never computes the weight gradient."""
+  never computes the weight gradient.
+- **Non-finite steps** (not in the paper): the whole optimizer is wrapped in `skip_nonfinite`, so a
+  step the trainer flags as non-finite leaves the moments and step counts as they were (the LR
+  schedule does not advance on a skipped step) and counts it in the state."""
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -192,6 +195,56 @@ def scale_by_tree(scales: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
+class SkipNonFiniteState(NamedTuple):
+    """`skip_nonfinite`'s state: the inner optimizer's state and how many updates were skipped
+    (a device scalar, checkpointed with the rest, so a resumed run keeps counting)."""
+
+    nonfinite_steps: jax.Array  # int32 []
+    inner_state: Any
+
+
+def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """`inner`, but a step that would bring a non-finite value changes nothing and is counted.
+
+    `update(grads, state, params, finite=flag)` skips the step when `flag` (a device bool the
+    caller computed: the trainer's covers the loss and the gradient norm; default: every gradient
+    leaf is finite) is False, or when `params + updates` holds a non-finite value. A skipped step
+    returns zero updates, keeps the inner state (moments and step counts, so the LR schedule does
+    not advance) and adds one to `nonfinite_steps`; no host sync. Unlike `optax.apply_if_finite`
+    (gradients only, and after `max_consecutive_errors` skips it applies the non-finite update),
+    nothing non-finite is ever applied here: the host decides when to stop (train/nonfinite.py).
+    """
+
+    def init(params):
+        return SkipNonFiniteState(jnp.zeros([], jnp.int32), inner.init(params))
+
+    def update(updates, state, params=None, *, finite=None, **extra):
+        del extra  # the inner chain takes none
+        ok = _all_finite(updates) if finite is None else jnp.asarray(finite, bool)
+        new_updates, new_inner = inner.update(updates, state.inner_state, params)
+        if params is not None:
+            ok = ok & _all_finite(optax.apply_updates(params, new_updates))
+        new_updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new_updates)
+        new_inner = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_inner, state.inner_state)
+        count = state.nonfinite_steps + jnp.where(ok, 0, 1).astype(jnp.int32)
+        return new_updates, SkipNonFiniteState(count, new_inner)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def nonfinite_steps(opt_state: Any) -> jax.Array:
+    """The count of skipped steps held in a `skip_nonfinite` state (or a tree containing one)."""
+    found = optax.tree_utils.tree_get_all_with_path(opt_state, "nonfinite_steps")
+    if not found:
+        raise ValueError("the optimizer state has no skip_nonfinite counter")
+    return found[0][1]
+
+
 def lr_schedule(peak: float, minimum: float, warmup: int, total: int) -> Callable:
     """Linear warm-up to `peak`, then cosine decay to `minimum` at step `total`.
 
@@ -224,6 +277,7 @@ def make_optimizer(cfg: Mapping, params: Any) -> tuple[optax.GradientTransformat
 
     Returns:
         (optimizer, labels tree 'train'/'frozen', schedule function of optax's 0-based count).
+        The optimizer is `skip_nonfinite(...)`: its update takes an optional `finite=` flag.
     """
     schedule = lr_schedule(cfg["lr"], cfg["min_lr"], cfg["warmup_steps"], cfg["total_steps"])
     labels = frozen_labels(params, list(cfg.get("freeze", ()) or ()))
@@ -242,7 +296,7 @@ def make_optimizer(cfg: Mapping, params: Any) -> tuple[optax.GradientTransformat
     chain.append(optax.scale_by_learning_rate(schedule))
     train = optax.chain(*chain)
     tx = optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
-    return tx, labels, schedule
+    return skip_nonfinite(tx), labels, schedule
 
 
 def count_params(params: Any, labels: Any | None = None) -> dict[str, int]:

@@ -18,6 +18,7 @@ from qwenvl_jax.metrics import MetricsWriter
 from qwenvl_jax.train import compiler, inputs
 from qwenvl_jax.train import remat as remat_lib
 from qwenvl_jax.train.inputs import make_data_iterator, make_eval_iterator
+from qwenvl_jax.train.nonfinite import NonFiniteGuard
 from qwenvl_jax.train.sources import initial_params
 from qwenvl_jax.train.state import check_setup, describe, log, step_model_flops
 from qwenvl_jax.train.step import make_eval_step, make_train_step, to_step_batch
@@ -123,6 +124,7 @@ def train(
     """
     # A config the run cannot use stops here in one line, before anything is read or allocated.
     validate(cfg, workdir=workdir, devices=jax.devices() if devices is None else devices)
+    guard = NonFiniteGuard(cfg)  # checks config.optim.nonfinite and max_nonfinite_steps
     # What the run trains on comes first, and a run with no data stops here, before the model.
     log(inputs.describe(cfg))
     fileio.makedirs(workdir)
@@ -158,6 +160,8 @@ def train(
         params, desc = initial_params(s)
         opt_state = jax.jit(s.tx.init, out_shardings=s.opt_sharding)(params)
         log(f"initialised params from {desc}")
+    guard.start(opt_state)
+    last_saved = start if restored is not None else None  # the newest checkpoint, for messages
 
     cache = compiler.enable_cache(str(cfg.compilation_cache_dir))
     hits0 = cache.hits if cache else 0
@@ -185,6 +189,7 @@ def train(
             batch = to_step_batch(local, s)
             t_step = time.time()
             params, opt_state, m = step_fn(params, opt_state, batch)
+            guard.record(step + 1, m)  # unread until the next log or checkpoint step
             if step == start and compiled is None:  # the call compiled (or loaded) the step
                 compile_s = time.time() - t_step
                 hit = "" if cache is None else f", persistent cache hits {cache.hits - hits0}"
@@ -203,14 +208,14 @@ def train(
                 t_last += time.time() - t_eval  # step_s and tokens/s time the training alone
                 log(f"eval step {step}: loss {ev['eval/loss']:.4f}, token accuracy"
                     f" {ev['eval/accuracy']:.4f} ({ev['eval/tokens']:.0f} tokens)")  # fmt: skip
-            if step % int(cfg.log_every) == 0 or step == total or ev is not None:
+            logged = step % int(cfg.log_every) == 0 or step == total or ev is not None
+            if logged:
                 m = jax.device_get(m)
                 now = time.time()
                 dt = (now - t_last) / steps_since
                 rec = {k: float(v) for k, v in m.items()}
                 rec.update(
                     step=step,
-                    lr=float(s.schedule(step - 1)),
                     step_s=dt,
                     data_wait_s=wait_since / steps_since,
                     tokens_per_s=cfg.batch_size * cfg.data.seq_len / dt,
@@ -243,8 +248,13 @@ def train(
                 log(f"paused after step {step}: delete {hold} to go on, or SIGTERM to stop here")
                 fileio.hold(hold, f"{step}\n", stop=lambda: preempt.flag)
             stop = preempt.should_stop(step)
-            if step % int(cfg.checkpoint.every_steps) == 0 or step == total or stop:
+            save = step % int(cfg.checkpoint.every_steps) == 0 or step == total or stop
+            if logged or save:
+                # Before any save: a step the policy stops at is never followed by a checkpoint.
+                guard.check(last_saved)
+            if save:
                 ckpt.save(step, params, opt_state, meta, json.dumps(data.get_state()), wait=stop)
+                last_saved = step
             if stop:
                 logging.warning("checkpointed step %d after SIGTERM; exiting", step)
                 break

@@ -107,6 +107,12 @@ def base() -> mlc.ConfigDict:
     c.optim.vit_lr_decay = 0.95
     c.optim.freeze = ()  # qwenvl_jax.optim.GROUPS names or path regexes
     c.optim.lr_scale = mlc.ConfigDict()  # {group name or regex: LR multiplier}, e.g. adapter=0.1
+    # A step whose loss or gradient norm is not finite is never applied (params and optimizer
+    # state stay as they were, counted in the state); then "skip" goes on, "stop" ends the run
+    # with a line naming the step (exit 2), read at the next log or checkpoint step
+    # (train/nonfinite.py). More than max_nonfinite_steps skipped steps in a run also stop it.
+    c.optim.nonfinite = "skip"
+    c.optim.max_nonfinite_steps = 10
 
     c.mesh = mlc.ConfigDict(dict(data=1, fsdp=-1, model=1))
     c.sharding = mlc.ConfigDict()

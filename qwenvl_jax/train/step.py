@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qwenvl_jax import optim as optim_lib
 from qwenvl_jax import sharding as shd
 from qwenvl_jax.data.batch import BATCH_SPEC, batch_shapes
 from qwenvl_jax.train.state import Setup, merge_model
@@ -98,8 +99,7 @@ def make_train_step(s: Setup, compiled=None):
         # the same masks) and micro-batch.
         key = None
         if dropout:
-            count = optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1]
-            key = jax.random.fold_in(jax.random.key(int(cfg.seed)), count)
+            key = jax.random.fold_in(jax.random.key(int(cfg.seed)), _update_count(opt_state))
         n_micro = jax.tree.leaves(batch)[0].shape[0]
 
         with layers.logical_rules(s.mesh, s.rules):
@@ -121,8 +121,17 @@ def make_train_step(s: Setup, compiled=None):
             denom = jnp.maximum(n_tok, 1.0)
             grads = jax.tree.map(lambda g: g / denom, grads)
             grads = jax.lax.with_sharding_constraint(grads, s.param_sharding)
-            updates, new_opt = s.tx.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
+            loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
+            # Non-finite steps are skipped on the device (optim.skip_nonfinite: also when the
+            # update would make a parameter non-finite) and counted in the optimizer state; the
+            # host reads the count only where it syncs anyway (train/nonfinite.py).
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            updates, new_opt = s.tx.update(grads, opt_state, params, finite=finite)
+            skipped = optim_lib.nonfinite_steps(new_opt) > optim_lib.nonfinite_steps(opt_state)
+            # The previous values exactly (p + 0 would turn -0.0 into +0.0).
+            new_params = jax.tree.map(
+                lambda c, p: jnp.where(skipped, p, c), optax.apply_updates(params, updates), params
+            )
             # The state leaves keep their dtypes (optax's moments follow float32 gradients):
             # a changed dtype would compile the step a second time.
             new_params, new_opt = jax.tree.map(
@@ -130,11 +139,15 @@ def make_train_step(s: Setup, compiled=None):
                 (s.abstract_params, s.abstract_opt),
             )  # fmt: skip
         metrics = {
-            "loss": loss_sum / denom,
+            "loss": loss,
             "accuracy": correct / denom,
             "supervised_tokens": n_tok,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "param_norm": optax.tree.norm(new_params),
+            # The LR this step used (skipped steps do not advance the schedule's count).
+            "lr": s.schedule(_update_count(opt_state)),
+            # Steps skipped so far in the run (checkpointed with the optimizer state).
+            "nonfinite_steps": optim_lib.nonfinite_steps(new_opt),
         }
         return new_params, new_opt, metrics
 
@@ -147,6 +160,11 @@ def make_train_step(s: Setup, compiled=None):
         donate_argnums=(0, 1),
     )
     return LoraStep(jitted, s) if s.lora else jitted
+
+
+def _update_count(opt_state) -> jax.Array:
+    """Optimizer updates applied so far (optax's count: skipped steps not included)."""
+    return optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1]
 
 
 class LoraStep:
