@@ -229,23 +229,10 @@ class QWenLMHeadModel(nnx.Module):
         """The LM head: hidden [..., D] -> logits [..., V] in the compute dtype."""
         return self.lm_head(hidden)
 
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        *,
-        images: jax.Array | None = None,
-        image_token_index: jax.Array | None = None,
-        segment_ids: jax.Array | None = None,
-        positions: jax.Array | None = None,
-        cache: dict | None = None,
-        cache_index: jax.Array | int | None = None,
-        ntk_alpha: float | jax.Array = 1.0,
-        use_logn: bool = False,
-        image_valid: jax.Array | None = None,
-        image_budget: int | None = None,
-        image_groups: int = 1,
-    ):
+    def __call__(self, input_ids: jax.Array, *, cache: dict | None = None, **inputs):
         """Logits of the next token at every position.
+
+        The keywords are `QWenModel.__call__`'s (typed there, written once):
 
         Args:
           input_ids: int32 [B, T].
@@ -267,20 +254,7 @@ class QWenLMHeadModel(nnx.Module):
         Returns:
           logits [B, T, V] in the compute dtype, or (logits, new_cache) when cache is given.
         """
-        out = self.hidden_states(
-            input_ids,
-            images=images,
-            image_token_index=image_token_index,
-            segment_ids=segment_ids,
-            positions=positions,
-            cache=cache,
-            cache_index=cache_index,
-            ntk_alpha=ntk_alpha,
-            use_logn=use_logn,
-            image_valid=image_valid,
-            image_budget=image_budget,
-            image_groups=image_groups,
-        )
+        out = self.hidden_states(input_ids, cache=cache, **inputs)
         if cache is None:
             return layers.shard_activation(self.logits(out), ("act_batch", "act_seq", "act_vocab"))
         h, new_cache = out
