@@ -14,7 +14,6 @@ the test rather than the machine.
 import json
 import os
 import pickle
-import resource
 import subprocess
 import sys
 import time
@@ -138,8 +137,25 @@ INCONSISTENT = {
 }
 
 
-def _limit_memory():
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+# The child limits its own address space first, then runs `python -m qwenvl_jax.convert ARGS` (a
+# preexec_fn would run in a fork of this multithreaded JAX process, which may deadlock).
+_LIMITED_CONVERT = f"""
+import resource, runpy, sys
+resource.setrlimit(resource.RLIMIT_AS, ({MEMORY_LIMIT}, {MEMORY_LIMIT}))
+sys.argv[0] = "qwenvl_jax.convert"
+runpy.run_module("qwenvl_jax.convert", run_name="__main__", alter_sys=True)
+"""
+
+
+def run_convert_limited(*args: str) -> subprocess.CompletedProcess:
+    """`python -m qwenvl_jax.convert *args` under the memory limit, with a timeout."""
+    return subprocess.run(
+        [sys.executable, "-c", _LIMITED_CONVERT, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
@@ -153,14 +169,7 @@ def test_malformed_bin_is_one_line_exit_2(tmp_path, case):
     weights = src / "pytorch_model.bin"
     write_bin(weights, {KEY: record}, {"0": storage.tobytes()})
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "qwenvl_jax.convert", "import", str(src), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        preexec_fn=_limit_memory,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
+    proc = run_convert_limited("import", str(src), str(out))
     assert proc.returncode >= 0, f"killed by signal {-proc.returncode}: {proc.stderr[-2000:]}"
     expected = f"error: import: {weights}: tensor {KEY!r}" + what.format(
         size=weights.stat().st_size
@@ -310,13 +319,7 @@ def test_config_json_cli_is_one_line_exit_2(tmp_path):
     src = tmp_path / "hf"
     src.mkdir()
     (src / "config.json").write_text(json.dumps(d))
-    proc = subprocess.run(
-        [sys.executable, "-m", "qwenvl_jax.convert", "import", str(src), str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        preexec_fn=_limit_memory,
-    )
+    proc = run_convert_limited("import", str(src), str(tmp_path / "out"))
     want = (
         f"error: import: {src / 'config.json'}: num_hidden_layers=10000000 is not an integer in"
         " [0, 1024]"
