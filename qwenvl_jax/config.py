@@ -17,6 +17,8 @@ import dataclasses
 import json
 import math
 import numbers
+import os
+import stat
 from typing import Any
 
 import ml_dtypes
@@ -360,16 +362,34 @@ def from_hf_dict(d: dict) -> QWenConfig:
     return QWenConfig(**kwargs)
 
 
+# A config.json is a few KiB; a larger "config" is not read into memory.
+MAX_CONFIG_BYTES = 16 * 2**20
+
+
 def read_config_json(path: str) -> dict:
-    """The dict in `config.json` (path may be the checkpoint directory); errors name the file."""
+    """The dict in `config.json` (path may be the checkpoint directory); errors name the file.
+
+    A local path must be a regular file of at most MAX_CONFIG_BYTES (a FIFO would block the
+    read, a device or a huge file would fill memory).
+    """
     if fileio.isdir(path):
         path = fileio.join(path, "config.json")
+    if not fileio.is_remote(path) and os.path.exists(path):
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{path} is not a regular file")
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"{path} is {st.st_size} bytes; a config.json is a few KiB (at most"
+                f" {MAX_CONFIG_BYTES})"
+            )
     try:
-        return json.loads(fileio.read_text(path))
+        # A byte-order mark (some Windows editors write one) is not part of the JSON.
+        return json.loads(fileio.read_text(path).removeprefix("\ufeff"))
     except FileNotFoundError:
         raise FileNotFoundError(f"no config.json at {path}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
 
 
 def load_hf_json(path: str) -> QWenConfig:

@@ -16,6 +16,7 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 
@@ -361,3 +362,34 @@ def test_published_generation_config_is_kept(tmp_path):
         "top_p": 0.3,
     }
     assert read_generation_config(str(tmp_path / "none")) is None
+
+
+def test_config_json_that_is_a_fifo_huge_or_has_a_bom(tmp_path):
+    """A FIFO config.json is refused without opening it (a helper thread opens its other end after
+    5 s, so a reader that blocks still ends, and fails the exact message); one over 16 MiB is not
+    read; a UTF-8 byte-order mark is accepted."""
+    src = tmp_path / "qwen7b"
+    src.mkdir()
+    cfg_path = src / "config.json"
+    os.mkfifo(cfg_path)
+    unblock = threading.Timer(5.0, lambda: open(cfg_path, "wb").close())
+    unblock.start()
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(CheckpointError) as e:
+            qwen_llm.import_qwen_llm(str(src))
+        assert time.perf_counter() - t0 < 1.0
+        assert str(e.value) == f"{cfg_path} is not a regular file"
+    finally:
+        unblock.cancel()
+    os.remove(cfg_path)
+    with open(cfg_path, "wb") as f:
+        f.truncate(config_lib.MAX_CONFIG_BYTES + 1)
+    with pytest.raises(CheckpointError) as e:
+        qwen_llm.import_qwen_llm(str(src))
+    assert str(e.value) == (
+        f"{cfg_path} is {config_lib.MAX_CONFIG_BYTES + 1} bytes; a config.json is a few KiB"
+        f" (at most {config_lib.MAX_CONFIG_BYTES})"
+    )
+    cfg_path.write_text("\ufeff" + json.dumps(PUBLISHED), encoding="utf-8")
+    assert hf.read_config(str(src)) == config_lib.get_preset("qwen-vl-7b")
