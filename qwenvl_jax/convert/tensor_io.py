@@ -19,9 +19,10 @@ the storage's element count agrees with its zip member's size, which lies inside
 stored uncompressed (as torch.save writes it: a compressed member could inflate to any size); the
 tensor's last element lies inside its storage; and the materialised tensor is no larger than the
 file (a zero stride, as an `expand`ed tensor saved as is, repeats elements, but never beyond the
-file's size). Any other layout torch.save writes (transposed views, views at an offset, shared and
-expanded storages) loads as torch would read it. Each violation is one `TensorFileError` naming
-the file, the tensor and what is wrong.
+file's size). Any other layout torch.save writes (transposed views, views at an offset, shared
+and expanded storages) loads as torch would read it. Each violation is one `TensorFileError`
+naming the file, the tensor and what is wrong. A `data.pkl` longer than MAX_PICKLE_BYTES is not
+read at all.
 
 Supported dtypes: float32, bfloat16 (as `ml_dtypes.bfloat16`) and float16; anything else raises
 `UnsupportedDtypeError` naming the tensor.
@@ -186,6 +187,11 @@ def save_safetensors(
 
 
 # ----------------------------------------------------------------------------- torch .bin
+# The largest data.pkl read: Qwen-VL's state dict pickles to well under 1 MiB, and the objects a
+# pickle builds are bounded by its length.
+MAX_PICKLE_BYTES = 64 * 2**20
+
+
 @dataclasses.dataclass(frozen=True)
 class _Storage:
     member: str  # zip member holding the raw bytes
@@ -406,6 +412,12 @@ def read_torch_bin(path: str) -> OrderedDict[str, LazyTensor]:
         if len(pkls) != 1:
             raise TensorFileError(f"{path}: expected one data.pkl in the archive, found {pkls}")
         prefix = pkls[0][: -len("data.pkl")]
+        pkl_size = zf.getinfo(pkls[0]).file_size  # zipfile never inflates past it
+        if pkl_size > MAX_PICKLE_BYTES:
+            raise TensorFileError(
+                f"{path}: its {pkls[0]} is {pkl_size} bytes; a state dict's pickle is far smaller"
+                f" (at most {MAX_PICKLE_BYTES} read)"
+            )
         with zf.open(pkls[0]) as f:
             obj = _RestrictedUnpickler(f, prefix, path).load()
     except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError) as e:

@@ -393,3 +393,20 @@ def test_config_json_that_is_a_fifo_huge_or_has_a_bom(tmp_path):
     )
     cfg_path.write_text("\ufeff" + json.dumps(PUBLISHED), encoding="utf-8")
     assert hf.read_config(str(src)) == config_lib.get_preset("qwen-vl-7b")
+
+
+def test_oversized_pickle_is_not_read(tmp_path, monkeypatch):
+    """data.pkl longer than MAX_PICKLE_BYTES (here lowered to 64 bytes) is refused unread."""
+    path = tmp_path / "big_pickle.bin"
+    record = tensor_record("FloatStorage", "0", 24, 0, (24,), (1,))
+    write_bin(path, {"w": record}, {"0": F32.tobytes()})
+    size = zipfile.ZipFile(path).getinfo("archive/data.pkl").file_size
+    monkeypatch.setattr(tensor_io, "MAX_PICKLE_BYTES", 64)
+    with pytest.raises(TensorFileError) as e:
+        tensor_io.read_torch_bin(str(path))
+    assert str(e.value) == (
+        f"{path}: its archive/data.pkl is {size} bytes; a state dict's pickle is far smaller (at"
+        " most 64 read)"
+    )
+    monkeypatch.setattr(tensor_io, "MAX_PICKLE_BYTES", size)
+    assert tensor_io.read_torch_bin(str(path))["w"].shape == (24,)
