@@ -261,6 +261,34 @@ def _os_error(e: BaseException) -> tuple[int | None, str | None]:
     return None, None
 
 
+class _QuietFileSystemErrors(logging.Filter):
+    """Drops Orbax's and asyncio's own logs of a save's file-system failure (one traceback per
+    array writer thread, hundreds of lines for one full disk): `Checkpointer` reports that failure
+    as one CheckpointSaveError line. Other records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "asyncio" and "/orbax/" not in record.pathname:
+            return True
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += str(record.exc_info[1])
+        return _OS_ERROR_CODE.search(text) is None and "[Errno" not in text
+
+
+_QUIET = _QuietFileSystemErrors()
+
+
+def _install_quiet_logs() -> None:
+    """Once per process: the log filter above on the loggers Orbax (absl) and asyncio use.
+
+    TensorStore also prints, from its own threads and past any Python hook, an "Event loop is
+    closed" traceback for each write still in flight when a save's first write failed; those
+    remain, before the one line."""
+    for name in ("absl", "asyncio"):
+        if _QUIET not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_QUIET)
+
+
 class Checkpointer:
     """Saves and restores training state in `<workdir>/checkpoints`."""
 
@@ -280,6 +308,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("params", "opt_state", "meta")
         )
+        _install_quiet_logs()
         self._pending: int | None = None  # the step whose async save may still be running
         self._failed = False  # a save failed and was reported: close() must not wait on it
 
@@ -327,7 +356,10 @@ class Checkpointer:
         meta = dict(meta, step=int(step), checksums=dict(sums, algorithm=CHECKSUM_ALGORITHM))
         if data_state is not None:
             meta["data_state"] = _gather_strings(data_state)
-        with self._reporting(step):
+        # Orbax's save waits for the previous one anyway; waiting here names its step if it failed.
+        self.wait()
+        self._pending = step
+        with self._reporting():
             self.manager.save(
                 step,
                 args=ocp.args.Composite(
@@ -337,15 +369,12 @@ class Checkpointer:
                 ),
                 force=True,
             )
-        self._pending = step
         if wait:
             self.wait()
 
-    def _reporting(self, step: int):
-        """A context that turns a file-system failure of a save into one CheckpointSaveError line.
-
-        An async save fails in the background; Orbax raises it at the next save or wait, so the
-        step named is the one pending then (or `step`)."""
+    def _reporting(self):
+        """A context that turns a file-system failure of the pending save (`self._pending`) into
+        one CheckpointSaveError line naming the step, the path and the OS error."""
         import contextlib
 
         @contextlib.contextmanager
@@ -357,8 +386,7 @@ class Checkpointer:
                 if code is None:
                     raise
                 self._failed = True
-                failed = self._pending if self._pending is not None else step
-                self._pending = None
+                failed, self._pending = self._pending, None
                 what = os.strerror(code) if code in errno.errorcode else f"OS error {code}"
                 where = fname or str(self.directory)
                 done = [s for s in self._complete_steps() if s != failed]
@@ -509,7 +537,9 @@ class Checkpointer:
 
         Raises:
             CheckpointSaveError: it failed in the file system."""
-        with self._reporting(self._pending or 0):
+        if self._pending is None:
+            return
+        with self._reporting():
             self.manager.wait_until_finished()
         self._pending = None
 

@@ -29,7 +29,7 @@ def _tiny(steps, cache_dir):
     c.model.overrides.visual = {"n_queries": 16, "image_start_id": 1000}
     c.steps = steps
     c.log_every = 1
-    c.checkpoint.every_steps = 2
+    c.checkpoint.every_steps = 1
     c.checkpoint.keep = 3
     c.compilation_cache_dir = cache_dir  # the resumed run loads the reference run's step
     return c
@@ -54,40 +54,39 @@ def _largest_data_file(step_dir: str, item: str) -> str:
 
 @pytest.fixture(scope="module")
 def undisturbed(tmp_path_factory):
-    """A 6-step single-device run (checkpoints at 2, 4, 6) and its losses."""
+    """A 3-step single-device run (checkpoints at 1, 2, 3) and its losses."""
     base = tmp_path_factory.mktemp("integrity")
     wd, cache = str(base / "ref"), str(base / "jax_cache")
-    hist = train.train(_tiny(6, cache), wd, devices=jax.devices()[:1])
+    hist = train.train(_tiny(3, cache), wd, devices=jax.devices()[:1])
     return wd, cache, [r["loss"] for r in hist]
 
 
+@pytest.mark.slow  # two training runs
 def test_flipped_bytes_in_params_and_opt_state_are_quarantined(undisturbed, tmp_path, caplog):
     wd, cache, ref = undisturbed
     work = str(tmp_path / "run")
     shutil.copytree(wd, work)
     os.remove(os.path.join(work, "metrics.jsonl"))
     ckdir = os.path.join(work, "checkpoints")
-    params6 = _largest_data_file(os.path.join(ckdir, "6"), "params")
-    opt4 = _largest_data_file(os.path.join(ckdir, "4"), "opt_state")
-    _flip(params6)
-    _flip(opt4)
+    _flip(_largest_data_file(os.path.join(ckdir, "3"), "params"))
+    _flip(_largest_data_file(os.path.join(ckdir, "2"), "opt_state"))
     with caplog.at_level(logging.WARNING):
-        hist = train.train(_tiny(6, cache), work, devices=jax.devices()[:1])
-    # The run resumed from step 2, the newest intact step, and trains exactly as the
+        hist = train.train(_tiny(3, cache), work, devices=jax.devices()[:1])
+    # The run resumed from step 1, the newest intact step, and trains exactly as the
     # undisturbed run did.
-    assert [r["step"] for r in hist] == [3, 4, 5, 6]
-    assert [r["loss"] for r in hist] == ref[2:6]
+    assert [r["step"] for r in hist] == [2, 3]
+    assert [r["loss"] for r in hist] == ref[1:3]
     lines = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
     assert len(lines) == 2, caplog.text
     q = os.path.join(work, ckpt_lib.QUARANTINE_DIR)
-    for line, step, item in ((lines[0], 6, "params"), (lines[1], 4, "opt_state")):
+    for line, step, item in ((lines[0], 3, "params"), (lines[1], 2, "opt_state")):
         assert line.startswith(f"checkpoint step {step} in {ckdir} is damaged (")
         assert f"{ckdir}/{step}/{item}: array " in line and "does not match its checksum" in line
-        assert f"moved it to {q}/{step}." in line and line.endswith("; resuming from step 2")
+        assert f"moved it to {q}/{step}." in line and line.endswith("; resuming from step 1")
     names = sorted(os.listdir(q))
-    assert [n.split(".")[0] for n in names if not n.endswith(".txt")] == ["4", "6"]
+    assert [n.split(".")[0] for n in names if not n.endswith(".txt")] == ["2", "3"]
     # The steps saved after the resume carry checksums again and verify.
-    assert ckpt_lib.read_params(work)[2] == 6
+    assert ckpt_lib.read_params(work)[2] == 3
 
 
 def _small_state(mesh):
