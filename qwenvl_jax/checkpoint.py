@@ -33,6 +33,7 @@ OS error; the steps already complete are untouched.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -203,7 +204,10 @@ _leaf_sums_jit = jax.jit(_leaf_sums)
 def _host_fingerprints(items: dict[str, Any]) -> dict[str, dict[str, str]]:
     """`_fingerprints`' checksums of numpy trees, one array at a time on the CPU backend (a
     host's whole parameter set is never copied at once)."""
-    cpu = jax.devices("cpu")[0]
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS without cpu: one array at a time on the default device
+        cpu = jax.devices()[0]
     out: dict[str, dict[str, str]] = {}
     for item, tree in items.items():
         out[item] = {}
@@ -372,31 +376,25 @@ class Checkpointer:
         if wait:
             self.wait()
 
+    @contextlib.contextmanager
     def _reporting(self):
-        """A context that turns a file-system failure of the pending save (`self._pending`) into
-        one CheckpointSaveError line naming the step, the path and the OS error."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def ctx():
-            try:
-                yield
-            except Exception as e:
-                code, fname = _os_error(e)
-                if code is None:
-                    raise
-                self._failed = True
-                failed, self._pending = self._pending, None
-                what = os.strerror(code) if code in errno.errorcode else f"OS error {code}"
-                where = fname or str(self.directory)
-                done = [s for s in self._complete_steps() if s != failed]
-                kept = f"step {done[-1]} is intact" if done else "no earlier step exists"
-                raise CheckpointSaveError(
-                    f"could not save checkpoint step {failed}: {where}: {what}"
-                    f" [errno {code}]; {kept} in {self.directory}"
-                ) from e
-
-        return ctx()
+        """Turns a file-system failure of the pending save (`self._pending`) into one
+        CheckpointSaveError line naming the step, the path, the OS error and the intact step."""
+        try:
+            yield
+        except Exception as e:
+            code, fname = _os_error(e)
+            if code is None:
+                raise
+            self._failed = True
+            failed, self._pending = self._pending, None
+            what = os.strerror(code) if code in errno.errorcode else f"OS error {code}"
+            done = [s for s in self._complete_steps() if s != failed]
+            kept = f"step {done[-1]} is intact" if done else "no earlier step exists"
+            raise CheckpointSaveError(
+                f"could not save checkpoint step {failed}: {fname or self.directory}: {what}"
+                f" [errno {code}]; {kept} in {self.directory}"
+            ) from e
 
     def _complete_steps(self) -> list[int]:
         try:
@@ -769,6 +767,8 @@ def read_params(
             try:
                 params = _restore_numpy(mngr, s)
                 break
+            except _CannotVerify:
+                raise  # our failure, not the step's: no reason to read an older one
             except Exception as e:  # noqa: BLE001 - Orbax raises many types for a damaged step
                 errors.append(f"step {s} ({_first_line(e)})")
                 logging.error("%s: step %d cannot be restored (%s)", workdir, s, e)
