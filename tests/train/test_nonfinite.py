@@ -223,6 +223,8 @@ def test_skip_policy_keeps_the_state_and_stops_over_the_limit(skip_run):
     ) in proc.stderr
     assert "| 1 non-finite steps skipped |" in proc.stdout  # the progress line of step 2
     assert [(r["step"], r["nonfinite_steps"]) for r in records(wd)] == [(2, 1.0)]
+    tb = wd / "tensorboard"  # the scalar's tag is plain text in the event file
+    assert any(b"nonfinite_steps" in (tb / f).read_bytes() for f in os.listdir(tb))
     # Step 3 was not saved; keep = 2 holds steps 1 and 2, and step 2 is step 1 exactly.
     assert ckpt_lib.workdir_steps(str(wd)) == [1, 2]
     (p1, o1), (p2, o2) = restore_numpy(str(wd), 1), restore_numpy(str(wd), 2)
