@@ -204,10 +204,12 @@ _leaf_sums_jit = jax.jit(_leaf_sums)
 def _host_fingerprints(items: dict[str, Any]) -> dict[str, dict[str, str]]:
     """`_fingerprints`' checksums of numpy trees, one array at a time on the CPU backend (a
     host's whole parameter set is never copied at once)."""
+    # This process's own device: under jax.distributed, jax.devices() lists every process's, and
+    # an array put on another process's device cannot be read back here.
     try:
-        cpu = jax.devices("cpu")[0]
+        cpu = jax.local_devices(backend="cpu")[0]
     except RuntimeError:  # JAX_PLATFORMS without cpu: one array at a time on the default device
-        cpu = jax.devices()[0]
+        cpu = jax.local_devices()[0]
     out: dict[str, dict[str, str]] = {}
     for item, tree in items.items():
         out[item] = {}
