@@ -65,3 +65,28 @@ def hf_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_hf")
     write_hf_dir("tiny", str(out))
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """The emulator, with this process's environment pointed at it for the module's tests."""
+    from gcs_emulator import GcsEmulator
+
+    emu = GcsEmulator()
+    env = emu.start()
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import fsspec
+
+    # fsspec reads FSSPEC_GCS_TOKEN when it is imported, which may have happened already.
+    fsspec.config.conf.setdefault("gcs", {})["token"] = "anon"
+    try:
+        yield emu
+    finally:
+        fsspec.config.conf.get("gcs", {}).pop("token", None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        emu.stop()

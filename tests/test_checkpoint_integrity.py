@@ -14,22 +14,17 @@ import pytest
 from absl import logging as absl_logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from tiny import train_config
 
 from qwenvl_jax import checkpoint as ckpt_lib
 from qwenvl_jax import sharding as shd
 from qwenvl_jax import train
-from qwenvl_jax.train import stage_config
 
 absl_logging.set_verbosity(absl_logging.WARNING)
 
 
 def _tiny(steps, cache_dir):
-    c = stage_config.load("multitask:tiny")
-    c.model.overrides.vocab_size = 1024
-    c.model.overrides.visual = {"n_queries": 16, "image_start_id": 1000}
-    c.steps = steps
-    c.log_every = 1
-    c.checkpoint.every_steps = 1
+    c = train_config(steps=steps, **{"checkpoint.every_steps": 1})
     c.checkpoint.keep = 3
     c.compilation_cache_dir = cache_dir  # the resumed run loads the reference run's step
     return c

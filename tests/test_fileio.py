@@ -1,5 +1,5 @@
 """fileio.hold: the barrier the trainer's `pause_after_step` and the evaluator's `pause_after` wait
-at (their kill and terminate tests: tests/test_train.py, test_eval_run.py, test_gcs.py)."""
+at (their kill and terminate tests: train/test_train.py, eval/test_run.py, test_fileio_gcs.py)."""
 
 import threading
 

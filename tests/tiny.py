@@ -26,3 +26,11 @@ def train_config(stage: str = "multitask", steps: int = 4, variant: str = "tiny"
             node = node[p]
         node[last] = value
     return c
+
+
+# The same model on the command line (`python -m qwenvl_jax.train --config=...:tiny`).
+TINY_FLAGS = [
+    f"--config.model.overrides.vocab_size={TINY_MODEL['vocab_size']}",
+    f"--config.model.overrides.visual.n_queries={TINY_MODEL['visual']['n_queries']}",
+    f"--config.model.overrides.visual.image_start_id={TINY_MODEL['visual']['image_start_id']}",
+]

@@ -5,7 +5,7 @@ pictures, the HF checkpoint it starts from, the full and LoRA workdirs, the merg
 out/hf_full and out/hf, the PEFT adapter out/adapter, and our float32 logits ours.npz on a training
 question with its picture)::
 
-  QWENVL_WALKTHROUGH_DIR=/tmp/walk python -m pytest -n0 tests/test_finetune_walkthrough.py \
+  QWENVL_WALKTHROUGH_DIR=/tmp/walk python -m pytest -n0 tests/train/test_finetune_walkthrough.py \
       -k readme
 
 Step 2, in the torch environment (torch, transformers 4.37.2, peft), from a scratch directory
@@ -35,7 +35,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RECORD = os.path.join(ROOT, "tests", "fixtures", "walkthrough", "torch_check.json")
-QUESTION = "What colour is the shape?"  # as tests/test_finetune_walkthrough.py asks
+QUESTION = "What colour is the shape?"  # as tests/train/test_finetune_walkthrough.py asks
 TRAIN = [("circle", "red"), ("square", "green"), ("triangle", "blue")]
 
 
@@ -145,7 +145,7 @@ def check(reference_dir: str, walk: str, record: str) -> None:
     }
     said["peft_adapter"] = answers(loaded)
     result = {
-        "how": "QWENVL_WALKTHROUGH_DIR=DIR pytest tests/test_finetune_walkthrough.py -k readme,"
+        "how": "QWENVL_WALKTHROUGH_DIR=DIR pytest tests/train/test_finetune_walkthrough.py -k readme,"
         " then tools/check_walkthrough_export.py --check DIR",
         "versions": {
             "torch": torch.__version__,

@@ -11,7 +11,6 @@ import os
 import jax
 import numpy as np
 import pytest
-from test_gcs import gcs  # noqa: F401 - the module's emulator fixture
 from tiny import train_config
 
 from qwenvl_jax import checkpoint, fileio

@@ -13,19 +13,11 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
-from reference_weights import write_hf_dir
 
 from qwenvl_jax.eval import benchmarks, run
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "eval", "data")
 GOOD = [{"question_id": i, "output": f"answer {i}"} for i in range(1, 6)]
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny_hf")
-    write_hf_dir("tiny", str(out))
-    return str(out)
 
 
 @pytest.fixture(scope="module")

@@ -563,7 +563,7 @@ def test_image_budget_equals_encoding_every_slot():
     """Encoding only the valid slots (gathered up to a static budget per row block, features
     gathered back to their slots) gives the all-slots logits and gradients (float32); the empty
     slots hold garbage pixels that must not matter. Over the budget, images would be lost (the
-    trainer refuses such batches: tests/test_train.py)."""
+    trainer refuses such batches: tests/train/test_train.py)."""
     cfg = get_preset("tiny", vocab_size=1000, visual={"image_start_id": 990, "n_queries": 16})
     model = QWenLMHeadModel(cfg, ModelOptions(), rngs=nnx.Rngs(7))
     counts, m = [2, 0, 1, 3], 3  # row blocks of 2 rows: 2 and 4 images

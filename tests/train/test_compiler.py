@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from paths import ROOT
+from tiny import TINY_FLAGS
 
 from qwenvl_jax.train import compiler
 
@@ -53,9 +54,7 @@ def test_second_run_loads_the_train_step_from_the_cache(tmp_path):
         cmd = [
             sys.executable, "-m", "qwenvl_jax.train", "--config=configs/multitask.py:tiny",
             f"--workdir={tmp_path / name}", "--config.steps=3", "--config.log_every=1",
-            "--config.model.overrides.vocab_size=1024",
-            "--config.model.overrides.visual.image_start_id=1000",
-            "--config.model.overrides.visual.n_queries=16",
+            *TINY_FLAGS,
             f"--config.compilation_cache_dir={cache}",
         ]  # fmt: skip
         out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=900)

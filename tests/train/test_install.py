@@ -8,6 +8,7 @@ import sys
 import sysconfig
 
 import pytest
+from tiny import TINY_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -62,8 +63,7 @@ def test_wheel_trains_a_stage_config_from_an_empty_directory(tmp_path):
         "--config.steps=2", "--config.optim.warmup_steps=1",
         # A smaller vocabulary and batch keep the compile short; the config still comes whole
         # from the installed configs/sft.py.
-        "--config.model.overrides.vocab_size=1024",
-        "--config.model.overrides.visual.image_start_id=1000",
+        *TINY_FLAGS,
         "--config.batch_size=2", "--config.grad_accum=1",
     ]  # fmt: skip
     p = _run(train, cwd=empty, env=env)

@@ -16,17 +16,17 @@ import sys
 import textwrap
 
 import pytest
+from paths import ROOT
+from tiny import TINY_FLAGS
 
 from qwenvl_jax import checkpoint as ckpt_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXIT_WITHIN_S = 60  # from release to exit; the hang this guards against lasted 300 s
 
 TRAIN = [
     sys.executable, "-m", "qwenvl_jax.train", "--config=configs/multitask.py:tiny",
     "--config.steps=3", "--config.checkpoint.every_steps=1", "--config.log_every=1",
-    "--config.model.overrides.vocab_size=1024", "--config.model.overrides.visual.n_queries=16",
-    "--config.model.overrides.visual.image_start_id=1000", "--config.pause_after_step=2",
+    *TINY_FLAGS, "--config.pause_after_step=2",
 ]  # fmt: skip
 
 # Runs inside the namespace: $CK may be mounted over, the run is held after step 2 until the

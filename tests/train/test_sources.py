@@ -3,16 +3,14 @@
 import jax
 import numpy as np
 import pytest
+from tiny import train_config
 
 from qwenvl_jax import train, tree
 from qwenvl_jax.convert import ours
-from qwenvl_jax.train import stage_config
 
 
 def _tiny(**lora):
-    c = stage_config.load("sft:tiny")
-    c.model.overrides.vocab_size = 1024
-    c.model.overrides.visual = {"n_queries": 16, "image_start_id": 1000}
+    c = train_config("sft")
     for k, v in lora.items():
         c.lora[k] = v
     return c

@@ -13,22 +13,15 @@ import sys
 import numpy as np
 import pytest
 from held import wait_until
+from paths import FIXTURES as TEST_FIXTURES
+from paths import ROOT
 from PIL import Image
-from reference_weights import write_hf_dir
 
 from qwenvl_jax import QwenVL, evaluate
 from qwenvl_jax.eval import benchmarks, run
 from qwenvl_jax.eval import metrics as metrics_lib
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "eval", "data")
-ROOT = os.path.dirname(os.path.dirname(__file__))
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny_hf")
-    write_hf_dir("tiny", str(out))
-    return str(out)
+FIXTURES = os.path.join(TEST_FIXTURES, "eval", "data")
 
 
 @pytest.fixture(scope="module")

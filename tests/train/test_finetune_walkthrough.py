@@ -23,10 +23,10 @@ import sys
 
 import numpy as np
 import pytest
+from paths import ROOT
 from PIL import Image, ImageDraw
 from reference_weights import write_hf_dir
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTION = "What colour is the shape?"
 COLOURS = {"red": (220, 30, 30), "green": (20, 170, 40), "blue": (30, 60, 230)}
 TRAIN = [("circle", "red"), ("square", "green"), ("triangle", "blue")]

@@ -16,24 +16,22 @@ import numpy as np
 import pytest
 from absl import logging as absl_logging
 from held import wait_until
+from paths import ROOT
 from ports import free_port
+from tiny import TINY_FLAGS, train_config
 
 from qwenvl_jax import checkpoint as ckpt_lib
 from qwenvl_jax import train
 from qwenvl_jax.data.random_batches import RandomBatches
 from qwenvl_jax.train import stage_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 absl_logging.set_verbosity(absl_logging.WARNING)
 
 # Losses on different meshes differ only by the order of float32 reductions (measured ~3e-7
 # relative after 3 Adam steps); 1e-5 leaves room without hiding a real sharding bug, which moves
 # the loss by far more.
 MESH_RTOL = 1e-5
-SMALL = [
-    "--config.model.overrides.vocab_size=1024",
-    "--config.model.overrides.visual.image_start_id=1000",
-]
+SMALL = TINY_FLAGS
 
 
 def load_config(name, arg="tiny"):
@@ -41,20 +39,7 @@ def load_config(name, arg="tiny"):
 
 
 def tiny(stage="multitask", steps=4, **kw):
-    c = load_config(stage)
-    c.model.overrides.vocab_size = 1024
-    c.model.overrides.visual = {"n_queries": 16, "image_start_id": 1000}
-    c.steps = steps
-    c.log_every = 1
-    c.checkpoint.every_steps = 2
-    c.checkpoint.async_save = True
-    for k, v in kw.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return train_config(stage, steps, **kw)
 
 
 def losses_by_step(workdir):
@@ -641,7 +626,7 @@ import jax
 import numpy as np
 pid, port, wd, ours_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
-sys.path.insert(0, "tests")
+sys.path[:0] = ["tests", "tests/train"]
 from test_train import _flat, _flat_arrays, tiny
 from qwenvl_jax import checkpoint as ckpt_lib
 from qwenvl_jax import train

@@ -14,42 +14,18 @@ import sys
 import jax
 import numpy as np
 import pytest
-from gcs_emulator import GcsEmulator
 from held import wait_until
+from paths import ROOT
 from PIL import Image
+from tiny import TINY_FLAGS, train_config
 
 from qwenvl_jax import checkpoint as ckpt_lib
 from qwenvl_jax import fileio, train
 from qwenvl_jax import image as qimage
 from qwenvl_jax.data import pipeline
 from qwenvl_jax.tokenizer import QWenTokenizer
-from qwenvl_jax.train import stage_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
-
-
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-    """The emulator, with this process's environment pointed at it for the module's tests."""
-    emu = GcsEmulator()
-    env = emu.start()
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import fsspec
-
-    # fsspec reads FSSPEC_GCS_TOKEN when it is imported, which may have happened already.
-    fsspec.config.conf.setdefault("gcs", {})["token"] = "anon"
-    try:
-        yield emu
-    finally:
-        fsspec.config.conf.get("gcs", {}).pop("token", None)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        emu.stop()
 
 
 def _cli(gcs, workdir, cache_dir, *extra):
@@ -62,9 +38,7 @@ def _cli(gcs, workdir, cache_dir, *extra):
     cmd = [
         sys.executable, "-m", "qwenvl_jax.train", "--config=configs/multitask.py:tiny",
         f"--workdir={workdir}", f"--config.steps={STEPS}", "--config.checkpoint.every_steps=2",
-        "--config.log_every=1", "--config.model.overrides.visual.n_queries=16",
-        "--config.model.overrides.vocab_size=1024",
-        "--config.model.overrides.visual.image_start_id=1000", *extra,
+        "--config.log_every=1", *TINY_FLAGS, *extra,
     ]  # fmt: skip
     return cmd, env
 
@@ -142,13 +116,7 @@ def test_init_from_a_gcs_workdir_and_a_gcs_checkpoint(gcs, gs_run):
     mcfg, prev = ckpt_lib.latest_params(wd, scan_layers=False)
     want = ckpt_lib.stack_layers(prev)
 
-    def tiny():
-        c = stage_config.load("multitask:tiny")
-        c.model.overrides.vocab_size = 1024
-        c.model.overrides.visual = {"n_queries": 16, "image_start_id": 1000}
-        return c
-
-    c = tiny()
+    c = train_config()
     c.init.workdir = wd
     got, desc = train.initial_params(train.build(c, jax.devices()[:1]))
     assert desc == f"previous stage {wd}"
@@ -157,12 +125,12 @@ def test_init_from_a_gcs_workdir_and_a_gcs_checkpoint(gcs, gs_run):
     ckpt = f"gs://{gcs.bucket}/converted"
     ours.save_params(ckpt, prev, mcfg)
     assert ours.is_ours(ckpt)
-    c = tiny()
+    c = train_config()
     c.init.checkpoint = ckpt
     got, _ = train.initial_params(train.build(c, jax.devices()[:1]))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), want)
 
-    c = tiny()
+    c = train_config()
     c.init.workdir = f"gs://{gcs.bucket}/no-such-run"
     with pytest.raises(FileNotFoundError, match="config.init.workdir='gs://"):
         train.initial_params(train.build(c, jax.devices()[:1]))
