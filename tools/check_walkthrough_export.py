@@ -145,8 +145,8 @@ def check(reference_dir: str, walk: str, record: str) -> None:
     }
     said["peft_adapter"] = answers(loaded)
     result = {
-        "how": "QWENVL_WALKTHROUGH_DIR=DIR pytest tests/train/test_finetune_walkthrough.py -k readme,"
-        " then tools/check_walkthrough_export.py --check DIR",
+        "how": "QWENVL_WALKTHROUGH_DIR=DIR pytest tests/train/test_finetune_walkthrough.py"
+        " -k readme, then tools/check_walkthrough_export.py --check DIR",
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
