@@ -242,7 +242,8 @@ def mesh_fits(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, in
 
 
 def check_workdir(workdir: str) -> None:
-    """`workdir` is (or can be made) a directory this process can create files in."""
+    """`workdir` is (or can be made) a directory this process can create files in; it is not
+    created here."""
     if fileio.is_remote(workdir):
         return
     if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -250,9 +251,18 @@ def check_workdir(workdir: str) -> None:
             f"--workdir={workdir} is a file, not a directory; give a directory (it is created if"
             " missing)"
         )
+    # Nothing is created before the run starts (a run stopped by a later check leaves no
+    # workdir): a missing workdir is checked through its nearest existing parent.
+    probe = os.path.abspath(workdir)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ConfigError(
+            f"--workdir={workdir}: {probe} is a file, not a directory; give a directory (it is"
+            " created if missing)"
+        )
     try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_check_"):
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".write_check_"):
             pass
     except OSError as e:
         raise ConfigError(

@@ -181,8 +181,8 @@ def test_a_workdir_that_is_a_file_or_read_only_is_one_line(tmp_path, read_only_d
         f"--workdir={f} is a file, not a directory; give a directory (it is created if missing)"
     )
     assert message(tiny(), workdir=str(f / "sub")) == (
-        f"--workdir={f / 'sub'} is not writable (Not a directory); give a directory this process"
-        " can create files in"
+        f"--workdir={f / 'sub'}: {f} is a file, not a directory; give a directory (it is created"
+        " if missing)"
     )
     assert message(tiny(), workdir=str(read_only_dir)) in (
         f"--workdir={read_only_dir} is not writable ({why}); give a directory this process can"
@@ -191,8 +191,8 @@ def test_a_workdir_that_is_a_file_or_read_only_is_one_line(tmp_path, read_only_d
     )
     assert os.listdir(read_only_dir) == []
     new = tmp_path / "a" / "b"
-    validate(tiny(), workdir=str(new), process_count=1)  # created, as the run would, and left empty
-    assert os.listdir(new) == []
+    validate(tiny(), workdir=str(new), process_count=1)  # checked through tmp_path, not created
+    assert not (tmp_path / "a").exists()
     validate(tiny(), workdir="gs://bucket/run", process_count=1)  # not probed
 
 
