@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import set_keys
 
 from qwenvl_jax import checkpoint, lora
 from qwenvl_jax.convert import ours
@@ -38,13 +39,7 @@ def small(variant="lora", **over):
     cfg.checkpoint.async_save = False
     cfg.optim.lr = 1e-2
     cfg.model.param_dtype = "float32"  # the float32 comparisons below
-    for k, v in over.items():
-        node = cfg
-        *head, last = k.split(".")
-        for h in head:
-            node = node[h]
-        node[last] = v
-    return cfg
+    return set_keys(cfg, **over)
 
 
 @pytest.fixture(scope="module")

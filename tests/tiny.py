@@ -19,9 +19,14 @@ def train_config(stage: str = "multitask", steps: int = 4, variant: str = "tiny"
     c.log_every = 1
     c.checkpoint.every_steps = 2
     c.checkpoint.async_save = True
-    for key, value in overrides.items():
+    return set_keys(c, **{k.replace("__", "."): v for k, v in overrides.items()})
+
+
+def set_keys(c, **dotted):
+    """Sets dotted config keys ("optim.lr") on `c` and returns it."""
+    for key, value in dotted.items():
         node = c
-        *path, last = key.replace("__", ".").split(".")
+        *path, last = key.split(".")
         for p in path:
             node = node[p]
         node[last] = value

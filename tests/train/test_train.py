@@ -365,6 +365,23 @@ def _has_libtpu():
         return False
 
 
+def _tpu_aot_result(code: str, timeout: int):
+    """Runs `code` (which prints "RESULT <json>") in a CPU process that compiles for a TPU
+    topology with libtpu, and returns the JSON."""
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        TPU_WORKER_HOSTNAMES="localhost",
+        ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, timeout=timeout
+    )
+    assert out.returncode == 0, out.stderr.decode()[-3000:]
+    line = [ln for ln in out.stdout.decode().splitlines() if ln.startswith("RESULT")][0]
+    return json.loads(line[len("RESULT ") :])
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_libtpu(), reason="libtpu not installed (pip install -e .[tpu])")
 def test_tiny_aot_compile_for_tpu_slice():
@@ -376,18 +393,7 @@ def test_tiny_aot_compile_for_tpu_slice():
         "c.mesh.model=2;c.model.dtype='bfloat16';"
         "print('RESULT', json.dumps(train.dry_run(c)))"
     )
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        TPU_WORKER_HOSTNAMES="localhost",
-        ALLOW_MULTIPLE_LIBTPU_LOAD="1",
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, timeout=600
-    )
-    assert out.returncode == 0, out.stderr.decode()[-3000:]
-    line = [ln for ln in out.stdout.decode().splitlines() if ln.startswith("RESULT")][0]
-    res = json.loads(line[len("RESULT ") :])
+    res = _tpu_aot_result(code, timeout=600)
     assert res["mesh"] == {"data": 1, "fsdp": 2, "model": 2}
     # Compiled per-device memory holds at least this device's params and optimizer state.
     assert res["argument_size_in_bytes"] >= res["param_bytes"] + res["opt_bytes"]
@@ -413,18 +419,7 @@ def test_tiny_aot_compile_for_tpu_uses_splash_attention():
         "txt=aot.aot_compile(train.build(c, aot.topology_devices(c))).as_text();"
         "print('RESULT', json.dumps([txt.count('tpu_custom_call'), 'splash' in txt]))"
     )
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        TPU_WORKER_HOSTNAMES="localhost",
-        ALLOW_MULTIPLE_LIBTPU_LOAD="1",
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, timeout=900
-    )
-    assert out.returncode == 0, out.stderr.decode()[-3000:]
-    line = [ln for ln in out.stdout.decode().splitlines() if ln.startswith("RESULT")][0]
-    n_calls, has_splash = json.loads(line[len("RESULT ") :])
+    n_calls, has_splash = _tpu_aot_result(code, timeout=900)
     assert n_calls >= 3 and has_splash
 
 

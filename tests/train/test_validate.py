@@ -8,23 +8,16 @@ import subprocess
 import sys
 
 import pytest
+from paths import ROOT
+from tiny import set_keys
 
 from qwenvl_jax.errors import ConfigError
 from qwenvl_jax.train import stage_config
 from qwenvl_jax.train.validate import validate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def tiny(spec="multitask:tiny", **values):
-    c = stage_config.load(spec)
-    for key, v in values.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    return set_keys(stage_config.load(spec), **values)
 
 
 def message(cfg, **kw) -> str:
