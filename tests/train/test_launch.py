@@ -6,8 +6,9 @@ import subprocess
 from paths import ROOT
 
 
-def test_tpu_pod_passes_flags_with_spaces_through_the_remote_shell(tmp_path):
-    # A stand-in gcloud that saves the remote command it was asked to run.
+def _fake_gcloud(tmp_path):
+    """A stand-in gcloud in tmp_path that saves the remote command it was asked to run; returns
+    the file it saves it to."""
     saved = tmp_path / "command.txt"
     gcloud = tmp_path / "gcloud"
     gcloud.write_text(
@@ -15,6 +16,11 @@ def test_tpu_pod_passes_flags_with_spaces_through_the_remote_shell(tmp_path):
         f'printf %s "$2" > {saved}\n'
     )
     gcloud.chmod(0o755)
+    return saved
+
+
+def test_tpu_pod_passes_flags_with_spaces_through_the_remote_shell(tmp_path):
+    saved = _fake_gcloud(tmp_path)
     env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", REPO="https://h/r.git")
     flags = ["--config.init.workdir=gs://b/stage 1", "--config.steps=5"]
     subprocess.run(
@@ -35,13 +41,7 @@ def test_tpu_pod_passes_flags_with_spaces_through_the_remote_shell(tmp_path):
 def test_tpu_pod_forwards_the_users_libtpu_flags(tmp_path):
     """LIBTPU_INIT_ARGS set where the script runs reaches every host whole (the trainer adds its
     defaults to it there, keeping the user's values: qwenvl_jax/train/compiler.py)."""
-    saved = tmp_path / "command.txt"
-    gcloud = tmp_path / "gcloud"
-    gcloud.write_text(
-        '#!/usr/bin/env bash\nwhile [ "$1" != --command ]; do shift; done\n'
-        f'printf %s "$2" > {saved}\n'
-    )
-    gcloud.chmod(0o755)
+    saved = _fake_gcloud(tmp_path)
     user = "--xla_tpu_enable_async_collective_fusion=false --xla_foo=1"
     env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", REPO="https://h/r.git")
     script = [
