@@ -77,7 +77,7 @@ def run(name: str) -> dict:
 
         quant_lib.convert_modules(abstract, quantize)
     graphdef, state = nnx.split(abstract)
-    # As api.build_model places the parameters on a mesh.
+    # As model.factory.build_model places the parameters on a mesh.
     logical = nnx.to_pure_dict(shd.logical_axes_of_state(state))
     want = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))
     shardings = shd.param_shardings(want, logical, mesh, shd.DEFAULT_RULES)

@@ -85,12 +85,8 @@ class MultiheadAttention(nnx.Module):
         self.dtype = dtype
 
     def _project(self, x: jax.Array, s: int) -> jax.Array:
-        kernel = self.in_proj.kernel[:, s].astype(self.dtype)
-        scale = getattr(self.in_proj, "kernel_scale", None)
-        if (
-            scale is not None
-        ):  # weight-only int8 (qwenvl_jax.quantize): per-channel scales [1, 3, N, H]
-            kernel = kernel * scale[:, s].astype(self.dtype)
+        # The packed q/k/v kernel [D, 3, N, H], decoded by its codec when one stores it.
+        kernel = self.in_proj.kernel_value()[:, s].astype(self.dtype)
         bias = self.in_proj.bias[s].astype(self.dtype)
         return jnp.einsum("...d,dnh->...nh", x.astype(self.dtype), kernel) + bias
 
