@@ -229,8 +229,9 @@ class QwenVL:
           mesh: shard the parameters (and generation's KV cache and activations) over a device
             mesh: a `jax.sharding.Mesh` with axes (data, fsdp, model), or its sizes as a string
             ("fsdp=4,model=2"; unnamed axes are 1, one may be -1) or a dict. None: one device.
-          quantize: "int8" for weight-only int8 decoder matrices (per output channel scales); the
-            visual tower, embeddings and norms keep `dtype`. None: no quantisation.
+          quantize: "int8" (or "fp8") for weight-only decoder matrices with per output channel
+            scales (`quantize.MODES`); the visual tower, embeddings and norms keep `dtype`. None:
+            no quantisation.
         """
         options = inference_options(dtype, options)
         mesh = resolve_mesh(mesh)

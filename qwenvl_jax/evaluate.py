@@ -64,7 +64,8 @@ def _run(argv) -> None:
     p.add_argument("--chat", action="store_true", help="ChatML prompts (Qwen-VL-Chat)")
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "fsdp=4,model=2"')
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default by platform)")
-    p.add_argument("--quantize", default=None, choices=["int8"], help="weight-only int8")
+    # quantize.MODES, written out so that --help does not import JAX.
+    p.add_argument("--quantize", default=None, choices=["int8", "fp8"], help="weight-only")
     p.add_argument("--pause_after", type=int, default=None, metavar="N",
                    help="after N predictions, wait while OUT/BENCHMARK.paused exists")  # fmt: skip
     args = p.parse_args(argv)

@@ -101,7 +101,7 @@ def build_model(
       options: the `ModelOptions` (inference: `ModelOptions.inference(dtype)`).
       seed: the random weights' seed (params None).
       mesh: place the parameters on this mesh; None: the default device.
-      quantize: "int8" or None.
+      quantize: a `quantize.MODES` name ("int8", "fp8") or None.
       source: where `params` came from, for the error when they do not fit.
 
     Raises:
