@@ -1,0 +1,151 @@
+"""The serving engine on the tiny random HF checkpoint: its answers against `QwenVL.generate`."""
+
+import hashlib
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+from reference_weights import REF
+
+from qwenvl_jax import QwenVL
+from qwenvl_jax import image as image_lib
+from qwenvl_jax.serve.engine import (
+    Engine,
+    EngineRequest,
+    ImageInput,
+    PromptTooLong,
+    QueueFull,
+    Sampling,
+)
+
+MAX_SEQ = 512
+
+
+@pytest.fixture(scope="module")
+def qwen(hf_dir):
+    return QwenVL.from_pretrained(hf_dir, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def engine(qwen):
+    eng = Engine(qwen, max_batch=4, max_seq_len=MAX_SEQ, max_queue=64, prefill_chunk=128)
+    eng.start()
+    yield eng
+    eng.shutdown(grace_s=5)
+
+
+def _image(name):
+    path = os.path.join(REF, name)
+    with open(path, "rb") as f:
+        key = hashlib.sha256(f.read()).hexdigest()
+    pixels = image_lib.load_images([path], 56)[0]
+    return path, ImageInput(key, pixels)
+
+
+def _prompt(seed, n):
+    return [int(t) for t in np.random.default_rng(seed).integers(0, 150000, n)]
+
+
+def _collect(handle, timeout=120):
+    toks, done = [], None
+    for ev in handle.events(timeout=timeout):
+        if ev.kind == "token":
+            toks.append(ev.token)
+        else:
+            done = ev
+    return toks, done
+
+
+def _run(engine, ids, images=(), **sampling):
+    return _collect(engine.submit(EngineRequest(list(ids), list(images), Sampling(**sampling))))
+
+
+def test_greedy_text_equals_generate(qwen, engine):
+    ids = _prompt(0, 37)
+    want = qwen.generate(ids, max_new_tokens=12)
+    got, done = _run(engine, ids, max_tokens=12)
+    assert got == want
+    assert done.finish_reason == ("stop" if want[-1] == qwen.tokenizer.eod_id else "length")
+    assert done.usage["prompt_tokens"] == 37 and done.usage["completion_tokens"] == len(want)
+
+
+def test_greedy_image_equals_generate(qwen, engine, monkeypatch):
+    monkeypatch.chdir(REF)
+    path, image = _image("img_a.png")
+    text = "<img>img_a.png</img>Generate the caption in English:"
+    want = qwen.generate(text, max_new_tokens=10)
+    got, _ = _run(engine, qwen.tokenizer.encode(text), [image], max_tokens=10)
+    assert got == want
+
+
+def test_stop_ids_force_eos_as_generate(qwen, engine):
+    ids = _prompt(1, 20)
+    free = qwen.generate(ids, max_new_tokens=8)
+    stop = [free[2]]  # the third greedy token: the next one must become eos
+    want = qwen.generate(ids, max_new_tokens=8, stop_words_ids=[stop])
+    got, done = _run(engine, ids, max_tokens=8, stop_ids=(tuple(stop),))
+    assert got == want and got[-1] == qwen.tokenizer.eod_id and done.finish_reason == "stop"
+
+
+def test_prompt_too_long_and_bad_requests(engine):
+    with pytest.raises(PromptTooLong, match=f"{MAX_SEQ}.*max_seq_len is {MAX_SEQ}"):
+        engine.submit(EngineRequest(_prompt(2, MAX_SEQ), [], Sampling()))
+    with pytest.raises(ValueError, match="outside"):
+        engine.submit(EngineRequest([1, -3], [], Sampling()))
+    with pytest.raises(ValueError, match="1 image spans but 0 images"):
+        engine.submit(EngineRequest([151857] + [0] * 256 + [151858], [], Sampling()))
+
+
+def test_queue_full(qwen):
+    eng = Engine(qwen, max_batch=1, max_seq_len=MAX_SEQ, max_queue=2)
+    # Not started: nothing drains the queue, so the third request finds it full.
+    hs = [eng.submit(EngineRequest(_prompt(3, 8), [], Sampling())) for _ in range(2)]
+    with pytest.raises(QueueFull, match="max_queue"):
+        eng.submit(EngineRequest(_prompt(3, 8), [], Sampling()))
+    eng.shutdown(grace_s=0)
+    assert [_collect(h)[1].finish_reason for h in hs] == ["cancelled", "cancelled"]
+
+
+def test_cancel_ends_request(engine):
+    h = engine.submit(EngineRequest(_prompt(4, 30), [], Sampling(max_tokens=400)))
+    h.cancel()
+    toks, done = _collect(h)
+    assert done.finish_reason == "cancelled" and len(toks) < 400
+    deadline = time.monotonic() + 30
+    while engine.stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats()["running"] == 0
+    # The engine still serves the next request.
+    assert _run(engine, _prompt(5, 10), max_tokens=3)[1].finish_reason in ("stop", "length")
+
+
+def test_async_events(engine):
+    import asyncio
+
+    async def go():
+        h = engine.submit(EngineRequest(_prompt(6, 12), [], Sampling(max_tokens=4)))
+        return [ev async for ev in h.aevents()]
+
+    evs = asyncio.run(go())
+    assert (
+        evs[-1].kind == "done"
+        and sum(e.kind == "token" for e in evs) == 4
+        or (evs[-1].finish_reason == "stop")
+    )
+
+
+def test_threads_submit_concurrently(engine):
+    results = {}
+
+    def worker(i):
+        results[i] = _run(engine, _prompt(10 + i, 5 + 7 * i), max_tokens=3 + i)[0]
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    for i in range(4):
+        assert results[i] == _run(engine, _prompt(10 + i, 5 + 7 * i), max_tokens=3 + i)[0]
