@@ -1,0 +1,471 @@
+"""The OpenAI-compatible HTTP app (FastAPI) over a running `serve.engine.Engine`.
+
+    POST /v1/chat/completions   ChatML chat with image_url parts, streaming (SSE) or not
+    POST /v1/completions        raw base-model prompts, `<img>URL</img>` spans for images
+    GET  /v1/models  /health  /metrics
+
+Bodies are read and validated here (not by FastAPI's parameter injection) so that every refusal is
+one OpenAI-shaped error naming the field: `{"error": {"message", "type", "param", "code"}}`.
+Stop strings are cut here (the engine stops on token ids only): when one appears the request is
+cancelled and the text ends before it. A client that disconnects cancels its request, which frees
+its decode slot at the engine's next step. Answers keep the model's `<ref>/<box>` text and add
+`grounding`: the parsed boxes, with pixel coordinates in the last image of the request (the
+published drawing's rule).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+import uuid
+
+import pydantic
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from qwenvl_jax import grounding
+from qwenvl_jax.serve import prompt as prompt_lib
+from qwenvl_jax.serve import schema
+from qwenvl_jax.serve.engine import EngineRequest, PromptTooLong, QueueFull, Sampling
+from qwenvl_jax.serve.errors import APIError, bad_request
+from qwenvl_jax.serve.images import ImageLimits
+from qwenvl_jax.serve.metrics import CONTENT_TYPE, ServerMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """The HTTP layer's settings.
+
+    Attributes:
+      model_name: the name clients pass as `model` (and /v1/models lists).
+      max_seq_len: prompt + new tokens per request (the engine's).
+      limits: per-image limits and the allowed local directory.
+      max_images: images per request.
+      max_body_bytes: request body size.
+      allow_http_images: fetch http(s) image URLs.
+    """
+
+    model_name: str
+    max_seq_len: int
+    limits: ImageLimits = ImageLimits()
+    max_images: int = 8
+    max_body_bytes: int = 64 * 2**20
+    allow_http_images: bool = True
+
+
+class _Text:
+    """The answer text of a stream of token ids: token-id stops, stop strings, what is safe to
+    send now (nothing that could still turn out to be part of a stop string, an incomplete UTF-8
+    character or, for chat, trailing whitespace that the final strip would drop)."""
+
+    def __init__(self, tokenizer, stop_ids, stop_strs: list[str], chat: bool):
+        self.tok = tokenizer
+        self.eos = tokenizer.eod_id
+        self.stop_ids = [list(s) for s in stop_ids]
+        self.stop_strs = stop_strs
+        self.chat = chat
+        self.ids: list[int] = []
+        self.n_tokens = 0
+        self.finish: str | None = None
+        self.text = ""
+        self.sent = 0
+
+    def add(self, token: int) -> bool:
+        """Takes one new token; True once the answer is complete (a stop was met)."""
+        self.n_tokens += 1
+        if token == self.eos:
+            self.finish = "stop"
+            return True
+        self.ids.append(token)
+        for s in self.stop_ids:
+            if len(self.ids) >= len(s) and self.ids[-len(s) :] == s:
+                del self.ids[-len(s) :]
+                self.finish = "stop"
+        text = self.tok.decode(self.ids)
+        if self.chat:
+            text = text.lstrip()
+        cut = min((i for i in (text.find(s) for s in self.stop_strs) if i >= 0), default=-1)
+        if cut >= 0:
+            text = text[:cut]
+            self.finish = "stop"
+        self.text = text
+        return self.finish is not None
+
+    def final(self) -> str:
+        return self.text.rstrip() if self.chat else self.text
+
+    def delta(self, final: bool = False) -> str:
+        """The text not sent yet that is safe to send."""
+        if final:
+            out = self.final()
+        else:
+            out = self.text.rstrip("\ufffd")  # an incomplete UTF-8 character
+            for s in self.stop_strs:
+                for k in range(min(len(s) - 1, len(out)), 0, -1):
+                    if out.endswith(s[:k]):
+                        out = out[:-k]
+                        break
+            if self.chat:
+                out = out.rstrip()
+        piece = out[self.sent :] if len(out) > self.sent else ""
+        self.sent = max(self.sent, len(out))
+        return piece
+
+
+def _boxes(text: str, prompt: prompt_lib.Prompt) -> list[dict]:
+    """The `grounding` field: parsed boxes with pixels in the request's last image."""
+    size = (prompt.images[-1].width, prompt.images[-1].height) if prompt.images else None
+    try:
+        boxes = grounding.parse_grounding(text, size)
+    except ValueError:  # an unclosed or malformed tag in the answer: no boxes to give
+        return []
+    return [dataclasses.asdict(b) for b in boxes]
+
+
+def _error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def create_app(engine, config: ServerConfig) -> FastAPI:
+    """The app serving `engine` (started by the caller, who also shuts it down)."""
+    metrics = ServerMetrics(engine)
+    tok = engine.tokenizer
+    model = engine.model
+    gen = getattr(model, "generation_config", {}) or {}
+    default_temperature = float(gen.get("temperature") or 1.0) if gen.get("do_sample") else 0.0
+    default_top_p = float(gen.get("top_p") or 1.0) if gen.get("do_sample") else 1.0
+    default_max_tokens = int(gen.get("max_new_tokens") or 512)
+    created = int(time.time())
+    state = {"http": None, "draining": False}
+
+    async def lifespan(app):
+        import httpx
+
+        state["http"] = httpx.AsyncClient() if config.allow_http_images else None
+        yield
+        state["draining"] = True
+        if state["http"] is not None:
+            await state["http"].aclose()
+
+    app = FastAPI(title="qwenvl_jax", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.metrics = metrics
+    app.state.engine = engine
+
+    def ctx() -> prompt_lib.RequestContext:
+        return prompt_lib.RequestContext(
+            tokenizer=tok,
+            image_size=model.config.visual.image_size,
+            limits=config.limits,
+            max_images=config.max_images,
+            http=state["http"],
+            max_window_size=int(gen.get("max_window_size") or prompt_lib.chat_lib.MAX_WINDOW_SIZE),
+        )
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return _error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        msg = f"{request.method} {request.url.path}: {e.detail}"
+        return _error_response(APIError(e.status_code, msg, code=code))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        log.exception("request failed")
+        return _error_response(
+            APIError(
+                500,
+                f"internal error: {type(e).__name__}: {e}",
+                type="server_error",
+                code="internal_error",
+            )
+        )
+
+    app.add_middleware(_CountRequests, counter=metrics.requests)
+
+    async def parse(request: Request, model_cls):
+        body = await request.body()
+        if len(body) > config.max_body_bytes:
+            raise APIError(
+                413,
+                f"request body is {len(body)} bytes; the limit is {config.max_body_bytes}",
+                code="body_too_large",
+            )
+        try:
+            obj = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise bad_request(
+                f"request body is not valid JSON: {e}", None, "invalid_json"
+            ) from None
+        if not isinstance(obj, dict):
+            raise bad_request(
+                f"request body must be a JSON object, got {type(obj).__name__}",
+                None,
+                "invalid_json",
+            )
+        try:
+            req = model_cls.model_validate(obj)
+        except pydantic.ValidationError as e:
+            msg, param = schema.validation_message(e)
+            raise bad_request(msg, param, "invalid_value") from None
+        if req.model != config.model_name:
+            raise APIError(
+                404,
+                f"model: the model {req.model!r} does not exist; this server"
+                f" serves {config.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+        return req
+
+    def submit(req, prompt: prompt_lib.Prompt, max_tokens: int | None):
+        n = len(prompt.ids)
+        if n >= config.max_seq_len:
+            raise bad_request(
+                f"the prompt has {n} tokens; this server's max_seq_len is {config.max_seq_len}"
+                " (prompt + new tokens)",
+                "messages" if prompt.chat else "prompt",
+                "context_length_exceeded",
+            )
+        if max_tokens is None:
+            max_tokens = min(default_max_tokens, config.max_seq_len - n)
+        elif n + max_tokens > config.max_seq_len:
+            raise bad_request(
+                f"max_tokens: the prompt has {n} tokens and max_tokens is {max_tokens}, more than"
+                f" this server's max_seq_len of {config.max_seq_len}",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+        temperature = default_temperature if req.temperature is None else req.temperature
+        sampling = Sampling(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=default_top_p if req.top_p is None else req.top_p,
+            seed=req.seed,
+            stop_ids=prompt.stop_ids,
+        )
+        er = EngineRequest(prompt.ids, [im.input for im in prompt.images], sampling)
+        try:
+            return engine.submit(er)
+        except QueueFull as e:
+            if state["draining"]:
+                raise APIError(
+                    503,
+                    f"the server is shutting down: {e}",
+                    type="server_error",
+                    code="shutting_down",
+                ) from None
+            raise APIError(
+                429,
+                f"the server is busy: {e}; retry later",
+                type="rate_limit_error",
+                code="queue_full",
+            ) from None
+        except PromptTooLong as e:
+            raise bad_request(
+                str(e), "messages" if prompt.chat else "prompt", "context_length_exceeded"
+            ) from None
+        except ValueError as e:
+            raise bad_request(str(e), None, "invalid_request") from None
+
+    async def events(handle, text: _Text, t0: float):
+        """(delta, finish_reason or None, usage or None) as tokens arrive; cancels the engine
+        request when a stop string ends it early or when the consumer goes away."""
+        t_first = t_last = None
+        try:
+            async for ev in handle.aevents():
+                if ev.kind == "token":
+                    t_last = time.perf_counter()
+                    if t_first is None:
+                        t_first = t_last
+                        metrics.ttft.observe(t_first - t0)
+                    if text.add(ev.token):
+                        handle.cancel()
+                        break
+                    piece = text.delta()
+                    if piece:
+                        yield piece, None
+                elif ev.kind == "error":
+                    raise APIError(
+                        500,
+                        f"generation failed: {ev.message}",
+                        type="server_error",
+                        code="engine_error",
+                    )
+                else:
+                    text.finish = text.finish or ev.finish_reason
+                    break
+        finally:
+            if not handle.finished:
+                handle.cancel()
+        if t_first is not None and text.n_tokens > 1:
+            metrics.tpot.observe((t_last - t_first) / (text.n_tokens - 1))
+        yield text.delta(final=True), text.finish or "stop"
+
+    def usage(prompt, text: _Text) -> dict:
+        n = len(prompt.ids)
+        return {
+            "prompt_tokens": n,
+            "completion_tokens": text.n_tokens,
+            "total_tokens": n + text.n_tokens,
+        }
+
+    async def watch_disconnect(request: Request, handle):
+        # After the body, the receive channel only says "http.disconnect" (client gone).
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                handle.cancel()
+                return
+
+    async def respond(request, req, prompt, max_tokens, kind: str):
+        t0 = request.state.t0
+        handle = submit(req, prompt, max_tokens)
+        text = _Text(tok, prompt.stop_ids, list(req.stop or []), prompt.chat)
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        obj = "chat.completion" if kind == "chat" else "text_completion"
+        head = {"id": rid, "created": int(time.time()), "model": config.model_name}
+
+        def choice(piece: str, finish, final_text: str | None):
+            if kind == "chat":
+                c = {"index": 0, "delta": {"content": piece}, "finish_reason": finish}
+                if final_text is not None:
+                    c["delta"]["grounding"] = _boxes(final_text, prompt)
+            else:
+                c = {"index": 0, "text": piece, "logprobs": None, "finish_reason": finish}
+                if final_text is not None:
+                    c["grounding"] = _boxes(final_text, prompt)
+            return c
+
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            async def sse():
+                chunk_obj = obj + ".chunk" if kind == "chat" else obj
+                try:
+                    if kind == "chat":
+                        first = {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": ""},
+                            "finish_reason": None,
+                        }
+                        yield _sse({**head, "object": chunk_obj, "choices": [first]})
+                    async for piece, finish in events(handle, text, t0):
+                        final = text.final() if finish else None
+                        if piece or finish:
+                            c = choice(piece, finish, final)
+                            yield _sse({**head, "object": chunk_obj, "choices": [c]})
+                    if include_usage:
+                        yield _sse(
+                            {
+                                **head,
+                                "object": chunk_obj,
+                                "choices": [],
+                                "usage": usage(prompt, text),
+                            }
+                        )
+                except APIError as e:
+                    yield _sse(e.body())
+                finally:
+                    if not handle.finished:
+                        handle.cancel()
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(
+                sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
+
+        watcher = asyncio.create_task(watch_disconnect(request, handle))
+        try:
+            finish = "stop"
+            async for _, f in events(handle, text, t0):
+                finish = f or finish
+        finally:
+            watcher.cancel()
+        final = text.final()
+        if kind == "chat":
+            c = {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": final,
+                    "grounding": _boxes(final, prompt),
+                },
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+        else:
+            c = choice(final, finish, final)
+        return {**head, "object": obj, "choices": [c], "usage": usage(prompt, text)}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        request.state.t0 = time.perf_counter()
+        req = await parse(request, schema.ChatCompletionRequest)
+        prompt = await prompt_lib.chat_prompt(req, ctx())
+        return await respond(
+            request, req, prompt, req.max_tokens or req.max_completion_tokens, "chat"
+        )
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        request.state.t0 = time.perf_counter()
+        req = await parse(request, schema.CompletionRequest)
+        prompt = await prompt_lib.completion_prompt(req, ctx())
+        return await respond(request, req, prompt, req.max_tokens, "completion")
+
+    @app.get("/v1/models")
+    async def models():
+        card = {
+            "id": config.model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "qwenvl_jax",
+            "max_model_len": config.max_seq_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health():
+        if state["draining"]:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        s = engine.stats()
+        return {"status": "ok", "queue": s.get("queue"), "running": s.get("running")}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+class _CountRequests:
+    """Counts responses by path and status (plain ASGI: Starlette's BaseHTTPMiddleware would
+    stand between a streaming response and the client's disconnect)."""
+
+    def __init__(self, app, counter):
+        self.app = app
+        self.counter = counter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.counter.labels(scope["path"], str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
