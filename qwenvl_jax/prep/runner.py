@@ -223,7 +223,7 @@ def finish(out_dir: str, names: Sequence[str], output_name: str, mixture_source)
             with fileio.path(fileio.join(out_dir, n + ".jsonl")).open("rb") as r:
                 while chunk := r.read(1 << 24):
                     w.write(chunk)
-    fileio.path(tmp).rename(merged)
+    fileio.path(tmp).replace(merged)
     report = {
         "shards": len(names),
         "records_in": records_in,

@@ -154,7 +154,7 @@ def read_done(out_dir: str, name: str) -> dict:
 def _atomic_write(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     fileio.write_bytes(tmp, data)
-    fileio.path(tmp).rename(path)  # a rename is atomic on one file system
+    fileio.path(tmp).replace(path)  # atomic on one file system
 
 
 def _safe_key(key: str, seen: set) -> str:
@@ -196,7 +196,7 @@ def write_shard(out_dir: str, name: str, records: Iterable[dict], marker: dict) 
         fileio.path(tmp_dir).rename(img_dir)
     _atomic_write(fileio.join(out_dir, name + ".jsonl"), "".join(x + "\n" for x in lines).encode())
     marker = dict(marker, shard=name, records_out=len(lines))
-    _atomic_write(done_path(out_dir, name), json.dumps(marker, sort_keys=True).encode())
+    _atomic_write(done_path(out_dir, name), json.dumps(marker).encode())  # steps in order
     return len(lines)
 
 
