@@ -70,6 +70,8 @@ setup(
             "matplotlib>=3.8",
             "tensorflow-datasets>=4.9.6",
             "pycocoevalcap>=1.2",
+            # The OCR data tests render and read PDFs (tests/prep/test_pdf.py).
+            "pymupdf>=1.24",
             *GCS,
             # A local GCS for the gs:// tests (tests/gcs_emulator.py).
             "gcp-storage-emulator>=2026.7.19",

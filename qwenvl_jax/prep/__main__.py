@@ -31,7 +31,7 @@ COMMANDS = {
     "vqav2": "qwenvl_jax.prep.vqa",
     "grit": "qwenvl_jax.prep.grit",
     "refexp": "qwenvl_jax.prep.refexp",
-    "ocr": "qwenvl_jax.prep.ocr",
+    "synthdog": "qwenvl_jax.prep.ocr_synth",
     "pdf": "qwenvl_jax.prep.pdf",
     "html": "qwenvl_jax.prep.html",
 }
