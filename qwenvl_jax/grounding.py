@@ -43,6 +43,11 @@ def box_text(box: Sequence[int]) -> str:
     return f"<box>({x1},{y1}),({x2},{y2})</box>"
 
 
+def ref_text(phrase: str, boxes: Sequence[Sequence[int]]) -> str:
+    """`<ref>phrase</ref><box>..</box>...` for boxes already on the [0, 1000) grid."""
+    return f"<ref>{phrase}</ref>" + "".join(box_text(b) for b in boxes)
+
+
 def quad_text(quad: Sequence[int]) -> str:
     """`<quad>(x1,y1),(x2,y2),(x3,y3),(x4,y4)</quad>` for 8 numbers on the [0, 1000) grid."""
     pts = ",".join(f"({quad[i]},{quad[i + 1]})" for i in range(0, 8, 2))

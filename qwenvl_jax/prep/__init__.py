@@ -21,7 +21,7 @@ Writing a step and a command (for whoever adds one):
    shared --input/--output/--runner/--seed are added for you) and `run(args, pipeline_args)`,
    which builds the step list and calls `runner.run(steps, args.input, args.output,
    seed=args.seed, runner=args.runner, pipeline_args=pipeline_args, reader=...,
-   mixture_source={"task": ..., "box_format": ...})`. Register it by name in
+   mixture={"ocr": {"task": "ocr", "box_format": "xyxy_pixel"}})`. Register it by name in
    `__main__.COMMANDS`. User mistakes raise `errors.ConfigError` (one line, exit 2).
 4. Tests: run the steps through `runner.run(..., runner="inprocess")` on a fixture the test
    writes; `tests/prep/` holds shared helpers.

@@ -226,7 +226,9 @@ def longest_text(records: list[dict], ctx: Context, *, field: str) -> list[dict]
 
 
 def select_fields(rec: dict, ctx: Context, *, fields: tuple[str, ...]) -> Iterator[dict]:
-    """Keeps the image and the configured fields."""
+    """Keeps the image and the configured fields; `width` / `height` are the image's own."""
+    if "_size" in rec:
+        rec["width"], rec["height"] = rec["_size"]
     yield {k: rec[k] for k in ("image", "image_ext", *fields) if k in rec}
 
 
@@ -325,5 +327,5 @@ def run(args, pipeline_args) -> dict:
         runner=args.runner,
         pipeline_args=pipeline_args,
         output_name=args.name,
-        mixture_source={"task": "caption"},
+        mixture={args.name: {"task": "caption"}},
     )

@@ -58,7 +58,7 @@ def process_shard(
     marker = {"input": str(path), "records_in": None, "counts": None}
     # The records are consumed by write_shard; the counts are complete only afterwards.
     recs = list(kept)
-    marker.update(records_in=n_in, counts=plain(dict(ctx.counters)))
+    marker.update(records_in=n_in, counts=plain(dict(ctx.counters)), examples=ctx.examples)
     marker["seconds"] = round(time.perf_counter() - t0, 3)
     shards.write_shard(out_dir, name, recs, marker)
     return dict(marker, shard=name, records_out=len(recs))
@@ -112,6 +112,7 @@ def run(
     pipeline_args: Sequence[str] = (),
     reader: Callable[[str], object] = shards.read_shard,
     output_name: str = "train",
+    mixture: dict | None = None,
     mixture_source: dict | None = None,
 ) -> dict:
     """Runs `steps` over every input shard not already done, then `finish`. Returns the report.
@@ -125,8 +126,9 @@ def run(
       pipeline_args: Beam pipeline options (`--project=...`, `--region=...`, ...).
       reader: path -> records (default: by extension, `shards.read_shard`).
       output_name: the merged file's name (`OUT/<output_name>.jsonl`).
-      mixture_source: the mixture entry's fields (task, weight, box_format...), or None for no
-        mixture file.
+      mixture: {source name: entry fields (task, box_format, image_root...)} for `mixture.json`
+        (each entry's path is the merged file unless given), or None for no mixture file.
+      mixture_source: shorthand for `mixture={output_name: mixture_source}`.
     """
     if runner not in RUNNERS:
         raise ConfigError(f"--runner={runner}: choose from {', '.join(RUNNERS)}")
@@ -150,7 +152,9 @@ def run(
             progress.add(process_shard(p, out_dir, steps, seed, reader))
     elif pending:
         _run_beam(steps, pending, out_dir, seed, runner, pipeline_args, reader, progress)
-    return finish(out_dir, names, output_name, mixture_source)
+    if mixture_source is not None:
+        mixture = {output_name: mixture_source, **(mixture or {})}
+    return finish(out_dir, names, output_name, mixture)
 
 
 def _run_beam(steps, pending, out_dir, seed, runner, pipeline_args, reader, progress) -> None:
@@ -205,12 +209,13 @@ def _watch(out_dir: str, pending: Sequence[str], progress: Progress, stop, every
             return
 
 
-def finish(out_dir: str, names: Sequence[str], output_name: str, mixture_source) -> dict:
+def finish(out_dir: str, names: Sequence[str], output_name: str, mixture: dict | None) -> dict:
     """The merged JSON lines, `report.json` and `mixture.json` from the finished shards."""
     missing = [n for n in names if not shards.is_done(out_dir, n)]
     if missing:
         raise RuntimeError(f"shards not finished: {missing[:5]}")
     total: dict = {}
+    examples: dict = {}
     records_in = records_out = 0
     merged = fileio.join(out_dir, output_name + ".jsonl")
     tmp = merged + ".tmp"
@@ -218,6 +223,9 @@ def finish(out_dir: str, names: Sequence[str], output_name: str, mixture_source)
         for n in names:
             m = shards.read_done(out_dir, n)
             merge_counts(total, m["counts"])
+            for step, ex in m.get("examples", {}).items():
+                for reason, msg in ex.items():
+                    examples.setdefault(step, {}).setdefault(reason, msg)
             records_in += m["records_in"]
             records_out += m["records_out"]
             with fileio.path(fileio.join(out_dir, n + ".jsonl")).open("rb") as r:
@@ -230,20 +238,21 @@ def finish(out_dir: str, names: Sequence[str], output_name: str, mixture_source)
         "records_out": records_out,
         "steps": total,
         "removed": {s: sum(c["dropped"].values()) for s, c in total.items()},
+        "examples": examples,
     }
     fileio.write_text(fileio.join(out_dir, "report.json"), json.dumps(report, indent=1) + "\n")
-    if mixture_source is not None:
-        entry = dict(kind="json", path=output_name + ".jsonl", weight=1.0)
-        entry.update(mixture_source)
-        mixture = {
+    if mixture:
+        srcs = {}
+        for src_name, fields in mixture.items():
+            srcs[src_name] = dict(kind="json", path=output_name + ".jsonl", weight=1.0)
+            srcs[src_name].update(fields)
+        doc = {
             "comment": "Written by python -m qwenvl_jax.prep; paths resolve against this file's"
-            " directory. Copy the source entry into a stage's mixture (configs/data/README.md).",
+            " directory. Copy the source entries into a stage's mixture (configs/data/README.md).",
             "mixing": "sample",
-            "sources": {output_name: entry},
+            "sources": srcs,
         }
-        fileio.write_text(
-            fileio.join(out_dir, "mixture.json"), json.dumps(mixture, indent=1) + "\n"
-        )
+        fileio.write_text(fileio.join(out_dir, "mixture.json"), json.dumps(doc, indent=1) + "\n")
     for step, removed in report["removed"].items():
         log.info("prep: %s removed %d", step, removed)
     return report

@@ -208,13 +208,12 @@ def _remove_tree(p: str) -> None:
 
 
 def image_size(rec: dict) -> tuple[int, int]:
-    """(width, height) of the record's image bytes, read from the header (cached in the record
-    as `width` / `height`). The bytes decide, not img2dataset's metadata: they are what the
-    trainer will load."""
+    """(width, height) of the record's image bytes, read from the header (cached in the record's
+    scratch key `_size`). The bytes decide, not img2dataset's metadata: they are what the trainer
+    will load (the metadata's `width` / `height` are left as they are)."""
     if "_size" not in rec:
         from PIL import Image
 
         with Image.open(io.BytesIO(rec["image"])) as im:
             rec["_size"] = im.size
-        rec["width"], rec["height"] = rec["_size"]
     return rec["_size"]

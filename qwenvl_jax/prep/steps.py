@@ -44,6 +44,7 @@ class Context:
     rng: np.random.Generator = dataclasses.field(init=False)
     _step: str = ""
     counters: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(dict))
+    examples: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         # One stream per (seed, shard): a shard gives the same output under any runner, on any
@@ -54,6 +55,11 @@ class Context:
         """Adds `n` to the current step's counter `name` (not a drop; e.g. "modified")."""
         c = self.counters[self._step]
         c[name] = c.get(name, 0) + n
+
+    def example(self, reason: str, message: str) -> None:
+        """Keeps the first `message` (naming the sample) of the current step's drops for `reason`:
+        `report.json` shows one per step and reason."""
+        self.examples.setdefault(self._step, {}).setdefault(reason, message)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ def laion_run(pair_shards, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("pairs_out"))
     cfg = pairs.load_config()
     report = runner.run(
-        pairs.build_steps(cfg, "laion_en"), pair_shards, out, mixture_source={"task": "caption"}
+        pairs.build_steps(cfg, "laion_en"), pair_shards, out, mixture={"train": {"task": "caption"}}
     )
     return out, report
 
