@@ -58,6 +58,11 @@ setup(
         "eval": ["pycocoevalcap>=1.2"],
         # TFDS data sources (ArrayRecord-backed; TensorFlow is not needed).
         "tfds": ["tensorflow-datasets>=4.9.6"],
+        # python -m qwenvl_jax.prep (Appendix A data): parquet shards, Unicode classes, and Apache
+        # Beam for --runner=DirectRunner/DataflowRunner/... Beam 2.78 needs protobuf < 7 and
+        # pyarrow < 26, below constraints.txt's pins: install it without -c constraints.txt (or
+        # in its own environment), so it is not in the test extra (its test skips without it).
+        "prep": ["apache-beam>=2.78", "pyarrow>=14", "regex>=2024.4"],
         "test": [
             "pytest>=8",
             # The suite runs on every core (pyproject.toml: -n auto, at most 4 workers).
