@@ -10,6 +10,14 @@ from setuptools import find_packages, setup
 JAX = "jax>=0.10.2"
 # gs:// support as tested (constraints.txt); gcsfs 2026.10 needs google-cloud-storage 3.14.1.
 GCS = ["gcsfs>=2026.10.1", "google-cloud-storage>=3.14.1"]
+# The server (python -m qwenvl_jax.serve): ASGI app, its server, request models, metrics, URLs.
+SERVE = [
+    "fastapi>=0.110",
+    "uvicorn>=0.29",
+    "pydantic>=2.6",
+    "prometheus-client>=0.20",
+    "httpx>=0.27",
+]
 
 setup(
     name="qwenvl_jax",
@@ -63,6 +71,8 @@ setup(
         # pyarrow < 26, below constraints.txt's pins: install it without -c constraints.txt (or
         # in its own environment), so it is not in the test extra (its test skips without it).
         "prep": ["apache-beam>=2.78", "pyarrow>=14", "regex>=2024.4"],
+        # The OpenAI-compatible server (python -m qwenvl_jax.serve) and its benchmark.
+        "serve": SERVE,
         "test": [
             "pytest>=8",
             # The suite runs on every core (pyproject.toml: -n auto, at most 4 workers).
@@ -78,6 +88,9 @@ setup(
             # The OCR data tests render and read PDFs (tests/prep/test_pdf.py).
             "pymupdf>=1.24",
             *GCS,
+            # The server's tests drive it with the openai client (httpx comes with SERVE).
+            *SERVE,
+            "openai>=1.40",
             # A local GCS for the gs:// tests (tests/gcs_emulator.py).
             "gcp-storage-emulator>=2026.7.19",
             # tests/train/test_install.py builds a wheel without build isolation: setuptools

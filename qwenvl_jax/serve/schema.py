@@ -99,19 +99,19 @@ class CompletionRequest(_Sampling):
 
 
 def _loc(loc) -> str:
-    out = ""
+    """pydantic's error location as the client's field path: union members ("str",
+    "list[...]") and the tag of a tagged union (the part's `type`) are pydantic's, not fields."""
+    out, skip_tag = "", 0
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "list[...]") or "[" in str(part) or part in ("text", "image_url"):
-            # pydantic names the union member it tried; the client's field path is what helps.
-            if part in ("text", "image_url") and out.endswith("]"):
-                continue
-            if part in ("str", "list[...]") or "[" in str(part):
-                continue
-            out += f".{part}" if out else str(part)
+            skip_tag = 2 if skip_tag == 1 else 0
+        elif part in ("str", "int", "bool", "float") or "[" in part:
+            skip_tag = 1 if "tagged-union" in part else 0
+        elif skip_tag == 2:
+            skip_tag = 0
         else:
-            out += f".{part}" if out else str(part)
+            out += f".{part}" if out else part
     return out
 
 
@@ -124,7 +124,7 @@ def validation_message(err: pydantic.ValidationError) -> tuple[str, str | None]:
     if first is None:
         return str(err), None
     param = _loc(first["loc"]) or None
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown field (not supported by this server)"
     elif first["type"] == "missing":
