@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 from PIL import Image
 
+from qwenvl_jax.errors import ConfigError
 from qwenvl_jax.prep.steps import Drop
 
 # Reasons a page is dropped, in the order the filters run (the counts a run reports use them).
@@ -163,3 +164,32 @@ def filter_pages(record: dict, ctx, filters: PageFilters):
     if reason is not None:
         raise Drop(reason)
     yield record
+
+
+def add_filter_arguments(p, defaults: PageFilters) -> None:
+    """The page filters' thresholds as flags (the `pdf` and `html` commands)."""
+    d = defaults
+    p.add_argument("--min_width", type=int, default=d.min_width, help="drop narrower pages (px)")
+    p.add_argument("--min_height", type=int, default=d.min_height, help="drop shorter pages (px)")
+    p.add_argument("--min_chars", type=int, default=d.min_chars, help="drop pages with fewer")
+    p.add_argument("--max_chars", type=int, default=d.max_chars, help="drop pages with more")
+
+
+def filters_from(args, base: PageFilters) -> PageFilters:
+    """`base` with the thresholds the flags set.
+
+    Raises:
+      ConfigError: a negative threshold, or --min_chars above --max_chars.
+    """
+    for k in ("min_width", "min_height", "min_chars", "max_chars"):
+        if getattr(args, k) < 0:
+            raise ConfigError(f"--{k}={getattr(args, k)} must be >= 0")
+    if args.min_chars > args.max_chars:
+        raise ConfigError(f"--min_chars={args.min_chars} exceeds --max_chars={args.max_chars}")
+    return dataclasses.replace(
+        base,
+        min_width=args.min_width,
+        min_height=args.min_height,
+        min_chars=args.min_chars,
+        max_chars=args.max_chars,
+    )

@@ -25,7 +25,7 @@ from PIL import Image
 from qwenvl_jax import fileio
 from qwenvl_jax.errors import ConfigError, MissingPathError, optional_import
 from qwenvl_jax.prep import ocr_page
-from qwenvl_jax.prep.ocr_page import OcrPage, PageFilters, TextLine
+from qwenvl_jax.prep.ocr_page import OcrPage, TextLine
 from qwenvl_jax.prep.steps import Step
 
 HELP = "A.4: PDF pages rendered with PyMuPDF, every text span's box, the paper's page filters"
@@ -110,30 +110,9 @@ def read_pdfs(path: str, *, dpi: float = 100.0, level: str = "span") -> Iterator
 
 
 def add_arguments(p) -> None:
-    d = ocr_page.PDF_FILTERS
     p.add_argument("--dpi", type=float, default=100.0, help="rendering resolution")
     p.add_argument("--level", default="span", choices=LEVELS, help="one box per span or per line")
-    p.add_argument("--min_width", type=int, default=d.min_width, help="drop narrower pages (px)")
-    p.add_argument("--min_height", type=int, default=d.min_height, help="drop shorter pages (px)")
-    p.add_argument("--min_chars", type=int, default=d.min_chars, help="drop pages with fewer")
-    p.add_argument("--max_chars", type=int, default=d.max_chars, help="drop pages with more")
-
-
-def filters_from(args, base: PageFilters) -> PageFilters:
-    """The page filters with the thresholds the flags set."""
-    for k in ("min_width", "min_height", "min_chars", "max_chars"):
-        if getattr(args, k) < 0:
-            raise ConfigError(f"--{k}={getattr(args, k)} must be >= 0")
-    if args.min_chars > args.max_chars:
-        raise ConfigError(f"--min_chars={args.min_chars} exceeds --max_chars={args.max_chars}")
-    return PageFilters(
-        min_width=args.min_width,
-        min_height=args.min_height,
-        min_chars=args.min_chars,
-        max_chars=args.max_chars,
-        latin_extended=base.latin_extended,
-        private_use=base.private_use,
-    )
+    ocr_page.add_filter_arguments(p, ocr_page.PDF_FILTERS)
 
 
 def run(args, pipeline_args) -> dict:
@@ -142,7 +121,7 @@ def run(args, pipeline_args) -> dict:
     if args.dpi <= 0:
         raise ConfigError(f"--dpi={args.dpi} must be > 0")
     _pymupdf()  # a missing extra fails here, in one line, before any shard starts
-    filters = filters_from(args, ocr_page.PDF_FILTERS)
+    filters = ocr_page.filters_from(args, ocr_page.PDF_FILTERS)
     steps = [Step("page_filters", functools.partial(ocr_page.filter_pages, filters=filters))]
     return runner.run(
         steps,
