@@ -70,7 +70,14 @@ setup(
         # Beam for --runner=DirectRunner/DataflowRunner/... Beam 2.78 needs protobuf < 7 and
         # pyarrow < 26, below constraints.txt's pins: install it without -c constraints.txt (or
         # in its own environment), so it is not in the test extra (its test skips without it).
-        "prep": ["apache-beam>=2.78", "pyarrow>=14", "regex>=2024.4"],
+        "prep": [
+            "apache-beam>=2.78",
+            "pyarrow>=14",
+            "regex>=2024.4",
+            # A.4 OCR data: PDF pages (prep pdf) and the fonts' glyph tables (prep synthdog).
+            "pymupdf>=1.24",
+            "fonttools>=4.40",
+        ],
         # The OpenAI-compatible server (python -m qwenvl_jax.serve) and its benchmark.
         "serve": SERVE,
         "test": [

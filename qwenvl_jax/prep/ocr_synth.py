@@ -71,8 +71,11 @@ class SynthConfig:
 
 
 def matplotlib_fonts() -> list[str]:
-    """The DejaVu fonts matplotlib ships (a pip-only environment's fonts)."""
-    import matplotlib
+    """The DejaVu fonts matplotlib ships (a pip-only environment's fonts); [] without it."""
+    try:
+        import matplotlib
+    except ImportError:
+        return []
 
     ttf = os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
     return sorted(glob.glob(os.path.join(ttf, "DejaVu*.ttf")))
@@ -395,7 +398,10 @@ def default_fonts() -> list[str]:
     try:
         return find_fonts(["/usr/share/fonts"])
     except MissingPathError:
-        return matplotlib_fonts()
+        fonts = matplotlib_fonts()
+    if not fonts:
+        raise MissingPathError("no fonts in /usr/share/fonts nor matplotlib's; pass --fonts")
+    return fonts
 
 
 def add_arguments(p) -> None:
