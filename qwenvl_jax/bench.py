@@ -54,6 +54,7 @@ from qwenvl_jax import flops as flops_lib
 from qwenvl_jax.config import get_preset
 from qwenvl_jax.data.random_batches import RandomBatches
 from qwenvl_jax.errors import ConfigError, MissingPathError, UserError
+from qwenvl_jax.serve import bench as serve_bench  # defines the --mode=serve flags
 from qwenvl_jax.train import stage_config
 from qwenvl_jax.train.state import encoded_images, model_config
 from qwenvl_jax.train.step import image_budget_of
@@ -73,8 +74,9 @@ _SHAPE = flags.DEFINE_enum("shape", "ref8", sorted(SHAPES), "Benchmark shape.")
 _MODE = flags.DEFINE_enum(
     "mode",
     "grad",
-    ["grad", "train", "decode"],
-    "grad: forward+backward only; train: full step; decode: generation tokens/s.",
+    ["grad", "train", "decode", "serve"],
+    "grad: forward+backward only; train: full step; decode: generation tokens/s; serve: the"
+    " HTTP server under load (qwenvl_jax/serve/bench.py).",
 )
 _BATCHES = flags.DEFINE_list("decode_batches", ["1", "32"], "decode: batch sizes.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 64, "decode: prompt ids per row.")
@@ -404,6 +406,12 @@ def run_decode(shape="tiny", batches=(1, 32), prompt_len=64, new_tokens=64) -> d
 
 def main(argv):
     del argv  # cli.absl_main refuses positional words
+    if _MODE.value == "serve":
+        r = serve_bench.main()
+        if _JSON.value:
+            with open(_JSON.value, "w") as f:
+                json.dump(r, f, indent=2)
+        return
     if _REF_DIR.value and _MODE.value == "decode":
         raise ConfigError("--reference_dir times --mode=grad or train, not --mode=decode")
     if _MODE.value == "decode":

@@ -1,0 +1,246 @@
+"""`python -m qwenvl_jax.bench --mode=serve`: the server under load, as vLLM bench serve measures.
+
+    python -m qwenvl_jax.bench --mode=serve --checkpoint=DIR [--concurrency=32] [--num_requests=64]
+    python -m qwenvl_jax.bench --mode=serve --url=http://127.0.0.1:8000 --model=NAME
+
+Without --url the server is started here (`python -m qwenvl_jax.serve` in a subprocess on a free
+loopback port, --server_flags passed on) and stopped at the end. The load is --num_requests
+streamed chat requests built from (image, prompt) pairs: the images of --image_dir (or
+synthetic ones of several sizes) cycled against a list of prompts. It runs twice in one
+invocation, untimed warm-up first: with --concurrency clients at once, then one request at a time;
+each prints requests/s, output tokens/s, TTFT and TPOT p50/p99, and the last line the ratio of
+the two request rates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from absl import flags
+
+from qwenvl_jax.errors import ConfigError, MissingPathError
+
+_URL = flags.DEFINE_string("url", "", "serve: an already running server (else one is started).")
+_CKPT = flags.DEFINE_string("checkpoint", "", "serve: the checkpoint the started server loads.")
+_MODEL = flags.DEFINE_string("model", "", "serve: the served model name (default: the server's).")
+_CONC = flags.DEFINE_integer("concurrency", 32, "serve: concurrent clients.")
+_NREQ = flags.DEFINE_integer("num_requests", 64, "serve: requests per run.")
+_MAXTOK = flags.DEFINE_integer("max_tokens", 32, "serve: max_tokens of each request.")
+_IMGDIR = flags.DEFINE_string("image_dir", "", "serve: images to send (default: synthetic).")
+_SFLAGS = flags.DEFINE_string(
+    "server_flags", "", "serve: extra flags for the started server (e.g. '--max_seq_len=1024')."
+)
+
+PROMPTS = (
+    "Describe this image.",
+    "What is the main colour of the picture?",
+    "Generate the caption in English with grounding:",
+    "Is there any text in the image? Answer briefly.",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _images(image_dir: str) -> list[str]:
+    """data: URLs of the load's images."""
+    from PIL import Image
+
+    if image_dir:
+        if not os.path.isdir(image_dir):
+            raise MissingPathError(f"--image_dir={image_dir}: not a directory")
+        names = sorted(n for n in os.listdir(image_dir) if n.lower().endswith((".png", ".jpg")))
+        if not names:
+            raise MissingPathError(f"--image_dir={image_dir}: holds no .png or .jpg file")
+        blobs = [open(os.path.join(image_dir, n), "rb").read() for n in names]
+        kinds = ["png" if n.lower().endswith(".png") else "jpeg" for n in names]
+    else:
+        rng = np.random.default_rng(0)
+        blobs, kinds = [], []
+        for size in ((64, 48), (320, 240), (640, 480), (448, 448)):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), np.uint8)).save(buf, "PNG")
+            blobs.append(buf.getvalue())
+            kinds.append("png")
+    return [
+        f"data:image/{k};base64,{base64.b64encode(b).decode()}"
+        for b, k in zip(blobs, kinds, strict=True)
+    ]
+
+
+def requests(n: int, images: list[str], model: str, max_tokens: int) -> list[dict]:
+    """n chat request bodies: image i % len(images) with prompt i % len(PROMPTS)."""
+    out = []
+    for i in range(n):
+        parts = [
+            {"type": "image_url", "image_url": {"url": images[i % len(images)]}},
+            {"type": "text", "text": PROMPTS[i % len(PROMPTS)]},
+        ]
+        out.append({"model": model, "messages": [{"role": "user", "content": parts}],
+                    "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}})  # fmt: skip
+    return out
+
+
+async def _one(client, url: str, body: dict) -> dict:
+    """One streamed request: TTFT, TPOT, tokens, or the error."""
+    t0 = time.perf_counter()
+    first = None
+    tokens = 0
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            return {"error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                return {"error": chunk["error"]["message"]}
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = time.perf_counter()
+    end = time.perf_counter()
+    first = first or end
+    tpot = (end - first) / (tokens - 1) if tokens > 1 else None
+    return {"ttft": first - t0, "tpot": tpot, "tokens": tokens, "latency": end - t0}
+
+
+async def run_load(url: str, bodies: list[dict], concurrency: int) -> dict:
+    """Sends `bodies` with at most `concurrency` in flight; the serving metrics."""
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+        async def bounded(body):
+            async with sem:
+                return await _one(client, url, body)
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(bounded(b) for b in bodies))
+        wall = time.perf_counter() - t0
+    errors = [r["error"] for r in results if "error" in r]
+    ok = [r for r in results if "error" not in r]
+    ttft = np.array([r["ttft"] for r in ok]) * 1e3
+    tpot = np.array([r["tpot"] for r in ok if r["tpot"] is not None]) * 1e3
+
+    def pct(a, q):
+        return float(np.percentile(a, q)) if len(a) else float("nan")
+
+    return {
+        "concurrency": concurrency,
+        "requests": len(bodies),
+        "errors": errors,
+        "wall_s": wall,
+        "requests_per_s": len(ok) / wall,
+        "output_tokens_per_s": sum(r["tokens"] for r in ok) / wall,
+        "ttft_ms_p50": pct(ttft, 50),
+        "ttft_ms_p99": pct(ttft, 99),
+        "tpot_ms_p50": pct(tpot, 50),
+        "tpot_ms_p99": pct(tpot, 99),
+    }
+
+
+def _line(r: dict) -> str:
+    return (
+        f"concurrency {r['concurrency']:>3}: {r['requests']} requests in {r['wall_s']:.1f} s,"
+        f" {r['requests_per_s']:.2f} requests/s, {r['output_tokens_per_s']:.1f} output tokens/s,"
+        f" TTFT p50 {r['ttft_ms_p50']:.0f} ms p99 {r['ttft_ms_p99']:.0f} ms,"
+        f" TPOT p50 {r['tpot_ms_p50']:.1f} ms p99 {r['tpot_ms_p99']:.1f} ms"
+        + (f", {len(r['errors'])} errors (first: {r['errors'][0]})" if r["errors"] else "")
+    )
+
+
+def start_server(checkpoint: str, port: int, extra: list[str], timeout_s: float = 600):
+    """`python -m qwenvl_jax.serve` in a subprocess; returns it once /health answers."""
+    import httpx
+
+    cmd = [sys.executable, "-m", "qwenvl_jax.serve", f"--checkpoint={checkpoint}",
+           f"--port={port}", *extra]  # fmt: skip
+    # The server's log goes to a file: a pipe nobody reads would block it once full.
+    log_file = tempfile.NamedTemporaryFile(
+        "w+", prefix="qwenvl_serve_", suffix=".log", delete=False
+    )
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, text=True)
+    proc.log_path = log_file.name
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            with open(log_file.name) as f:
+                lines = [ln for ln in f.read().splitlines() if ln.strip()] or [""]
+            raise ConfigError(
+                f"the server exited with {proc.returncode}: {lines[-1]} (log: {log_file.name})"
+            )
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise ConfigError(f"the server did not answer /health within {timeout_s:.0f} s")
+
+
+def run(url, checkpoint, model, concurrency, num_requests, max_tokens, image_dir, server_flags,
+        log=print) -> dict:  # fmt: skip
+    """The benchmark (see the module docstring); returns both runs and the ratio."""
+    import httpx
+
+    if concurrency < 1 or num_requests < 1 or max_tokens < 1:
+        raise ConfigError("--concurrency, --num_requests and --max_tokens must be >= 1")
+    proc = None
+    if not url:
+        if not checkpoint:
+            raise ConfigError("--mode=serve needs --url=http://HOST:PORT or --checkpoint=DIR")
+        if not os.path.exists(checkpoint):
+            raise MissingPathError(f"--checkpoint={checkpoint}: no such file or directory")
+        port = _free_port()
+        extra = shlex.split(server_flags)
+        if not any(f.startswith("--max_batch") for f in extra):
+            extra.append(f"--max_batch={concurrency}")
+        log(f"starting the server: --checkpoint={checkpoint} {' '.join(extra)}")
+        proc = start_server(checkpoint, port, extra)
+        url = f"http://127.0.0.1:{port}"
+    try:
+        if not model:
+            model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        bodies = requests(num_requests, _images(image_dir), model, max_tokens)
+        # Warm-up (untimed): compilations and first-touch costs of both shapes of the load.
+        asyncio.run(run_load(url, bodies[: min(concurrency, num_requests)], concurrency))
+        many = asyncio.run(run_load(url, bodies, concurrency))
+        log(_line(many))
+        one = asyncio.run(run_load(url, bodies, 1))
+        log(_line(one))
+        ratio = many["requests_per_s"] / one["requests_per_s"]
+        log(f"{concurrency} concurrent clients vs one at a time: {ratio:.2f}x requests/s")
+        return {"concurrent": many, "sequential": one, "ratio": ratio, "url": url}
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def main() -> dict:
+    """`--mode=serve` from the parsed flags."""
+    return run(_URL.value, _CKPT.value, _MODEL.value, _CONC.value, _NREQ.value, _MAXTOK.value,
+               _IMGDIR.value, _SFLAGS.value)  # fmt: skip
