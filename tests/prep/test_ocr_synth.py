@@ -163,3 +163,26 @@ def test_command_writes_trainer_records_resumably(fonts, tmp_path):
     assert (out / "train.jsonl").read_bytes() == before
     bad = argv[:-1] + ["--font_size=18,12"]
     assert prep_main.main(bad) == 2
+
+
+def test_beam_direct_runner_writes_the_same_bytes(tmp_path):
+    pytest.importorskip("apache_beam", reason="apache-beam is not installed (the prep extra)")
+    from qwenvl_jax.prep import __main__ as prep_main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS) + "\n")
+    flags = ["--pages=3", "--pages_per_shard=2", "--short_side=160,200", "--font_size=12,18"]
+    for runner in ("inprocess", "DirectRunner"):
+        argv = ["synthdog", f"--input={corpus}", f"--output={tmp_path / runner}", *flags]
+        assert prep_main.main([*argv, f"--runner={runner}"]) == 0
+
+    def files(d):
+        # The done markers name their input path and time; everything else must be equal.
+        return {
+            str(p.relative_to(d)): p.read_bytes()
+            for p in sorted(d.rglob("*"))
+            if p.is_file() and not p.name.endswith(".done.json") and "_synth" not in p.parts
+        }
+
+    a, b = files(tmp_path / "inprocess"), files(tmp_path / "DirectRunner")
+    assert len(a) == 8 and a == b  # 2 shard files + 3 images + merged, report, mixture
