@@ -45,7 +45,7 @@ class SynthConfig:
       paper_fill: range of the fraction of each image side the paper sheet spans.
       font_size: range of the text size in pixels on the sheet.
       columns: range of text columns on the sheet.
-      words_per_line: range of tokens (words, or CJK characters) per line before wrapping.
+      words_per_line: range of words per line before wrapping (two CJK characters count as one).
       text_gray: range of the text's gray level (dark text on a light sheet, as SynthDoG).
       paper_gray: range of the sheet's base gray level.
       perspective: the sheet's corners move inward by up to this fraction of its size.
@@ -239,8 +239,8 @@ def _layout(rng, draw, pw: int, ph: int, cfg: SynthConfig, fonts, tokens, pos: i
             have = _cmap(font_path)
             want = int(rng.integers(cfg.words_per_line[0], cfg.words_per_line[1] + 1))
             line: list[str] = []
-            tries = 0
-            while len(line) < want and tries < len(tokens):
+            tries, used = 0, 0.0
+            while used < want and tries < len(tokens):
                 tries += 1
                 tok = tokens[pos % len(tokens)]
                 pos += 1
@@ -252,6 +252,7 @@ def _layout(rng, draw, pw: int, ph: int, cfg: SynthConfig, fonts, tokens, pos: i
                 if not line and draw.textlength(tok, font=font) > colw:
                     continue
                 line.append(tok)
+                used += 0.5 if _CJK_RE.fullmatch(tok) else 1.0  # a Chinese word: ~2 characters
             text = _join(line)
             base = (x0, y + ascent)
             if text.strip():

@@ -3,6 +3,7 @@ trainer's `ocr` record whose `<quad>` text lands on the same pixels."""
 
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -186,3 +187,23 @@ def test_beam_direct_runner_writes_the_same_bytes(tmp_path):
 
     a, b = files(tmp_path / "inprocess"), files(tmp_path / "DirectRunner")
     assert len(a) == 8 and a == b  # 2 shard files + 3 images + merged, report, mixture
+
+
+NOTO_CJK = "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc"
+
+
+@pytest.mark.skipif(
+    not os.path.exists(NOTO_CJK), reason="needs Debian's fonts-noto-cjk (not installed on CI)"
+)
+def test_chinese_pages_with_a_debian_font():
+    text = ["通义千问是阿里云研发的大规模语言模型，能够理解图像和文字，可以回答问题、创作文字。"]
+    scores = []
+    for i in range(5):
+        page = ocr_synth.synth_page(i, text, [NOTO_CJK], cfg=SMALL)
+        assert page.lines and all(
+            "\u4e00" <= ln.text[0] <= "\u9fff" or ln.text[0] in "，、。" for ln in page.lines
+        )
+        for ln in page.lines:
+            mask = ocr_synth.render_alone(ln.text, ln.font, ln.font_size)
+            scores.append(_match(page.image, ln.quad, mask))
+    assert np.median(scores) > 0.85
