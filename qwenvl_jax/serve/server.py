@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 
@@ -63,6 +64,10 @@ def serve(host: str = "127.0.0.1", port: int = 8000, shutdown_grace_s: float = 3
     config = uvicorn.Config(
         app, host=host, port=port, log_level="info", timeout_graceful_shutdown=shutdown_grace_s
     )
+    # uvicorn restores the handlers it found and re-raises a caught SIGTERM/SIGINT after its
+    # graceful shutdown; these no-ops make that a normal return (engine shut down, exit 0).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     try:
         uvicorn.Server(config).run()
     finally:
@@ -73,11 +78,19 @@ class BackgroundServer:
     """uvicorn serving `app` on a thread of this process (notebooks, tests):
     `server = BackgroundServer(app, port=8000).start()`, later `server.stop()`."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 8000):
+    def __init__(
+        self, app, host: str = "127.0.0.1", port: int = 8000, shutdown_grace_s: float = 30.0
+    ):
         import uvicorn
 
         self.url = f"http://{host}:{port}"
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning")
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=shutdown_grace_s,
+        )
         self.server = uvicorn.Server(config)
         self.server.install_signal_handlers = lambda: None  # not the main thread
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
@@ -91,6 +104,8 @@ class BackgroundServer:
             time.sleep(0.02)
         return self
 
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """What SIGTERM does to `python -m qwenvl_jax.serve`: stop listening, let the running
+        requests finish (cancelled past shutdown_grace_s), return when the server is down."""
+        self.server.handle_exit(signal.SIGTERM, None)
+        self.thread.join(timeout=timeout_s)

@@ -9,8 +9,10 @@ import asyncio
 import base64
 import hashlib
 import io
+import json
 import os
 import shutil
+import signal
 import time
 
 import httpx
@@ -401,3 +403,31 @@ def test_queue_full_429_and_disconnect_frees_slots(server, client):
         model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
     )
     assert ok.usage.completion_tokens >= 1
+
+
+def test_shutdown_finishes_running_request_then_stops_listening(server):
+    # A second app on the module's engine, stopped as SIGTERM stops `python -m qwenvl_jax.serve`.
+    app = create_app(server.engine, ServerConfig(NAME, MAX_SEQ))
+    srv = BackgroundServer(app, port=free_port()).start()
+    body = {"model": NAME, "prompt": "Once", "max_tokens": 24, "stream": True}
+    with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
+        lines = (ln for ln in r.iter_lines() if ln)
+        first = next(lines)  # the request is running
+        srv.server.handle_exit(signal.SIGTERM, None)  # what uvicorn's signal handler calls
+        rest = list(lines)
+    chunks = [json.loads(ln[6:]) for ln in [first, *rest[:-1]]]
+    assert rest[-1] == "data: [DONE]"
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")  # finished, not cut
+    srv.thread.join(timeout=30)
+    assert not srv.thread.is_alive()
+    with pytest.raises(httpx.ConnectError):  # no longer listening
+        httpx.get(srv.url + "/health", timeout=2)
+
+
+def test_bench_serve_against_the_server(server):
+    from qwenvl_jax.serve import bench as serve_bench
+
+    r = serve_bench.run(server.url, "", NAME, 2, 2, 3, "", "", log=lambda line: None)
+    for run in (r["concurrent"], r["sequential"]):
+        assert run["errors"] == [] and run["requests"] == 2 and run["output_tokens_per_s"] > 0
+    assert r["ratio"] == r["concurrent"]["requests_per_s"] / r["sequential"]["requests_per_s"]
