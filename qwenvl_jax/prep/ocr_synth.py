@@ -172,8 +172,17 @@ def _paper(rng: np.random.Generator, w: int, h: int, cfg: SynthConfig) -> Image.
     return Image.fromarray(arr, "RGB")
 
 
-def _tokens(text: str) -> list[str]:
-    return _TOKEN_RE.findall(text)
+class Corpus:
+    """Text to draw lines from, split once into words (CJK text into characters).
+
+    Raises:
+      ConfigError: the texts hold no word.
+    """
+
+    def __init__(self, texts: Sequence[str]):
+        self.tokens = [t for text in texts for t in _TOKEN_RE.findall(text)]
+        if not self.tokens:
+            raise ConfigError("the text corpus holds no words")
 
 
 def _join(tokens: Sequence[str]) -> str:
@@ -240,7 +249,8 @@ def _layout(rng, draw, pw: int, ph: int, cfg: SynthConfig, fonts, tokens, pos: i
             want = int(rng.integers(cfg.words_per_line[0], cfg.words_per_line[1] + 1))
             line: list[str] = []
             tries, used = 0, 0.0
-            while used < want and tries < len(tokens):
+            # A font without the corpus's script would otherwise scan the whole corpus.
+            while used < want and tries < min(len(tokens), 1000):
                 tries += 1
                 tok = tokens[pos % len(tokens)]
                 pos += 1
@@ -265,7 +275,7 @@ def _layout(rng, draw, pw: int, ph: int, cfg: SynthConfig, fonts, tokens, pos: i
 
 def synth_page(
     index: int,
-    corpus: Sequence[str],
+    corpus: Corpus | Sequence[str],
     fonts: Sequence[str],
     *,
     seed: int = 0,
@@ -276,7 +286,8 @@ def synth_page(
 
     Args:
       index: the page number; page (seed, index) is always the same page.
-      corpus: texts to draw from (paragraphs; split into words, CJK into characters).
+      corpus: texts to draw from (paragraphs), or a `Corpus` of them (split once: pass one
+        when rendering many pages from a large corpus).
       fonts: font files; each line picks one, and skips words it has no glyph for.
       seed: the run's seed.
       backgrounds: photo files for the scene (COCO in the paper); empty: procedural scenes.
@@ -288,9 +299,7 @@ def synth_page(
     Raises:
       ConfigError: an empty corpus or no fonts.
     """
-    tokens = [t for text in corpus for t in _tokens(text)]
-    if not tokens:
-        raise ConfigError("--corpus: the text corpus is empty")
+    tokens = (corpus if isinstance(corpus, Corpus) else Corpus(corpus)).tokens
     if not fonts:
         raise ConfigError("--fonts: no font files given")
     rng = np.random.default_rng((seed, index))
@@ -348,19 +357,24 @@ def _pair(flag: str, value: str, kind=int) -> tuple:
 
 
 @functools.lru_cache(maxsize=4)
-def load_corpus(paths: tuple[str, ...]) -> tuple[str, ...]:
-    """The paragraphs (non-empty lines) of the corpus text files, read once per worker."""
+def load_corpus(paths: tuple[str, ...]) -> Corpus:
+    """The paragraphs (non-empty lines) of the corpus text files, read and split once per worker.
+
+    Raises:
+      MissingPathError: a file is missing. ConfigError: they hold no words.
+    """
     from qwenvl_jax import fileio
 
-    out = []
+    texts = []
     for p in paths:
         try:
-            out += [ln.strip() for ln in fileio.read_text(p).splitlines() if ln.strip()]
+            texts += [ln for ln in fileio.read_text(p).splitlines() if ln.strip()]
         except FileNotFoundError:
             raise MissingPathError(f"--input: corpus file not found: {p}") from None
-    if not out:
-        raise ConfigError(f"--input: the corpus {list(paths)} holds no text")
-    return tuple(out)
+    try:
+        return Corpus(texts)
+    except ConfigError:
+        raise ConfigError(f"--input: the corpus {list(paths)} holds no words") from None
 
 
 def read_spec(path: str):

@@ -164,6 +164,10 @@ def test_command_writes_trainer_records_resumably(fonts, tmp_path):
     assert (out / "train.jsonl").read_bytes() == before
     bad = argv[:-1] + ["--font_size=18,12"]
     assert prep_main.main(bad) == 2
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    for corpus_flag in (f"--input={empty}", f"--input={tmp_path / 'missing.txt'}"):
+        assert prep_main.main([argv[0], corpus_flag, *argv[2:]]) == 2
 
 
 def test_beam_direct_runner_writes_the_same_bytes(tmp_path):
