@@ -33,6 +33,11 @@ the CPU-sized shape it can build (the tiny model with the published 256 adapter 
 `--prompt_len` ids, `--new_tokens` greedy tokens per row, eos never emitted): tokens/s at each of
 `--decode_batches` with the on-device loop (`generate.generate`), and at batch 1 the ratio to the
 earlier Python loop of one compiled step per token (`generate.generate_stepwise`).
+
+`--suite=device` runs all of these that a lent GPU should measure, in one call (bench_suite.py:
+ref8 and full beside the published step, decode, the attention and remat A/B, the serving
+benchmark), and writes one JSON and one markdown table; `--tiny` runs it at CPU sizes. Every mode
+applies the trainer's compiler flags and GPU memory share first (train/compiler.py).
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ from qwenvl_jax.config import get_preset
 from qwenvl_jax.data.random_batches import RandomBatches
 from qwenvl_jax.errors import ConfigError, MissingPathError, UserError
 from qwenvl_jax.serve import bench as serve_bench  # defines the --mode=serve flags
-from qwenvl_jax.train import stage_config
+from qwenvl_jax.train import compiler, stage_config
 from qwenvl_jax.train.state import encoded_images, model_config
 from qwenvl_jax.train.step import image_budget_of
 
@@ -115,6 +120,26 @@ _REF_DIR = flags.DEFINE_string(
     "",
     "A directory holding the published PyTorch Qwen-VL code (modeling_qwen.py, visual.py, ...):"
     " also time its step at the same shape and print the ratio.",
+)
+_SUITE = flags.DEFINE_enum(
+    "suite",
+    "",
+    ["", "device"],
+    "device: every benchmark a lent GPU should run, one subprocess each (bench_suite.py); the"
+    " shape, mode and A/B flags above are then the suite's.",
+)
+_TINY = flags.DEFINE_bool("tiny", False, "--suite at CPU sizes (the tiny model).")
+_SUITE_OUT = flags.DEFINE_string(
+    "suite_out", "device_suite", "--suite: folder for device_suite.json and device_suite.md."
+)
+_SUITE_BUDGET = flags.DEFINE_float(
+    "suite_budget_s", 540.0, "--suite: seconds for all items; later items are skipped past it."
+)
+_SUITE_ONLY = flags.DEFINE_list("suite_items", [], "--suite: run only these items (default all).")
+_GPU_MEM = flags.DEFINE_float(
+    "gpu_memory_fraction",
+    compiler.GPU_MEMORY_FRACTION,
+    "Share of GPU memory JAX takes (XLA_PYTHON_CLIENT_MEM_FRACTION, unless already set).",
 )
 _REF_PY = flags.DEFINE_string(
     "reference_python",
@@ -406,6 +431,19 @@ def run_decode(shape="tiny", batches=(1, 32), prompt_len=64, new_tokens=64) -> d
 
 def main(argv):
     del argv  # cli.absl_main refuses positional words
+    if not 0 < _GPU_MEM.value <= 1:
+        raise ConfigError(f"--gpu_memory_fraction={_GPU_MEM.value} is not in (0, 1]")
+    # The trainer's compiler flags and GPU memory share, before JAX starts its backends (the
+    # suite's subprocesses inherit them).
+    compiler.apply_flags(gpu_memory_fraction=_GPU_MEM.value)
+    if _SUITE.value:
+        from qwenvl_jax import bench_suite
+
+        bench_suite.run_suite(
+            _SUITE_OUT.value, _TINY.value, _SUITE_BUDGET.value, _REF_DIR.value, _REF_PY.value,
+            tuple(_SUITE_ONLY.value),
+        )  # fmt: skip
+        return
     if _MODE.value == "serve":
         r = serve_bench.main()
         if _JSON.value:

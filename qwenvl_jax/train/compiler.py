@@ -4,10 +4,17 @@
 read then); launch/tpu_pod.sh exports the same TPU flags on every host. A flag the user already
 set (in XLA_FLAGS or LIBTPU_INIT_ARGS) is left as the user set it.
 
-- GPU (`XLA_FLAGS`): the latency-hiding scheduler and pipelined, combined collectives, as
-  NVIDIA's JAX-Toolbox and MaxText recommend for FSDP training (collectives overlap compute); XLA's
-  Triton GEMMs off (cuBLAS); XLA's own rematerialization pass off (the model's remat policies
-  decide what is recomputed).
+- GPU (`XLA_FLAGS`): the latency-hiding scheduler, while-loop double buffering and pipelined,
+  combined collectives, as NVIDIA's JAX-Toolbox recommends for FSDP training (rosetta/docs/
+  GPU_performance.md: collectives overlap compute; they change nothing on one GPU); XLA's own
+  rematerialization pass off (the model's remat policies decide what is recomputed, train/remat.py
+  sizes them against the device). XLA's Triton GEMMs stay on: turning them off
+  (`--xla_gpu_enable_triton_gemm=false`) slowed a 4096^3 bf16 matmul from 421 to 335 TFLOP/s on
+  an H200 (issue 25); `python -m qwenvl_jax.bench --suite=device` times the step with these flags.
+- GPU memory (`XLA_PYTHON_CLIENT_MEM_FRACTION`): JAX preallocates 75 % of the GPU by default;
+  training and serving take `GPU_MEMORY_FRACTION` (0.9, JAX-Toolbox's usual value: the rest is
+  left to cuDNN/cuBLAS workspaces and the CUDA context), so a shape that fits in 90 % is not
+  pushed to a heavier remat policy. Set the variable yourself to choose another.
 - TPU (`LIBTPU_INIT_ARGS`): asynchronous collective fusion and compute/collective overlap, and the
   data-parallel all-reduce optimisation, as MaxText sets them for v4/v5p/v6e.
 
@@ -22,7 +29,6 @@ import os
 
 GPU_XLA_FLAGS = (
     "--xla_gpu_enable_latency_hiding_scheduler=true",
-    "--xla_gpu_enable_triton_gemm=false",
     "--xla_gpu_all_reduce_combine_threshold_bytes=134217728",
     "--xla_gpu_all_gather_combine_threshold_bytes=134217728",
     "--xla_gpu_reduce_scatter_combine_threshold_bytes=67108864",
@@ -32,6 +38,7 @@ GPU_XLA_FLAGS = (
     "--xla_gpu_enable_while_loop_double_buffering=true",
     "--xla_disable_hlo_passes=rematerialization",
 )
+GPU_MEMORY_FRACTION = 0.9
 TPU_LIBTPU_ARGS = (
     "--xla_tpu_enable_data_parallel_all_reduce_opt=true",
     "--xla_tpu_data_parallel_opt_different_sized_ops=true",
@@ -66,13 +73,18 @@ def _platforms(env) -> set[str]:
     return found
 
 
-def apply_flags(env=None, platforms: set[str] | None = None) -> dict[str, str]:
-    """Adds the compiler flags of the platforms in use to the environment (before JAX starts its
-    backends). `QWENVL_NO_COMPILER_FLAGS=1` turns this off.
+def apply_flags(
+    env=None, platforms: set[str] | None = None, gpu_memory_fraction: float | None = None
+) -> dict[str, str]:
+    """Adds the compiler flags of the platforms in use, and on GPU the memory fraction, to the
+    environment (before JAX starts its backends). `QWENVL_NO_COMPILER_FLAGS=1` leaves the
+    environment as it is.
 
     Args:
         env: the environment to change (default os.environ).
         platforms: {"gpu", "tpu", ...} (default: JAX_PLATFORMS, else the installed plugins).
+        gpu_memory_fraction: XLA_PYTHON_CLIENT_MEM_FRACTION on GPU (default GPU_MEMORY_FRACTION);
+            a value already in the environment wins.
 
     Returns:
         The variables set, {name: value}.
@@ -83,6 +95,11 @@ def apply_flags(env=None, platforms: set[str] | None = None) -> dict[str, str]:
     platforms = _platforms(env) if platforms is None else platforms
     out = {}
     if "gpu" in platforms:
+        fraction = GPU_MEMORY_FRACTION if gpu_memory_fraction is None else gpu_memory_fraction
+        if not 0 < fraction <= 1:
+            raise ValueError(f"GPU memory fraction {fraction} is not in (0, 1]")
+        if "XLA_PYTHON_CLIENT_MEM_FRACTION" not in env:
+            out["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{fraction:g}"
         out["XLA_FLAGS"] = _merge(env.get("XLA_FLAGS", ""), GPU_XLA_FLAGS)
     if "tpu" in platforms:
         out["LIBTPU_INIT_ARGS"] = _merge(env.get("LIBTPU_INIT_ARGS", ""), TPU_LIBTPU_ARGS)

@@ -32,6 +32,25 @@ def test_flags_per_platform_keep_what_the_user_set():
     assert compiler.apply_flags(env, platforms={"gpu", "tpu"}) == {}
 
 
+def test_gpu_memory_fraction_default_and_the_users_value():
+    env = {}
+    compiler.apply_flags(env, platforms={"gpu"})
+    assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.9"  # JAX's own default is 0.75
+    # Triton GEMMs stay on (slower without them on an H200: compiler.py's docstring).
+    assert "triton_gemm" not in env["XLA_FLAGS"]
+    env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": ".5"}
+    compiler.apply_flags(env, platforms={"gpu"}, gpu_memory_fraction=0.8)
+    assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == ".5"
+    env = {}
+    compiler.apply_flags(env, platforms={"gpu"}, gpu_memory_fraction=0.8)
+    assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.8"
+    env = {}
+    compiler.apply_flags(env, platforms={"tpu"})
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in env
+    with pytest.raises(ValueError, match="GPU memory fraction 1.5 is not in"):
+        compiler.apply_flags({}, platforms={"gpu"}, gpu_memory_fraction=1.5)
+
+
 def test_gpu_flags_are_known_to_this_xla():
     """XLA aborts on an unknown flag in XLA_FLAGS, and XLA:CPU parses the GPU ones too, so a
     flag renamed or removed in a newer XLA shows up here, without a GPU."""
