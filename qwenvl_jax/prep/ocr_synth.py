@@ -241,7 +241,12 @@ def _layout(rng, draw, pw: int, ph: int, cfg: SynthConfig, fonts, tokens, pos: i
         while True:
             font_path = fonts[int(rng.integers(len(fonts)))]
             size = int(rng.integers(cfg.font_size[0], cfg.font_size[1] + 1))
-            font = _font(font_path, size)
+            try:
+                font = _font(font_path, size)
+            except OSError as e:
+                raise ConfigError(
+                    f"--fonts: cannot draw with {font_path} at {size} px: {e}"
+                ) from None
             ascent, descent = font.getmetrics()
             if y + ascent + descent > ph - margin:
                 break
@@ -407,13 +412,25 @@ def render_step(record: dict, ctx, *, corpus, fonts, backgrounds, cfg):
     yield rec
 
 
+def _writes_letters(path: str) -> bool:
+    """Whether a font scales (colour-bitmap emoji fonts do not) and has Latin or CJK letters
+    (symbol and emoji fonts map only digits and signs), so a system-wide default is safe."""
+    try:
+        _font(path, 20)
+        have = _cmap(path)
+    except Exception:  # noqa: BLE001 - any font FreeType or fontTools cannot read is left out
+        return False
+    return all(ord(c) in have for c in "aeoz") or all(ord(c) in have for c in "的一是")
+
+
 def default_fonts() -> list[str]:
     """Debian's fonts (`/usr/share/fonts`, e.g. fonts-dejavu, fonts-noto-cjk) where installed,
     else the DejaVu fonts matplotlib ships."""
     try:
-        return find_fonts(["/usr/share/fonts"])
+        fonts = [f for f in find_fonts(["/usr/share/fonts"]) if _writes_letters(f)]
     except MissingPathError:
-        fonts = matplotlib_fonts()
+        fonts = []
+    fonts = fonts or matplotlib_fonts()
     if not fonts:
         raise MissingPathError("no fonts in /usr/share/fonts nor matplotlib's; pass --fonts")
     return fonts
