@@ -52,8 +52,9 @@ setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        # CUDA 12 build of JAX for NVIDIA GPUs (keeps a newer JAX that is already installed).
-        "gpu": [f"{JAX.replace('jax', 'jax[cuda12]')}"],
+        # CUDA 12 build of JAX for NVIDIA GPUs (keeps a newer JAX that is already installed), and
+        # tokamax's flash attention kernels (attn_impl="tokamax").
+        "gpu": [f"{JAX.replace('jax', 'jax[cuda12]')}", "tokamax>=0.0.12"],
         # TPU VMs; also lets a CPU host compile for TPU slices ahead of time (dry runs).
         "tpu": [f"{JAX.replace('jax', 'jax[tpu]')}"],
         # gs:// paths everywhere (workdirs, checkpoints, data, images, exports): gcsfs is
@@ -103,6 +104,8 @@ setup(
             # tests/train/test_install.py builds a wheel without build isolation: setuptools
             # builds wheels itself from 70.1 (before, only with the `wheel` package).
             "setuptools>=70.1",
+            # attn_impl="tokamax" (its XLA reference on CPU: tests/model/test_attention_tokamax.py).
+            "tokamax>=0.0.12",
         ],
         # Only for tools/ that run the published PyTorch code and for optional checks.
         "torch": ["torch==2.13.0"],

@@ -112,7 +112,7 @@ def test_tiny_suite_runs_end_to_end_on_cpu(tmp_path):
         assert recs[name]["rc"] == 0 and recs[name]["result"], (name, proc.stdout[-3000:])
     assert recs["serve"]["rc"] == 0 or recs["serve"]["error"]
     base, attn = recs["ref8"]["result"], recs["attn"]["result"]
-    assert base["attn_impl"] == "auto" and attn["attn_impl"] == "xla"
+    assert base["attn_impl"] == "auto" and attn["attn_impl"] == "tokamax"
     assert set(recs["decode"]["result"]["tokens_per_s"]) == {"1", "4"}
     table = (out / "device_suite.md").read_text()
     assert table in proc.stdout

@@ -17,8 +17,12 @@ XLA 8.1 ms causal, 1.61 vs 3.83 ms on ViT shapes, head dim 104 accepted), but JA
 would need a dense [B, T, T] mask; the Triton flash kernel takes segment ids directly. Which of the
 two is faster on packed 2048-token rows on an H200 is still to be measured (`python -m
 qwenvl_jax.bench --attn_impl=auto,cudnn`); `cudnn` stays selectable (causal through `is_causal`,
-segments as a mask). Shapes a kernel cannot tile (sequence lengths not a multiple of 128 for
-splash, cached decoding with explicit positions) fall back to XLA, the reference math.
+segments as a mask). `tokamax` (`pip install tokamax`, the gpu extra) is the third choice for
+packed rows: tokamax's flash attention (Mosaic GPU on Hopper) with each query's first key
+(`packed_k_start`) in place of a mask, so key blocks of earlier samples are skipped; `python -m
+qwenvl_jax.bench --suite=device` times it against `auto` and `cudnn`. Shapes a kernel cannot
+tile (sequence lengths not a multiple of 128 for splash, cached decoding with explicit positions)
+fall back to XLA, the reference math.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "jax", "splash", "pallas_gpu")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "jax", "splash", "pallas_gpu", "tokamax")
 # Run Pallas kernels in interpret mode (tests on CPU; `interpret=True` of the kernels).
 INTERPRET = {"value": False}
 
@@ -92,7 +96,8 @@ def dot_product_attention(
         slot it was written to). Default: the last T keys.
       kv_positions: int [B, S] index of each key. Default `arange(S)`.
       implementation: "auto" (the platform's fused kernel, module docstring), "xla" (the
-        reference math), "splash" (TPU), "pallas_gpu" (Triton flash, GPU), "cudnn" or "jax"
+        reference math), "splash" (TPU), "pallas_gpu" (Triton flash, GPU), "tokamax" (its flash
+        kernels on GPU, its XLA reference elsewhere; causal self-attention), "cudnn" or "jax"
         (`jax.nn.dot_product_attention` with that implementation; "jax" is XLA's version of the
         same call, "cudnn" is GPU only). A kernel that cannot take the call falls back to XLA.
 
@@ -110,6 +115,8 @@ def dot_product_attention(
         return _splash(q, k, v, causal, scale, q_segment_ids, kv_segment_ids)
     if impl == "pallas_gpu":
         return _pallas_gpu(q, k, v, causal, scale, q_segment_ids, kv_segment_ids)
+    if impl == "tokamax":
+        return _tokamax(q, k, v, causal, scale, q_segment_ids, kv_segment_ids)
     if impl == "cudnn" and q_positions is None and kv_positions is None and t == s:
         # Causality by the kernel (no mask array for it); packed segments still need a mask.
         seg = attention_mask(t, s, causal=False, q_segment_ids=q_segment_ids,
@@ -169,7 +176,7 @@ def resolve(
 ) -> str:
     """The implementation `auto` (or an explicit kernel name) means for this call; kernels fall
     back to "xla" where they cannot run (module docstring)."""
-    if implementation not in ("auto", "splash", "pallas_gpu"):
+    if implementation not in ("auto", "splash", "pallas_gpu", "tokamax"):
         return implementation
     t = q_shape[1]
     explicit_positions = q_positions is not None or kv_positions is not None
@@ -189,6 +196,8 @@ def resolve(
         return "xla"  # splash tiles q and kv in blocks of 128 or more
     if kernel == "pallas_gpu" and (not causal or t != s or t % 16):
         return "cudnn" if implementation == "auto" else "xla"
+    if kernel == "tokamax" and (not causal or t != s):
+        return "xla"
     if kernel == "cudnn" and t != s and causal:
         return "xla"
     return kernel
@@ -277,6 +286,55 @@ def _splash(q, k, v, causal, scale, q_seg, kv_seg):
         return jnp.swapaxes(out, 1, 2)[..., :h].astype(q.dtype)
 
     return _under_mesh(local, q, k, v, q_seg, kv_seg)
+
+
+def packed_k_start(segment_ids: jax.Array) -> jax.Array:
+    """int [B, T]: the index of the first token of each token's run of equal segment ids.
+
+    Causal attention with keys from k_start[i] to i is the segment mask of `attention_mask` when
+    every segment is one contiguous run of the row (as packing lays samples out; padding, id 0,
+    is the row's tail)."""
+    t = segment_ids.shape[1]
+    idx = jnp.arange(t, dtype=jnp.int32)[None]
+    first = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1
+    )
+    return jax.lax.cummax(jnp.where(first, idx, 0), axis=1)
+
+
+def _tokamax(q, k, v, causal, scale, q_seg, kv_seg):
+    """tokamax's flash attention (`pip install tokamax`): Mosaic GPU on Hopper, Triton on other
+    GPUs, its XLA reference elsewhere (CPU tests). Packed rows are a per-query first key
+    (`packed_k_start`), so the kernel skips key blocks of earlier samples instead of reading a
+    mask. tokamax's public `dot_product_attention` takes only a dense mask or one length per
+    row, hence its Mask and kernel objects (tokamax 0.0.12)."""
+    try:
+        from tokamax._src.ops.attention import api as tk_api
+        from tokamax._src.ops.attention import base as tk_base
+    except ImportError as e:
+        raise ImportError("attn_impl='tokamax' needs tokamax: pip install tokamax") from e
+    platform = target_platform()
+    if platform in ("gpu", "cuda"):
+        names = [n for n in ("mosaic_gpu", "triton") if n in tk_api.IMPLEMENTATIONS]
+    else:
+        names = ["xla"]
+    del kv_seg  # equal to q_seg for self-attention
+    if q_seg is None:  # one sample per row: every key from the first
+        q_seg = jnp.zeros(q.shape[:2], jnp.int32)
+
+    def local(q, k, v, qs, ks):
+        mask = tk_base.Mask(k_start=packed_k_start(qs)[:, None, :], is_causal=causal)
+        for i, name in enumerate(names):
+            try:
+                return tk_api.IMPLEMENTATIONS[name](
+                    q, k, v, bias=None, mask=mask, logits_scale=scale, precision=None,
+                    logits_soft_cap=None, q_sharding=None,
+                )  # fmt: skip
+            except NotImplementedError:  # e.g. Mosaic GPU on a pre-Hopper card
+                if i == len(names) - 1:
+                    raise
+
+    return _under_mesh(local, q, k, v, q_seg, q_seg)
 
 
 def _pallas_gpu(q, k, v, causal, scale, q_seg, kv_seg):
