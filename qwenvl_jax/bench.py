@@ -57,6 +57,7 @@ from absl import flags
 from qwenvl_jax import bench_reference, cli, train
 from qwenvl_jax import flops as flops_lib
 from qwenvl_jax.config import get_preset
+from qwenvl_jax.data.batch import real_work
 from qwenvl_jax.data.random_batches import RandomBatches
 from qwenvl_jax.errors import ConfigError, MissingPathError, UserError
 from qwenvl_jax.serve import bench as serve_bench  # defines the --mode=serve flags
@@ -265,6 +266,11 @@ def run(
               image_size=int(c.data.image_size))  # fmt: skip
     f = flops_lib.step_flops(s.mcfg, images=encoded_images(s), **kw)
     f_real = flops_lib.step_flops(s.mcfg, images=real_images, **kw)
+    work = real_work(local)  # goodput: non-padding tokens, attention within samples, valid images
+    f_work = flops_lib.work_flops(
+        s.mcfg, tokens=work["tokens"], attended=work["attended"], images=work["images"],
+        image_size=int(c.data.image_size),
+    )  # fmt: skip
     peak = flops_lib.chip_peak(chip or None, dev.device_kind)
     stats = dev.memory_stats() or {}
     out = dict(
@@ -287,6 +293,10 @@ def run(
         model_tflops_per_s_real_images=f_real / dt / 1e12,
         mfu=(f / dt / (peak * 1e12)) if peak else None,
         mfu_real_images=(f_real / dt / (peak * 1e12)) if peak else None,
+        real_tokens_per_s=work["tokens"] / dt,
+        real_token_fraction=work["tokens"] / work["positions"],
+        model_tflops_per_s_real=f_work / dt / 1e12,
+        mfu_real=(f_work / dt / (peak * 1e12)) if peak else None,
         peak_memory_gb=stats.get("peak_bytes_in_use", 0) / 1e9 if stats else None,
         loss=float(np.asarray(m["loss"])),
         params=n_params,
@@ -542,10 +552,12 @@ def _label(r: dict) -> str:
 def _line(r: dict) -> str:
     return (
         f"{r['shape']} ({r['mode']}) on {r['device']}, {_label(r)}: {r['step_s']:.3f} s/step, "
-        f"{r['tokens_per_s']:,.0f} tokens/s, {r['images_per_s']:.1f} images/s"
+        f"{r['tokens_per_s']:,.0f} tokens/s ({r['real_tokens_per_s']:,.0f} real),"
+        f" {r['images_per_s']:.1f} images/s"
         f" ({r['image_slots']} slots per sequence), {r['model_tflops_per_s']:.3g} model TFLOP/s"
         + (
-            f", MFU {r['mfu']:.1%} (real images {r['mfu_real_images']:.1%})"
+            f", MFU {r['mfu']:.1%} (real images {r['mfu_real_images']:.1%}, real work"
+            f" {r['mfu_real']:.1%})"
             if r["mfu"] is not None
             else ""
         )  # fmt: skip

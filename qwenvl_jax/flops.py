@@ -60,12 +60,12 @@ def step_flops(
     *,
     sequences: int,
     seq_len: int,
-    images: int,
+    images: float,
     image_size: int,
     llm_trainable: bool = True,
     vit_trainable: bool = True,
 ) -> float:
-    """Model FLOPs of one optimizer step.
+    """Model FLOPs of one optimizer step, counting every position of every row (padding too).
 
     Args:
         cfg: model config.
@@ -75,12 +75,47 @@ def step_flops(
         image_size: pixels per side S.
         llm_trainable / vit_trainable: False for a frozen tower (see the module docstring).
     """
+    return work_flops(
+        cfg,
+        tokens=sequences * seq_len,
+        attended=sequences * seq_len**2,
+        images=images,
+        image_size=image_size,
+        llm_trainable=llm_trainable,
+        vit_trainable=vit_trainable,
+    )
+
+
+def work_flops(
+    cfg: QWenConfig,
+    *,
+    tokens: float,
+    attended: float,
+    images: float,
+    image_size: int,
+    llm_trainable: bool = True,
+    vit_trainable: bool = True,
+) -> float:
+    """Model FLOPs of `tokens` decoder positions and `images` images.
+
+    With every position of B rows of T (`tokens` = B * T, `attended` = B * T^2) this is
+    `step_flops`. Counting only real work: `tokens` = the non-padding tokens, `attended` = the sum
+    over packed samples of (sample length)^2 (attention never crosses a sample, and the packed
+    kernels skip the blocks it would), `images` = the valid images (`data.batch.real_work`).
+
+    Args:
+        cfg: model config.
+        tokens: decoder positions.
+        attended: the decoder's attention square, summed over sequences (or samples).
+        images: images through the ViT and adapter.
+        image_size: pixels per side S.
+        llm_trainable / vit_trainable: False for a frozen tower (see the module docstring).
+    """
     llm_mult = 6.0 if llm_trainable else 4.0
     vit_mult = 6.0 if vit_trainable else 2.0
     d = cfg.hidden_size
-    tokens = sequences * seq_len
     dec = llm_mult * decoder_matmul_params(cfg) * tokens
-    dec += (llm_mult / 6.0) * 12.0 * cfg.num_hidden_layers * d * seq_len**2 * sequences
+    dec += (llm_mult / 6.0) * 12.0 * cfg.num_hidden_layers * d * attended
     p = (image_size // cfg.visual.patch_size) ** 2
     vit = vit_mult * vit_matmul_params(cfg) * p * images
     vit += (vit_mult / 6.0) * 12.0 * cfg.visual.layers * cfg.visual.width * p**2 * images

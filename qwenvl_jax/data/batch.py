@@ -49,3 +49,28 @@ def batch_shapes(cfg, accum: int) -> dict[str, tuple]:
     if m:
         shapes.update(images=(a, b, m, sz, sz, 3), image_valid=(a, b, m))
     return shapes
+
+
+def real_work(batch: dict) -> dict[str, int]:
+    """What a batch holds besides padding, counted on the host from its arrays.
+
+    Returns:
+      `tokens`: positions with `segment_ids` > 0; `attended`: the sum over packed samples of
+      (sample length)^2, the attention a packed kernel computes (`flops.work_flops`); `images`:
+      valid image slots (0 without images); `positions`: all positions (B * T).
+    """
+    seg = np.asarray(batch["segment_ids"])
+    seg = seg.reshape(-1, seg.shape[-1])
+    tokens = int(np.count_nonzero(seg))
+    # Segment ids are 1.. per row: offset each row's ids so one bincount counts every sample.
+    width = int(seg.max(initial=0)) + 1
+    flat = (seg + width * np.arange(seg.shape[0])[:, None])[seg > 0]
+    lengths = np.bincount(flat)
+    valid = batch.get("image_valid")
+    images = int(np.count_nonzero(valid)) if valid is not None else 0
+    return dict(
+        tokens=tokens,
+        attended=int(np.sum(lengths.astype(np.int64) ** 2)),
+        images=images,
+        positions=int(seg.size),
+    )

@@ -195,6 +195,7 @@ def dry_run(cfg: ml_collections.ConfigDict, command: str | None = None) -> dict:
             f"  model FLOPs per device per step: {step_model_flops(s) / n / 1e12:.2f} TFLOP"
             f" ({step_model_flops(s) / n / s.accum / 1e12:.2f} per micro-batch)"
         )
+    print(work_line(s))
     return out
 
 
@@ -236,8 +237,39 @@ def slice_dry_run(cfg: ml_collections.ConfigDict, sl: Slice, command: str | None
             f"{', '.join(f'config.model.{k}' for k in autos)}=auto: chosen by compiling (laid out"
             f" here with {remat_lib.LADDER[0]})"
         )
+    print(work_line(s))
     print(f"compile for it: {compile_hint(cfg, sl, command)}")
     return out
+
+
+def work_line(s, rows: int = 8) -> str:
+    """One line: the model FLOPs per step counting only real work (non-padding tokens, attention
+    within samples, valid images), against those counting every slot and position, at the
+    packing of `rows` rows of the run's data packed here (its synthetic rows with
+    `data.kind=random`), scaled to the batch."""
+    from qwenvl_jax.data.batch import real_work
+
+    full = step_model_flops(s)
+    line = "model FLOPs per step counting only real work"
+    kind, spec = inputs.train_spec(s.cfg)
+    if kind == "pipeline" and spec is None:
+        return f"{line}: give data to see them at the data's packing"
+    rows = min(rows, int(s.cfg.batch_size))
+    it = inputs.make_data_iterator(s.cfg, s.mcfg, rows)
+    try:
+        w = real_work(next(it))
+    finally:
+        if hasattr(it, "close"):
+            it.close()
+    scale = int(s.cfg.batch_size) / rows
+    real = step_model_flops(s, work={k: v * scale for k, v in w.items()})
+    what = "random tokens" if kind == "random" else "the data"
+    return (
+        f"{line} (non-padding tokens, attention within samples, valid images): {real / 1e12:.2f}"
+        f" TFLOP, {real / full:.0%} of the {full / 1e12:.2f} counting every slot and position, at"
+        f" the packing of {what} ({rows} rows packed here: {w['tokens'] / w['positions']:.1%} real"
+        f" tokens, {w['images'] / rows:.2f} images per row of {int(s.cfg.data.max_images)} slots)"
+    )
 
 
 def compile_hint(cfg: ml_collections.ConfigDict, sl: Slice, command: str | None = None) -> str:

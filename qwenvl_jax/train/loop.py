@@ -14,6 +14,7 @@ import numpy as np
 from qwenvl_jax import checkpoint as ckpt_lib
 from qwenvl_jax import fileio
 from qwenvl_jax import flops as flops_lib
+from qwenvl_jax.data.batch import real_work
 from qwenvl_jax.metrics import MetricsWriter
 from qwenvl_jax.train import compiler, inputs
 from qwenvl_jax.train import remat as remat_lib
@@ -85,6 +86,16 @@ class _Preemption:
         if step % self.check_every:
             return False
         return bool(np.any(multihost_utils.process_allgather(np.array([self.flag]))))
+
+
+def _sum_over_processes(x: np.ndarray) -> np.ndarray:
+    """`x` summed over the processes (every process logs at the same steps, so all call it)."""
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    # float32 (JAX's default width): the sums are rates' numerators, 1e-7 relative is plenty.
+    return np.asarray(multihost_utils.process_allgather(x.astype(np.float32))).sum(0)
 
 
 def evaluate(cfg, s, params, eval_step) -> dict[str, float]:
@@ -179,6 +190,7 @@ def train(
     history = []
     metrics_log = fileio.JsonLines(fileio.join(workdir, "metrics.jsonl"))
     t_last, steps_since, wait_since, imgs_since = time.time(), 0, 0.0, 0.0
+    work_since = np.zeros(3)  # this process's real tokens, attended square, images since the log
     step = start
     try:
         while step < total:
@@ -198,6 +210,8 @@ def train(
             steps_since += 1
             if "image_valid" in local:
                 imgs_since += float(np.sum(local["image_valid"]))
+            w = real_work(local)  # on the host rows, while the device runs the step
+            work_since += (w["tokens"], w["attended"], w["images"])
             ev = None
             if eval_step is not None and (step % int(cfg.eval.every_steps) == 0 or step == total):
                 # The steps dispatched so far finish first: their time is training time, not
@@ -230,9 +244,19 @@ def train(
                 real = imgs_since * jax.process_count() / steps_since
                 flops_real = step_model_flops(s, images=real)
                 rec["model_tflops_per_s_real_images"] = flops_real / dt / 1e12
+                # Goodput: only the real work of these batches (non-padding tokens, attention
+                # within each packed sample, valid images), summed over the processes.
+                tok, attended, img = _sum_over_processes(work_since) / steps_since
+                work = dict(tokens=tok, attended=attended, images=img)
+                flops_work = step_model_flops(s, work=work)
+                rec["real_tokens_per_s"] = tok / dt
+                rec["real_token_fraction"] = tok / (cfg.batch_size * cfg.data.seq_len)
+                rec["real_images_per_s"] = img / dt
+                rec["model_tflops_per_s_real"] = flops_work / dt / 1e12
                 if peak:
                     rec["mfu"] = flops_lib.mfu(flops_step, dt, n_chips, peak)
                     rec["mfu_real_images"] = flops_lib.mfu(flops_real, dt, n_chips, peak)
+                    rec["mfu_real"] = flops_lib.mfu(flops_work, dt, n_chips, peak)
                 if hasattr(data, "metrics"):  # the pipeline's packing efficiency and skips
                     rec.update({k: float(v) for k, v in data.metrics().items()})
                 rec.update(ev or {})
@@ -241,6 +265,7 @@ def train(
                 if jax.process_index() == 0:
                     metrics_log.append(json.dumps(rec))
                 t_last, steps_since, wait_since, imgs_since = time.time(), 0, 0.0, 0.0
+                work_since = np.zeros(3)
             if step == int(cfg.pause_after_step):
                 # Held before this step's checkpoint: a SIGTERM now (seen through the local
                 # handler's flag) checkpoints this very step; deleting the file goes on.

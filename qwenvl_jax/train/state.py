@@ -235,10 +235,21 @@ def encoded_images(s: Setup) -> int:
     return min(slots, budget * s.accum) if budget and slots else slots
 
 
-def step_model_flops(s: Setup, images: float | None = None) -> float:
+def step_model_flops(s: Setup, images: float | None = None, work: dict | None = None) -> float:
     """Model FLOPs of one step, counting `images` images (default: those encoded, `encoded_images`;
-    the trainer also logs MFU counting only the real images of the batch)."""
+    the trainer also logs MFU counting only the real images of the batch). `work`: count only the
+    real work of a step instead (`data.batch.real_work` of its batch: tokens, attended, images)."""
     llm_t, vit_t = _towers_trainable(s.labels)
+    if work is not None:
+        return flops_lib.work_flops(
+            s.mcfg,
+            tokens=work["tokens"],
+            attended=work["attended"],
+            images=work["images"],
+            image_size=int(s.cfg.data.image_size),
+            llm_trainable=llm_t,
+            vit_trainable=vit_t,
+        )
     return flops_lib.step_flops(
         s.mcfg,
         sequences=int(s.cfg.batch_size),
