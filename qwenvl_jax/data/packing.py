@@ -321,6 +321,8 @@ class PackIterDataset(grain.IterDataset):
       num_open_rows: how many rows are filled at once (the bounded buffer); when a sample fits none,
         the oldest row is emitted.
       too_long: "truncate" or "drop".
+      max_samples: samples per row at most (0: as many as fit; 1: no packing, one sample per row
+        as the published finetune.py pads each sample to the row).
       shard_index, shard_count: this host's share of every source (`src[index::count]`).
       row_transform: applied to each finished row (image loading, which may turn samples with bad
         images into padding); a row left with no sample is not emitted, its counters carry over.
@@ -347,6 +349,7 @@ class PackIterDataset(grain.IterDataset):
         row_transform: Callable[[dict], dict] | None = None,
         n_queries: int = N_QUERIES,
         skip_limit: SkipLimit | None = None,
+        max_samples: int = 0,
     ):
         super().__init__()
         if too_long not in ("truncate", "drop"):
@@ -370,6 +373,7 @@ class PackIterDataset(grain.IterDataset):
         self.too_long = too_long
         self.row_transform = row_transform
         self.skip_limit = skip_limit
+        self.max_samples = max(0, int(max_samples))
 
     def _build(self) -> grain.MapDataset:
         k, n = self._shard
@@ -497,20 +501,25 @@ class _PackIterator(grain.DatasetIterator):
                 self._count(el.source, "truncated")
             n, k = len(el.ids), len(el.images)
             target = None
+            cap = self._d.max_samples
             for r, exs in enumerate(self._rows_ex):
                 if sum(len(e) for e in exs) + n <= T and sum(len(e.images) for e in exs) + k <= M:
-                    target = r
-                    break
+                    if not cap or len(exs) < cap:
+                        target = r
+                        break
             out = None
             if target is None:
                 if len(self._rows_ex) >= self._d.num_open_rows:
                     out = self._emit(0)
                 self._rows_idx.append([i])
                 self._rows_ex.append([el])
+                if cap == 1:  # the row is done (the buffer stays empty: nothing was emitted)
+                    out = self._emit(len(self._rows_ex) - 1)
             else:
                 self._rows_idx[target].append(i)
                 self._rows_ex[target].append(el)
-                if sum(len(e) for e in self._rows_ex[target]) == T:
+                exs = self._rows_ex[target]
+                if sum(len(e) for e in exs) == T or len(exs) == cap:
                     out = self._emit(target)
             if out is not None:
                 return out

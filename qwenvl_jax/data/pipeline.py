@@ -26,6 +26,7 @@ The data config (`default_data_config()`, an ml_collections ConfigDict):
     data.strict:        False: skip, log and count bad records/images; True: stop with DataError
     data.too_long:      "truncate" (cut at a safe place) or "drop"
     data.num_open_rows: rows filled at once by the first-fit packer
+    data.pack:          False: one sample per row (no packing; the published finetune.py's rows)
     data.shuffle:       shuffle each source per epoch
     data.num_epochs:    None = repeat forever
     data.min_image_side: images with a shorter side (pixels) are skipped as too small
@@ -81,6 +82,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.strict = False
     c.too_long = "truncate"
     c.num_open_rows = 8
+    c.pack = True
     c.shuffle = True
     c.num_epochs = ml_collections.FieldReference(None, field_type=int)
     c.min_image_side = 8
@@ -327,6 +329,7 @@ def make_train_dataset(
         num_open_rows=int(data_config.num_open_rows),
         too_long=str(data_config.too_long),
         skip_limit=limit,
+        max_samples=0 if data_config.pack else 1,
     )
     load = LoadImages(
         image_size=image_size,
@@ -374,15 +377,24 @@ class DataIterator:
         self.source_names = list(source_names)
         self._counts = np.zeros((len(self.source_names), len(packing.REASONS)), np.int64)
         self._tokens = np.zeros(2, np.int64)  # real (segment > 0) tokens, all tokens
+        # Per source, over the rows holding its samples: rows, their real tokens, their images,
+        # their positions.
+        self._rows = np.zeros((len(self.source_names), 4), np.int64)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
         b = next(self._it)
-        self._counts += np.asarray(b.pop("_counts")).sum(0)
+        counts = np.asarray(b.pop("_counts"))  # [B, sources, reasons]
+        self._counts += counts.sum(0)
         seg = b["segment_ids"]
         self._tokens += (int(np.count_nonzero(seg)), seg.size)
+        held = (counts[:, :, packing.REASON_INDEX["samples"]] > 0).astype(np.int64)  # [B, S]
+        real = np.count_nonzero(seg, axis=1)
+        imgs = np.count_nonzero(b["image_valid"], axis=1) if "image_valid" in b else 0 * real
+        width = np.full_like(real, seg.shape[1])
+        self._rows += np.stack([held.sum(0), held.T @ real, held.T @ imgs, held.T @ width], 1)
         return {k: b[k] for k in BATCH_KEYS}
 
     def close(self) -> None:
@@ -402,12 +414,15 @@ class DataIterator:
             "grain": self._it.get_state(),
             "counts": self._counts.tolist(),
             "tokens": self._tokens.tolist(),
+            "rows": self._rows.tolist(),
         }
 
     def set_state(self, state: Mapping) -> None:
         self._it.set_state(state["grain"])
         self._counts = packing.pad_counts(state["counts"], self._counts.shape)
         self._tokens = np.array(state["tokens"], np.int64)
+        if "rows" in state:  # states saved before the per-source rows were kept lack it
+            self._rows = np.array(state["rows"], np.int64).reshape(self._rows.shape)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """{source: {reason: count}} of everything consumed so far (non-zero entries)."""
@@ -416,13 +431,32 @@ class DataIterator:
             for n, row in zip(self.source_names, self._counts, strict=True)
         }
 
+    def source_rows(self) -> dict[str, dict[str, float]]:
+        """Per source with rows so far, over the rows holding its samples (with per-task packing,
+        `mixing="sequence"`, exactly that task's rows): `rows`, `real_fraction` (their non-padding
+        tokens / all their tokens) and `images_per_row` (valid image slots)."""
+        out = {}
+        for n, (rows, real, imgs, positions) in zip(self.source_names, self._rows, strict=True):
+            if rows:
+                out[n] = {
+                    "rows": float(rows),
+                    "real_fraction": float(real / positions),
+                    "images_per_row": float(imgs / rows),
+                }
+        return out
+
     def metrics(self) -> dict[str, float]:
         """Flat scalars for the trainer's logs: `data/packing_efficiency` (real tokens / all
         tokens), `data/samples`, `data/skipped` and `data/<reason>` totals,
-        `data/<source>/<reason>`."""
+        `data/<source>/<reason>`, and per source over the rows holding its samples
+        (`source_rows`) `data/<source>/real_fraction` (their real tokens / all their tokens) and
+        `data/<source>/images_per_row`."""
         out: dict[str, float] = {}
         real, total = self._tokens
         out["data/packing_efficiency"] = float(real / total) if total else 0.0
+        for n, r in self.source_rows().items():
+            out[f"data/{n}/real_fraction"] = r["real_fraction"]
+            out[f"data/{n}/images_per_row"] = r["images_per_row"]
         tot = self._counts.sum(0)
         for r, c in zip(packing.REASONS, tot, strict=True):
             out[f"data/{r}"] = float(c)
