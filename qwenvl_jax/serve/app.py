@@ -228,11 +228,12 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
 
     def submit(req, prompt: prompt_lib.Prompt, max_tokens: int | None):
         n = len(prompt.ids)
+        field = "messages" if prompt.chat else "prompt"
         if n >= config.max_seq_len:
             raise bad_request(
-                f"the prompt has {n} tokens; this server's max_seq_len is {config.max_seq_len}"
-                " (prompt + new tokens)",
-                "messages" if prompt.chat else "prompt",
+                f"{field}: the prompt has {n} tokens; this server's max_seq_len is"
+                f" {config.max_seq_len} (prompt + new tokens)",
+                field,
                 "context_length_exceeded",
             )
         if max_tokens is None:
@@ -350,6 +351,9 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
 
             async def sse():
                 chunk_obj = obj + ".chunk" if kind == "chat" else obj
+                # Starlette notices a disconnect only when a write fails (ASGI spec >= 2.4); a
+                # request still queued writes nothing, so watch the channel from the start.
+                watcher = asyncio.create_task(watch_disconnect(request, handle))
                 try:
                     if kind == "chat":
                         first = {
@@ -375,6 +379,7 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
                 except APIError as e:
                     yield _sse(e.body())
                 finally:
+                    watcher.cancel()
                     if not handle.finished:
                         handle.cancel()
                 yield "data: [DONE]\n\n"
