@@ -218,7 +218,8 @@ def finish(out_dir: str, names: Sequence[str], output_name: str, mixture: dict |
     examples: dict = {}
     records_in = records_out = 0
     merged = fileio.join(out_dir, output_name + ".jsonl")
-    tmp = merged + ".tmp"
+    # An object store writes an object whole or not at all; a local file is renamed into place.
+    tmp = merged if fileio.is_remote(merged) else merged + ".tmp"
     with fileio.path(tmp).open("wb") as w:
         for n in names:
             m = shards.read_done(out_dir, n)
@@ -231,7 +232,8 @@ def finish(out_dir: str, names: Sequence[str], output_name: str, mixture: dict |
             with fileio.path(fileio.join(out_dir, n + ".jsonl")).open("rb") as r:
                 while chunk := r.read(1 << 24):
                     w.write(chunk)
-    fileio.path(tmp).replace(merged)
+    if tmp != merged:
+        fileio.path(tmp).replace(merged)
     report = {
         "shards": len(names),
         "records_in": records_in,

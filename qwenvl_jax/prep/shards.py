@@ -152,6 +152,9 @@ def read_done(out_dir: str, name: str) -> dict:
 
 
 def _atomic_write(path: str, data: bytes) -> None:
+    if fileio.is_remote(path):  # an object appears whole or not at all
+        fileio.write_bytes(path, data)
+        return
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     fileio.write_bytes(tmp, data)
     fileio.path(tmp).replace(path)  # atomic on one file system
@@ -176,7 +179,13 @@ def write_shard(out_dir: str, name: str, records: Iterable[dict], marker: dict) 
     """
     fileio.makedirs(out_dir)
     img_dir = fileio.join(out_dir, name)
-    tmp_dir = fileio.join(out_dir, f".tmp-{name}-{uuid.uuid4().hex[:8]}")
+    # Locally the images go to a temporary directory renamed at the end; an object store has no
+    # directories to rename, so there they go to their place (the marker, written last, is what
+    # says the shard is finished either way).
+    remote = fileio.is_remote(out_dir)
+    if remote and fileio.exists(img_dir):
+        _remove_tree(img_dir)
+    tmp_dir = img_dir if remote else fileio.join(out_dir, f".tmp-{name}-{uuid.uuid4().hex[:8]}")
     lines, seen = [], set()
     for rec in records:
         # Keys starting with "_" are the steps' scratch (cached sizes, scores): not written.
@@ -190,10 +199,11 @@ def write_shard(out_dir: str, name: str, records: Iterable[dict], marker: dict) 
         elif img is not None:
             rec["image"] = img
         lines.append(json.dumps(rec, ensure_ascii=False, sort_keys=True))
-    if fileio.exists(img_dir):
-        _remove_tree(img_dir)
-    if lines and fileio.exists(tmp_dir):
-        fileio.path(tmp_dir).rename(img_dir)
+    if not remote:
+        if fileio.exists(img_dir):
+            _remove_tree(img_dir)
+        if fileio.exists(tmp_dir):
+            fileio.path(tmp_dir).rename(img_dir)
     _atomic_write(fileio.join(out_dir, name + ".jsonl"), "".join(x + "\n" for x in lines).encode())
     marker = dict(marker, shard=name, records_out=len(lines))
     _atomic_write(done_path(out_dir, name), json.dumps(marker).encode())  # steps in order

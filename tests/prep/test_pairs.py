@@ -203,3 +203,28 @@ def test_cli_runs_pairs_and_refuses_bad_flags(tmp_path, pair_shards, capsys):
     assert prep_main.main(["pairs", f"--input={pair_shards[0]}", f"--output={out}2",
                            "--dataset=a", f"--config={bad}"]) == 2  # fmt: skip
     assert "colour" in capsys.readouterr().err
+
+
+def test_gcs_output_matches_local_and_resumes(gcs, pair_shards, tmp_path):
+    from qwenvl_jax import fileio
+
+    out = f"gs://{gcs.bucket}/prep/laion_en"
+    st = pairs.build_steps(pairs.load_config(), "laion_en")
+    local = runner.run(st, pair_shards, str(tmp_path / "local"))
+    assert runner.run(st, pair_shards, out) == local
+    for name in ("00000.jsonl", "00001.jsonl", "train.jsonl", "report.json"):
+        assert fileio.read_bytes(f"{out}/{name}") == (tmp_path / "local" / name).read_bytes()
+    for rec in _lines(tmp_path / "local" / "train.jsonl"):
+        assert (
+            fileio.read_bytes(f"{out}/{rec['image']}")
+            == (tmp_path / "local" / rec["image"]).read_bytes()
+        )
+    fileio.path(f"{out}/00001.done.json").unlink()
+    crashed = []
+
+    def count(rec, ctx):
+        crashed.append(ctx.shard)
+        yield rec
+
+    runner.run([steps.Step("seen", count), *st], pair_shards, out)
+    assert set(crashed) == {"00001"}  # only the unfinished shard ran again
