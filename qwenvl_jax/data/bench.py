@@ -13,11 +13,11 @@ Without `--config` the mix is captions, VQA, referring grounding, OCR, multi-tur
 (sample mixing). With `--config=<stage config>[:variant]` (any stage, `:tiny` too) the rows are
 packed exactly as that stage trains: its `data.seq_len`, `data.max_images`, its model's image span
 (`n_queries` + 2 positions per image) and its data's mixing; the data is the config's own
-(`--config.data.train` / `data.mixture` in the file) when it names some, else synthetic records
-of the stage's recipe (multitask: configs/data/multitask_mixture.json's seven Table 3 tasks,
-weights and per-task packing; pretrain: captions; sft: chat). Lengths follow the public data
-(`task_record`). It prints the real (non-padding) token fraction and images per row per task;
-`--max_images`, `--seq_len`, `--mixing`, `--pack=false` change one setting for an A/B.
+(`data.train` / `data.mixture` in the file, or `--mixture=file.json`) when it names some, else
+synthetic records of the stage's recipe (multitask: configs/data/multitask_mixture.json's seven
+Table 3 tasks, weights and per-task packing; pretrain: captions; sft: chat), with the lengths of
+the public data (`LENGTHS`). It prints the real (non-padding) token fraction and images per row
+per task; `--max_images`, `--seq_len`, `--mixing`, `--pack=false` change one setting for an A/B.
 `--train_steps=N` also times N train steps of the config's model on these packed rows and on the
 same samples one per row, and prints real tokens/s of both (use a `:tiny` config on a CPU).
 
@@ -278,6 +278,8 @@ def run_config(args: argparse.Namespace) -> dict:
     from qwenvl_jax.train.state import model_config
 
     cfg = stage_config.load(args.config)
+    if args.mixture:
+        cfg.data.train, cfg.data.mixture = "", args.mixture
     for key in ("seq_len", "max_images"):
         if getattr(args, key) is not None:
             cfg.data[key] = getattr(args, key)
@@ -473,6 +475,7 @@ def main(argv=None) -> None:
     p.add_argument("--seq_len", type=int, default=None, help="default 2048 (or the config's)")
     p.add_argument("--image_size", type=int, default=448)
     p.add_argument("--max_images", type=int, default=None, help="default 8 (or the config's)")
+    p.add_argument("--mixture", default="", help="--config: a mixture file (data.mixture)")
     p.add_argument("--mixing", choices=("sample", "sequence"), default=None)
     p.add_argument("--pack", choices=("true", "false"), default=None, help="false: 1 per row")
     p.add_argument("--batch_rows", type=int, default=4, help="rows per batch in the benchmark")
