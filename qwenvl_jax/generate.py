@@ -1,8 +1,11 @@
 """Autoregressive generation with a preallocated KV cache: a prefill, then an on-device loop.
 
-`generate` runs the prompt through the model once (`_prefill`), then decodes every further token
-inside one compiled `lax.while_loop` (`_decode`): the cache is a loop carry updated in place with
-`dynamic_update_slice` (and donated, so no second copy exists), stop words, eos and
+`generate` runs the prompt through the model once (`_prefill`, the LM head at the last prompt
+position only), then decodes every further token inside one compiled `lax.while_loop` (`_decode`):
+the stacked cache [L, B, S, N, H] is a loop carry that each layer updates in place with one
+`dynamic_update_slice` at its layer index (`qwen.write_cache`; donated, so no second copy exists,
+and no per-layer slice is re-stacked: `tests/test_generate_inplace.py` reads the compiled HLO for
+it), stop words, eos and
 `min_new_tokens` are applied on the device per row, and the loop ends when every row is done or
 `max_new_tokens` is reached. The host sees the result once. Both functions are compiled once per
 shape bucket: prompts are right-padded to a multiple of `prefill_bucket` (padding sits after the
@@ -151,10 +154,13 @@ def _choose(logits, step, rng, sampling, *, do_sample, top_k):
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
 def _prefill(graphdef, state, input_ids, segment_ids, images, token_index, cache, last, rng,
              sampling, *, ntk_alpha, use_logn, do_sample, top_k, ctx=None):  # fmt: skip
-    """The prompt through the model; returns (the first new token int32 [B], the filled cache)."""
+    """The prompt through the model; returns (the first new token int32 [B], the filled cache).
+
+    The LM head runs at position `last` only (the [B, T, V] logits of the whole prompt are never
+    formed: at the published vocabulary that would be T * 151,936 floats per row)."""
     with _scope(ctx):
         model = nnx.merge(graphdef, state)
-        logits, cache = model(
+        hidden, cache = model.hidden_states(
             input_ids,
             images=images,
             image_token_index=token_index,
@@ -164,8 +170,8 @@ def _prefill(graphdef, state, input_ids, segment_ids, images, token_index, cache
             ntk_alpha=ntk_alpha,
             use_logn=use_logn,
         )
-        chosen = _choose(logits[:, last].astype(jnp.float32), 0, rng, sampling,
-                         do_sample=do_sample, top_k=top_k)  # fmt: skip
+        logits = model.logits(hidden[:, last]).astype(jnp.float32)
+        chosen = _choose(logits, 0, rng, sampling, do_sample=do_sample, top_k=top_k)
     return chosen, cache
 
 

@@ -3,6 +3,11 @@
 KV cache layout (cached decoding, see `init_cache`): a dict with `k` and `v` [L, B, S, N, H]
 holding the post-rotary keys and values of every layer, and `segment_ids` [B, S] (0 = empty slot
 or padding).
+
+The stacked k/v travel whole through the layer loop (never sliced into per-layer inputs and
+re-stacked): each layer writes its new keys and values with one `dynamic_update_slice` (or, with a
+per-row `cache_index`, one scatter) at its own layer index, so inside a compiled decode loop XLA
+updates the cache buffer in place and no step copies it.
 """
 
 from __future__ import annotations
@@ -139,13 +144,15 @@ class QWenAttention(nnx.Module):
         segment_ids: jax.Array | None,
         inv_freq: jax.Array,
         use_logn: bool,
-        layer_cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+        layer_cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
         cache_index: jax.Array | None = None,
     ):
-        """x [B, T, D] -> ([B, T, D], new (k, v) [B, S, N, H] or None).
+        """x [B, T, D] -> ([B, T, D], the new stacked (k, v) [L, B, S, N, H] or None).
 
-        layer_cache: (k, v, kv_segment_ids) of this layer; the T new keys/values are written at
-        cache_index and the queries attend to slots <= their own.
+        layer_cache: (k, v, kv_segment_ids, layer): the whole stacked cache, the key segment ids
+        [B, S'] and this layer's int32 index. The T new keys/values are written at slot
+        cache_index (an int32 scalar, or int32 [B] per row) of layer `layer`; the queries attend
+        to the first S' <= S slots (those <= their own position).
         """
         qkv = layers.remat_name(self.c_attn(x), "qkv_proj")
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, N, H]
@@ -168,13 +175,16 @@ class QWenAttention(nnx.Module):
                 implementation=self.options.attn_impl,
             )
         else:
-            ck, cv, kv_seg = layer_cache
-            idx = (0, cache_index, 0, 0)
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), idx)
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), idx)
-            t, s = x.shape[1], ck.shape[1]
-            q_pos = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), x.shape[:2])
+            k_all, v_all, kv_seg, layer = layer_cache
+            t, s = x.shape[1], kv_seg.shape[1]
+            k_all, v_all = write_cache(k_all, v_all, k, v, layer, cache_index)
+            q_pos = _positions(cache_index, x.shape[0], t)
             kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (x.shape[0], s))
+            # This layer's first s slots: a read (fused into the attention where XLA can).
+            shape = (1,) + k_all.shape[1:2] + (s,) + k_all.shape[3:]
+            start = (layer, 0, 0, 0, 0)
+            ck = jax.lax.dynamic_slice(k_all, start, shape)[0]
+            cv = jax.lax.dynamic_slice(v_all, start, shape)[0]
             out = dot_product_attention(
                 q,
                 ck.astype(q.dtype),
@@ -187,8 +197,37 @@ class QWenAttention(nnx.Module):
                 kv_positions=kv_pos,
                 implementation=self.options.attn_impl,
             )
-            new_cache = (ck, cv)
+            new_cache = (k_all, v_all)
         return self.c_proj(layers.remat_name(out, "attn_out")), new_cache
+
+
+def _positions(cache_index: jax.Array, batch: int, t: int) -> jax.Array:
+    """int32 [B, T]: the cache slots of T new tokens written at cache_index (scalar or [B])."""
+    start = jnp.asarray(cache_index, jnp.int32)
+    start = start[:, None] if start.ndim == 1 else start
+    return jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (batch, t))
+
+
+def write_cache(k_all, v_all, k, v, layer, cache_index):
+    """Write k, v [B, T, N, H] into the stacked caches [L, B, S, N, H] at layer `layer`.
+
+    A scalar cache_index writes every row at the same slots with one dynamic_update_slice; an
+    int32 [B] cache_index writes row b at slots cache_index[b] + arange(T) with one scatter (rows
+    at different lengths: the serving engine's slots). Both update the buffer in place when it is
+    a loop carry or donated.
+    """
+    idx = jnp.asarray(cache_index, jnp.int32)
+    if idx.ndim == 0:
+        at = (layer, 0, idx, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+        return k_all, v_all
+    b, t = k.shape[:2]
+    rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, t))
+    slots = _positions(idx, b, t)
+    k_all = k_all.at[layer, rows, slots].set(k.astype(k_all.dtype), mode="drop")
+    v_all = v_all.at[layer, rows, slots].set(v.astype(v_all.dtype), mode="drop")
+    return k_all, v_all
 
 
 class QWenMLP(nnx.Module):

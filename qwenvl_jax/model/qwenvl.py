@@ -41,6 +41,22 @@ def splice_features(embeds: jax.Array, features: jax.Array, token_index: jax.Arr
     return jnp.where(token_index[..., None] >= 0, gathered.astype(embeds.dtype), embeds)
 
 
+def _cache_positions(cache_index: jax.Array, batch: int, t: int) -> jax.Array:
+    """int32 [B, T] rotary positions of T tokens written at cache_index (scalar or [B])."""
+    start = cache_index[:, None] if cache_index.ndim == 1 else cache_index
+    return jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (batch, t))
+
+
+def _write_segments(kv_seg: jax.Array, segment_ids: jax.Array, cache_index: jax.Array):
+    """The cache's segment ids [B, S] with the T new tokens' ids written at cache_index."""
+    segment_ids = segment_ids.astype(jnp.int32)
+    if cache_index.ndim == 0:
+        return jax.lax.dynamic_update_slice(kv_seg, segment_ids, (0, cache_index))
+    b, t = segment_ids.shape
+    rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, t))
+    return kv_seg.at[rows, _cache_positions(cache_index, b, t)].set(segment_ids, mode="drop")
+
+
 class QWenModel(nnx.Module):
     """`transformer`: wte, the decoder blocks `h`, ln_f and the visual tower `visual`."""
 
@@ -128,8 +144,13 @@ class QWenModel(nnx.Module):
         image_valid: jax.Array | None = None,
         image_budget: int | None = None,
         image_groups: int = 1,
+        image_features: jax.Array | None = None,
     ):
-        """Final hidden states [B, T, D] after ln_f (and the new cache when one is given)."""
+        """Final hidden states [B, T, D] after ln_f (and the new cache when one is given).
+
+        `image_features` [B, K, D]: adapter outputs encoded beforehand (`encode_images`), spliced
+        by `image_token_index` instead of encoding `images` (the serving engine's feature cache).
+        """
         cfg = self.cfg
         bsz, t = input_ids.shape
         x = self.wte(input_ids)
@@ -145,6 +166,8 @@ class QWenModel(nnx.Module):
                 raise ValueError(f"images batch {images.shape[0]} != input_ids batch {bsz}")
             feats = self.encode_images(images, image_valid, image_budget, image_groups)
             x = splice_features(x, feats, image_token_index)
+        elif image_features is not None:
+            x = splice_features(x, image_features, image_token_index)
         x = layers.shard_activation(x, ("act_batch", "act_seq", "act_embed"))
 
         if cache is not None:
@@ -154,38 +177,43 @@ class QWenModel(nnx.Module):
             if segment_ids is None:
                 segment_ids = jnp.ones((bsz, t), jnp.int32)
             if positions is None:
-                positions = cache_index + jnp.arange(t, dtype=jnp.int32)[None]
-            kv_seg = jax.lax.dynamic_update_slice(
-                cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index)
-            )
-            xs = (cache["k"], cache["v"])
+                positions = _cache_positions(cache_index, bsz, t)
+            kv_seg = _write_segments(cache["segment_ids"], segment_ids, cache_index)
+            # The stacked k/v ride in the layer loop's carry; the per-layer input is the layer
+            # index, so each layer updates the one buffer in place (qwen.write_cache).
+            carry = (x, cache["k"], cache["v"])
+            xs = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
         else:
             kv_seg = None
-            xs = None
+            carry, xs = x, None
         if positions is None:
             positions = jnp.arange(t, dtype=jnp.int32)[None]
         positions = jnp.broadcast_to(positions, (bsz, t))
         inv_freq = rotary_inv_freq(cfg.head_dim, cfg.rotary_emb_base, ntk_alpha)
 
-        def call(block, h, layer_kv):
-            layer_cache = None if layer_kv is None else (*layer_kv, kv_seg)
-            return block(
+        def call(block, c, layer):
+            if layer is None:
+                return block(c, positions=positions, segment_ids=segment_ids, inv_freq=inv_freq,
+                             use_logn=use_logn)  # fmt: skip
+            h, k_all, v_all = c
+            h, (k_all, v_all) = block(
                 h,
                 positions=positions,
                 segment_ids=segment_ids,
                 inv_freq=inv_freq,
                 use_logn=use_logn,
-                layer_cache=layer_cache,
+                layer_cache=(k_all, v_all, kv_seg, layer),
                 cache_index=cache_index,
             )
+            return (h, k_all, v_all), None
 
-        x, new_kv = layers.run_stack(
-            self.h, x, xs, scan=self.options.scan_layers, remat=self.options.remat, call=call
+        out, _ = layers.run_stack(
+            self.h, carry, xs, scan=self.options.scan_layers, remat=self.options.remat, call=call
         )
-        x = self.ln_f(x)
         if cache is None:
-            return x
-        return x, {"k": new_kv[0], "v": new_kv[1], "segment_ids": kv_seg}
+            return self.ln_f(out)
+        x, k_all, v_all = out
+        return self.ln_f(x), {"k": k_all, "v": v_all, "segment_ids": kv_seg}
 
 
 class QWenLMHeadModel(nnx.Module):
