@@ -259,7 +259,12 @@ def run_suite(
             records.append(rec)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-    summary = dict(tiny=tiny, budget_s=budget_s, versions=_versions(), items=records)
+    flags = {
+        k: os.environ[k]
+        for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION", "QWENVL_NO_COMPILER_FLAGS")
+        if k in os.environ
+    }
+    summary = dict(tiny=tiny, budget_s=budget_s, versions=_versions(), env=flags, items=records)
     with open(os.path.join(out_dir, "device_suite.json"), "w") as f:
         json.dump(summary, f, indent=2)
     table = markdown(summary)
@@ -406,24 +411,34 @@ def _serve_rows(r: dict) -> list[list[str]]:
     return out
 
 
+def _device(summary: dict) -> str:
+    """The device the items ran on, as the first result that names one says."""
+    for rec in summary["items"]:
+        r = rec["result"]
+        r = r.get("ours", r) if isinstance(r, dict) else r
+        r = r[0] if isinstance(r, list) else r
+        if isinstance(r, dict) and "device" in r:
+            return r["device"]
+    return "no device"
+
+
 def markdown(summary: dict) -> str:
     """The suite's table (docs/performance.md format)."""
-    v = summary["versions"]
-    device = next(
-        (
-            (rec["result"].get("ours", rec["result"]) if "ours" in rec["result"] else rec["result"])
-            for rec in summary["items"]
-            if rec["result"]
-        ),
-        {},
-    )
-    if isinstance(device, list):
-        device = device[0]
+    env = summary.get("env", {})
+    if env.get("QWENVL_NO_COMPILER_FLAGS"):
+        flags = "without the trainer's XLA flags"
+    elif env.get("XLA_FLAGS"):
+        flags = f"XLA_FLAGS {env['XLA_FLAGS']}"
+    else:
+        flags = "no XLA flags"
+    if "XLA_PYTHON_CLIENT_MEM_FRACTION" in env:
+        flags += f", memory fraction {env['XLA_PYTHON_CLIENT_MEM_FRACTION']}"
     head = (
-        f"Device suite on {device.get('device', 'no device')}"
+        f"Device suite on {_device(summary)}"
         + (" (tiny CPU shapes)" if summary["tiny"] else "")
         + ", "
-        + ", ".join(f"{k} {x}" for k, x in v.items())
+        + ", ".join(f"{k} {x}" for k, x in summary["versions"].items())
+        + f"; {flags}"
         + "\n\n| item | shape | attention | remat | s/step | tokens/s | MFU | peak GB | notes |\n"
         + "|---|---|---|---|---|---|---|---|---|\n"
     )
