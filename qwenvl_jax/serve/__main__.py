@@ -103,6 +103,10 @@ def _run(argv) -> None:
         from qwenvl_jax.sharding import parse_mesh
 
         parse_mesh(args.mesh)  # a bad mesh string is one line before any weight is read
+    # The GPU memory share training takes (0.9, train/compiler.py), before JAX starts a backend.
+    from qwenvl_jax.train.compiler import set_gpu_memory_fraction
+
+    set_gpu_memory_fraction()
     from qwenvl_jax.errors import optional_import
 
     for module in ("fastapi", "uvicorn", "prometheus_client", "httpx"):

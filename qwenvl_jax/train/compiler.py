@@ -73,6 +73,24 @@ def _platforms(env) -> set[str]:
     return found
 
 
+def set_gpu_memory_fraction(
+    env=None, fraction: float | None = None, platforms: set[str] | None = None
+) -> dict[str, str]:
+    """XLA_PYTHON_CLIENT_MEM_FRACTION on GPU (default GPU_MEMORY_FRACTION) unless the environment
+    already sets it; before JAX starts its backends. The trainer (through `apply_flags`), the
+    bench and the server (`python -m qwenvl_jax.serve`) call it. Returns what it set."""
+    env = os.environ if env is None else env
+    fraction = GPU_MEMORY_FRACTION if fraction is None else fraction
+    if not 0 < fraction <= 1:
+        raise ValueError(f"GPU memory fraction {fraction} is not in (0, 1]")
+    platforms = _platforms(env) if platforms is None else platforms
+    if "gpu" not in platforms or "XLA_PYTHON_CLIENT_MEM_FRACTION" in env:
+        return {}
+    out = {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{fraction:g}"}
+    env.update(out)
+    return out
+
+
 def apply_flags(
     env=None, platforms: set[str] | None = None, gpu_memory_fraction: float | None = None
 ) -> dict[str, str]:
@@ -93,13 +111,8 @@ def apply_flags(
     if env.get("QWENVL_NO_COMPILER_FLAGS"):
         return {}
     platforms = _platforms(env) if platforms is None else platforms
-    out = {}
+    out = set_gpu_memory_fraction(env, gpu_memory_fraction, platforms)
     if "gpu" in platforms:
-        fraction = GPU_MEMORY_FRACTION if gpu_memory_fraction is None else gpu_memory_fraction
-        if not 0 < fraction <= 1:
-            raise ValueError(f"GPU memory fraction {fraction} is not in (0, 1]")
-        if "XLA_PYTHON_CLIENT_MEM_FRACTION" not in env:
-            out["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{fraction:g}"
         out["XLA_FLAGS"] = _merge(env.get("XLA_FLAGS", ""), GPU_XLA_FLAGS)
     if "tpu" in platforms:
         out["LIBTPU_INIT_ARGS"] = _merge(env.get("LIBTPU_INIT_ARGS", ""), TPU_LIBTPU_ARGS)
