@@ -22,7 +22,7 @@ from qwenvl_jax.train.inputs import make_data_iterator, make_eval_iterator
 from qwenvl_jax.train.nonfinite import NonFiniteGuard
 from qwenvl_jax.train.sources import initial_params
 from qwenvl_jax.train.state import check_setup, describe, log, step_model_flops
-from qwenvl_jax.train.step import make_eval_step, make_train_step, to_step_batch
+from qwenvl_jax.train.step import aot_compile, make_eval_step, make_train_step, to_step_batch
 from qwenvl_jax.train.validate import validate
 
 
@@ -118,6 +118,37 @@ def evaluate(cfg, s, params, eval_step) -> dict[str, float]:
     }
 
 
+_FIRST_STEP_BARRIERS = 0
+
+
+def _start_together(s, step_fn, compiled):
+    """Several processes: each compiles the step ahead, then all meet before the first step.
+
+    A host that compiled its step or read its first batch later than the others would make
+    them wait at the step's first collective, and a CPU (Gloo) clique waits only 30 s for its
+    peers when it is first used, which kills the run. The coordination service's barrier has no
+    such limit, so the first collective finds every process there.
+
+    Returns:
+      (the step to call, its compiled executable).
+    """
+    global _FIRST_STEP_BARRIERS
+    from jax._src import distributed
+
+    if compiled is None:
+        t = time.time()
+        compiled = aot_compile(s)
+        log(f"train step compiled ahead in {time.time() - t:.1f}s")
+        step_fn = make_train_step(s, compiled)
+    client = distributed.global_state.client
+    if client is not None:
+        _FIRST_STEP_BARRIERS += 1
+        t = time.time()
+        client.wait_at_barrier(f"qwenvl_jax_first_step_{_FIRST_STEP_BARRIERS}", 3_600_000)
+        log(f"all {jax.process_count()} processes ready after {time.time() - t:.1f}s")
+    return step_fn, compiled
+
+
 def train(
     cfg: ml_collections.ConfigDict,
     workdir: str,
@@ -199,6 +230,8 @@ def train(
             wait = time.time() - t0
             wait_since += wait
             batch = to_step_batch(local, s)
+            if step == start and jax.process_count() > 1:
+                step_fn, compiled = _start_together(s, step_fn, compiled)
             t_step = time.time()
             params, opt_state, m = step_fn(params, opt_state, batch)
             guard.record(step + 1, m)  # unread until the next log or checkpoint step
@@ -246,7 +279,7 @@ def train(
                 rec["model_tflops_per_s_real_images"] = flops_real / dt / 1e12
                 # Goodput: only the real work of these batches (non-padding tokens, attention
                 # within each packed sample, valid images), summed over the processes.
-                tok, attended, img = _sum_over_processes(work_since) / steps_since
+                tok, attended, img = map(float, _sum_over_processes(work_since) / steps_since)
                 work = dict(tokens=tok, attended=attended, images=img)
                 flops_work = step_model_flops(s, work=work)
                 rec["real_tokens_per_s"] = tok / dt
