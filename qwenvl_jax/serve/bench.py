@@ -9,7 +9,9 @@ streamed chat requests built from (image, prompt) pairs: the images of --image_d
 synthetic ones of several sizes) cycled against a list of prompts. It runs twice in one
 invocation, untimed warm-up first: with --concurrency clients at once, then one request at a time;
 each prints requests/s, output tokens/s, TTFT and TPOT p50/p99, and the last line the ratio of
-the two request rates.
+the two request rates. `--soak_s=300` then keeps the server saturated that long and samples its
+resident memory (a leak shows as growth), ending with the queue and running rows (a slot leak
+shows as running > 0).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ _CONC = flags.DEFINE_integer("concurrency", 32, "serve: concurrent clients.")
 _NREQ = flags.DEFINE_integer("num_requests", 64, "serve: requests per run.")
 _MAXTOK = flags.DEFINE_integer("max_tokens", 32, "serve: max_tokens of each request.")
 _IMGDIR = flags.DEFINE_string("image_dir", "", "serve: images to send (default: synthetic).")
+_SOAK = flags.DEFINE_integer(
+    "soak_s", 0, "serve: then this many seconds at saturation, the server's RSS sampled."
+)
 _SFLAGS = flags.DEFINE_string(
     "server_flags", "", "serve: extra flags for the started server (e.g. '--max_seq_len=1024')."
 )
@@ -168,6 +173,61 @@ def _line(r: dict) -> str:
     )
 
 
+def _rss_mb(pid: int) -> float | None:
+    """Resident memory of process `pid` in MiB (Linux /proc), None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+async def soak(url: str, bodies: list[dict], concurrency: int, seconds: float, pid, log) -> dict:
+    """`concurrency` clients sending `bodies` round robin for `seconds`; RSS every ~10 s."""
+    import httpx
+
+    stop = time.monotonic() + seconds
+    done, errors, rss = 0, [], []
+    async with httpx.AsyncClient(timeout=600) as client:
+
+        async def worker(k):
+            nonlocal done
+            i = k
+            while time.monotonic() < stop:
+                r = await _one(client, url, bodies[i % len(bodies)])
+                i += concurrency
+                if "error" in r:
+                    errors.append(r["error"])
+                else:
+                    done += 1
+
+        async def sampler():
+            while time.monotonic() < stop:
+                if pid is not None:
+                    rss.append(_rss_mb(pid))
+                await asyncio.sleep(min(10.0, max(0.0, stop - time.monotonic())))
+            if pid is not None:
+                rss.append(_rss_mb(pid))
+
+        await asyncio.gather(sampler(), *(worker(k) for k in range(concurrency)))
+        health = (await client.get(url + "/health")).json()
+    out = {"seconds": seconds, "requests": done, "errors": errors, "rss_mb": rss, "health": health}
+    rss_text = (
+        f", server RSS {rss[0]:.0f} -> {rss[-1]:.0f} MiB (max {max(rss):.0f}, {len(rss)} samples)"
+        if rss and None not in rss
+        else ""
+    )
+    log(
+        f"soak {seconds:.0f} s at concurrency {concurrency}: {done} requests,"
+        f" {len(errors)} errors{rss_text}; after: queue {health.get('queue')},"
+        f" running {health.get('running')}"
+    )
+    return out
+
+
 def start_server(checkpoint: str, port: int, extra: list[str], timeout_s: float = 600):
     """`python -m qwenvl_jax.serve` in a subprocess; returns it once /health answers."""
     import httpx
@@ -199,7 +259,7 @@ def start_server(checkpoint: str, port: int, extra: list[str], timeout_s: float 
 
 
 def run(url, checkpoint, model, concurrency, num_requests, max_tokens, image_dir, server_flags,
-        log=print) -> dict:  # fmt: skip
+        soak_s=0, log=print) -> dict:  # fmt: skip
     """The benchmark (see the module docstring); returns both runs and the ratio."""
     import httpx
 
@@ -216,6 +276,8 @@ def run(url, checkpoint, model, concurrency, num_requests, max_tokens, image_dir
         if not any(f.startswith("--max_batch") for f in extra):
             extra.append(f"--max_batch={concurrency}")
         log(f"starting the server: --checkpoint={checkpoint} {' '.join(extra)}")
+        # A SIGTERM to the benchmark unwinds through the `finally` below, which stops the server.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
         proc = start_server(checkpoint, port, extra)
         url = f"http://127.0.0.1:{port}"
     try:
@@ -230,7 +292,11 @@ def run(url, checkpoint, model, concurrency, num_requests, max_tokens, image_dir
         log(_line(one))
         ratio = many["requests_per_s"] / one["requests_per_s"]
         log(f"{concurrency} concurrent clients vs one at a time: {ratio:.2f}x requests/s")
-        return {"concurrent": many, "sequential": one, "ratio": ratio, "url": url}
+        out = {"concurrent": many, "sequential": one, "ratio": ratio, "url": url}
+        if soak_s > 0:
+            pid = proc.pid if proc is not None else None
+            out["soak"] = asyncio.run(soak(url, bodies, concurrency, soak_s, pid, log))
+        return out
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
@@ -243,4 +309,4 @@ def run(url, checkpoint, model, concurrency, num_requests, max_tokens, image_dir
 def main() -> dict:
     """`--mode=serve` from the parsed flags."""
     return run(_URL.value, _CKPT.value, _MODEL.value, _CONC.value, _NREQ.value, _MAXTOK.value,
-               _IMGDIR.value, _SFLAGS.value)  # fmt: skip
+               _IMGDIR.value, _SFLAGS.value, _SOAK.value)  # fmt: skip
