@@ -47,3 +47,14 @@ def test_direct_runner_matches_in_process_and_resumes(pair_shards, tmp_path):
                    runner="DirectRunner")  # fmt: skip
     assert c == a and marker.stat().st_mtime_ns == before
     assert _files(tmp_path / "beam") == fa
+
+
+def test_steps_travel_to_worker_processes(pair_shards, tmp_path):
+    # multi_processing pickles the steps (partials, the CLIP filter with its lazy scorer) into
+    # other processes, as Dataflow's workers receive them.
+    steps = pairs.build_steps(pairs.load_config(), "laion_en")
+    a = runner.run(steps, pair_shards, str(tmp_path / "inproc"))
+    opts = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+    b = runner.run(steps, pair_shards, str(tmp_path / "mp"), runner="DirectRunner",
+                   pipeline_args=opts)  # fmt: skip
+    assert a == b and _files(tmp_path / "inproc") == _files(tmp_path / "mp")
