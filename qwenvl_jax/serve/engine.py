@@ -1,8 +1,41 @@
-"""The serving engine: requests in, token events out (first version: one request at a time).
+"""The serving engine: continuous batching over a preallocated slot cache, with an image cache.
 
-This first version serves requests one at a time through `qwenvl_jax.generate.generate` (the
-library's prefill + on-device decode loop), behind the interface the HTTP layer codes against;
-continuous batching replaces the scheduler's inside without changing that interface.
+`Engine(model)` owns one scheduler thread and a KV cache of `max_batch` slots x `max_seq_len`
+positions, created once on the device (sharded over the model's mesh as `generate`'s cache:
+`generate.make_cache`). Each scheduler iteration:
+
+1. admits waiting requests into free slots. Their images not already in the feature cache are
+   encoded together, in one batch through the ViT and the adapter (`_steps.encode_images`); the
+   adapter outputs are kept in an LRU keyed by `ImageInput.key` and bounded in MB, so an image sent
+   in ten requests is encoded once;
+2. prefills: up to `prefill_chunk` prompt tokens per iteration, one slot at a time, in chunks of
+   at most `prefill_chunk` tokens right-padded to a power-of-two bucket (a long prompt takes
+   several iterations, and the running rows decode between its chunks). The last chunk yields
+   the request's first token, and the slot decodes from the next step on;
+3. runs one decode step for every slot (`_steps.decode_step`): each row feeds its last token at
+   its own position (a per-row `cache_index`, written in place), with its own temperature, top-p
+   and seed; the attention reads only the first `kv_len` cache positions, the smallest bucket that
+   holds every running row. Stop sequences, eos and the length limit are applied per row on the
+   host, as `generate` does on the device (a row whose sequence ends with a stop sequence gets eos
+   next), so greedy answers equal `QwenVL.generate` token for token. A finished or cancelled row
+   leaves at once and its slot takes the next request.
+
+Programs are compiled per bucket (prefill: chunk length x attended length x image count; decode:
+attended length); `start` compiles the decode steps and the first-chunk prefills and logs how many
+programs exist (`stats()["n_compiled"]` counts later ones too). JAX's persistent compilation cache
+is used when it is configured (`train.compiler.enable_cache`, as the trainer does).
+
+Why a contiguous slot cache and not a paged one: every slot holds `max_seq_len` positions, so the
+memory is `max_batch x max_seq_len` whatever the lengths, and a paged cache (vLLM's blocks) could
+fit more short rows in the same memory. On XLA a paged cache costs a gather of the row's blocks
+in every layer of every step (or a custom kernel per backend), while the contiguous rows are read
+as one slice whose length follows the longest running row (the `kv_len` bucket), so the cost per
+step tracks the real lengths without a block table. We size slots for the longest request we
+accept, prefer the simpler cache, and leave paging for when memory, not compute, limits the batch.
+
+Prompts longer than the config's `seq_length` would need a per-row dynamic-NTK alpha; the engine
+refuses a `max_seq_len` above `seq_length` when the model uses dynamic NTK (`PromptTooLong` names
+the limit).
 """
 
 from __future__ import annotations
@@ -11,18 +44,22 @@ import asyncio
 import collections
 import dataclasses
 import logging
-import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from qwenvl_jax import generate as gen_lib
+from qwenvl_jax.serve import _steps
 from qwenvl_jax.tokenizer import image_token_index
 
 log = logging.getLogger(__name__)
+KV_BUCKET = 128  # the smallest attended-length bucket; the others double up to the cache length
+MIN_CHUNK = 64  # the smallest prefill bucket
 
 
 # ----------------------------------------------------------------------------- the interface
@@ -142,16 +179,68 @@ class Handle:
         self.cancelled = True
 
 
+# ----------------------------------------------------------------------------- image features
+class _FeatureCache:
+    """Adapter outputs [Q, D] by image key, least recently used first out, bounded in bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: collections.OrderedDict[str, jax.Array] = collections.OrderedDict()
+
+    def get(self, key: str) -> jax.Array | None:
+        feats = self._items.get(key)
+        if feats is not None:
+            self._items.move_to_end(key)
+        return feats
+
+    def put(self, key: str, feats: jax.Array) -> None:
+        if key in self._items or feats.nbytes > self.max_bytes:
+            return
+        self._items[key] = feats
+        self.bytes += feats.nbytes
+        while self.bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= old.nbytes
+
+
 # ----------------------------------------------------------------------------- the engine
+def _pow2_at_least(n: int, low: int) -> int:
+    b = low
+    while b < n:
+        b *= 2
+    return b
+
+
+@dataclasses.dataclass
+class _Row:
+    """A request in a slot."""
+
+    handle: Handle
+    ids: list[int]
+    max_new: int
+    features: jax.Array  # [1, K, D] the request's adapter outputs (zeros when it has no image)
+    index: np.ndarray  # int32 [T] image_token_index of the prompt
+    t_submit: float
+    prefilled: int = 0  # prompt tokens in the cache
+    generated: list[int] = dataclasses.field(default_factory=list)
+    t_first: float | None = None
+
+    @property
+    def sampling(self) -> Sampling:
+        return self.handle.request.sampling
+
+
 class Engine:
-    """Serves `EngineRequest`s on a `QwenVL` from one scheduler thread.
+    """Serves `EngineRequest`s on a `QwenVL` with continuous batching (see the module docstring).
 
     Args:
-      model: a loaded `qwenvl_jax.QwenVL` (its mesh, if any, is used).
-      max_batch: decode slots. max_seq_len: prompt + new tokens per request.
-      max_queue: requests waiting beyond that raise `QueueFull`.
-      image_cache_mb: size bound of the image-feature cache.
-      prefill_chunk: the longest prefill piece.
+      model: a loaded `qwenvl_jax.QwenVL` (its mesh, if any, shards the slot cache).
+      max_batch: decode slots (rounded up to a multiple of data x fsdp on a mesh).
+      max_seq_len: prompt + new tokens per request (the slot length).
+      max_queue: waiting requests beyond which `submit` raises `QueueFull`.
+      image_cache_mb: bound of the adapter-output cache, in MiB.
+      prefill_chunk: the most prompt tokens prefilled per scheduler iteration (and per chunk).
     """
 
     def __init__(self, model, *, max_batch: int = 8, max_seq_len: int = 2048,
@@ -162,24 +251,48 @@ class Engine:
                 f"max_batch ({max_batch}), max_queue ({max_queue}), prefill_chunk "
                 f"({prefill_chunk}) must be >= 1 and max_seq_len ({max_seq_len}) >= 2"
             )
+        cfg = model.config
+        if cfg.use_dynamic_ntk and max_seq_len > cfg.seq_length:
+            raise ValueError(
+                f"max_seq_len {max_seq_len} > the model's seq_length {cfg.seq_length}: longer "
+                "prompts need a per-row dynamic-NTK alpha, which the engine does not compute"
+            )
         self.model = model
-        self.cfg = model.config
+        self.cfg = cfg
+        mesh = model.mesh
+        if mesh is not None:
+            n = mesh.shape["data"] * mesh.shape["fsdp"]
+            max_batch = -(-max_batch // n) * n
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
         self.max_queue = max_queue
-        self.image_cache_mb = image_cache_mb
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = _pow2_at_least(prefill_chunk, MIN_CHUNK)
         self.eos = model.tokenizer.eod_id
-        self._queue: queue.Queue[Handle] = queue.Queue()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
+        # Slot length: a bucket multiple that also holds the largest prefill chunk.
+        self.cache_len = max(-(-max_seq_len // KV_BUCKET) * KV_BUCKET, self.prefill_chunk)
+        self._kv_buckets = [b for b in (KV_BUCKET * 2**i for i in range(32)) if b < self.cache_len]
+        self._kv_buckets.append(self.cache_len)
+        self._graphdef, self._state = nnx.split(model.model)
+        self._use_logn = bool(cfg.use_logn_attn)
+        self._ctx = None
+        self._ctx1 = None
+        if mesh is not None:
+            self._ctx = gen_lib.ShardingContext(mesh, gen_lib.inference_rules(mesh, max_batch))
+            self._ctx1 = gen_lib.ShardingContext(mesh, gen_lib.inference_rules(mesh, 1))
+        self._cache = None
+        self._features = _FeatureCache(int(image_cache_mb * 2**20))
+        self._programs: set = set()
+
+        self._cond = threading.Condition()
+        self._pending: collections.deque[Handle] = collections.deque()
+        self._rows: list[_Row | None] = [None] * max_batch
         self._accepting = True
+        self._stop = False
         self._thread: threading.Thread | None = None
-        self._running = 0
         self._stats = dict(tokens_generated=0, prompt_tokens=0, image_encodes=0,
-                           image_cache_hits=0, image_cache_bytes=0, n_compiled=0)  # fmt: skip
-        self._ttft: collections.deque[float] = collections.deque(maxlen=1024)
-        self._tpot: collections.deque[float] = collections.deque(maxlen=1024)
+                           image_cache_hits=0, requests_done=0)  # fmt: skip
+        self._ttft: collections.deque[float] = collections.deque(maxlen=4096)
+        self._tpot: collections.deque[float] = collections.deque(maxlen=4096)
 
     @property
     def tokenizer(self):
@@ -187,49 +300,70 @@ class Engine:
 
     # ------------------------------------------------------------------ public
     def start(self) -> None:
-        """Warm up (one request through the model) and start the scheduler thread."""
+        """Create the slot cache, compile the programs (logs their number), start the scheduler."""
         t0 = time.perf_counter()
-        gen_lib.generate(self.model.model, [self.eos], max_new_tokens=1, mesh=self.model.mesh)
-        log.info("engine warm-up took %.1f s", time.perf_counter() - t0)
+        self._cache = gen_lib.make_cache(self.cfg, self.max_batch, self.cache_len,
+                                         self.model.model.dtype, self.model.mesh)  # fmt: skip
+        pcc = jax.config.jax_compilation_cache_dir
+        self._warm_up()
+        log.info(
+            "engine: %d slots x %d positions, %d programs compiled in %.1f s (persistent "
+            "compilation cache: %s)", self.max_batch, self.cache_len, len(self._programs),
+            time.perf_counter() - t0, pcc or "not configured",
+        )  # fmt: skip
         self._thread = threading.Thread(target=self._loop, name="qwenvl-engine", daemon=True)
         self._thread.start()
 
     def submit(self, req: EngineRequest) -> Handle:
         """Queue a request. Raises QueueFull, PromptTooLong, or ValueError naming a bad field."""
-        if not self._accepting:
-            raise QueueFull("the engine is shutting down")
         self._validate(req)
         handle = Handle(req)
-        with self._lock:
-            if self._queue.qsize() >= self.max_queue:
+        handle._t_submit = time.perf_counter()
+        with self._cond:
+            if not self._accepting:
+                raise QueueFull("the engine is shutting down")
+            if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"the queue holds {self.max_queue} requests (max_queue)")
-            self._queue.put(handle)
+            self._pending.append(handle)
+            self._cond.notify_all()
         return handle
 
     def shutdown(self, grace_s: float = 30.0) -> None:
         """Take no more requests; finish the queued and running ones, cancel what is left after
-        `grace_s` seconds."""
-        self._accepting = False
+        `grace_s` seconds; stop the scheduler."""
+        with self._cond:
+            self._accepting = False
         deadline = time.monotonic() + grace_s
-        while (self._queue.qsize() or self._running) and time.monotonic() < deadline:
+        while self._thread is not None and time.monotonic() < deadline:
+            with self._cond:
+                if not self._pending and not any(self._rows):
+                    break
             time.sleep(0.01)
-        self._stop.set()
+        with self._cond:
+            for h in self._pending:
+                h.cancel()
+            for row in self._rows:
+                if row is not None:
+                    row.handle.cancel()
+            if self._thread is None:  # never started: end the waiting requests here
+                for h in self._pending:
+                    h._push(Event("done", finish_reason="cancelled", usage=_usage(h, 0, None)))
+                self._pending.clear()
+            self._stop = True
+            self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout=max(1.0, grace_s))
-        while True:
-            try:
-                h = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            h._push(Event("done", finish_reason="cancelled", usage=self._usage(h, 0, None)))
+            self._thread.join(timeout=60)
 
     def stats(self) -> dict:
-        with self._lock:
+        """Counters and recent latency samples (seconds) for metrics."""
+        with self._cond:
             out = dict(self._stats)
             out.update(
-                queue=self._queue.qsize(),
-                running=self._running,
+                queue=len(self._pending),
+                running=sum(r is not None for r in self._rows),
                 slots=self.max_batch,
+                image_cache_bytes=self._features.bytes,
+                n_compiled=len(self._programs),
                 ttft=list(self._ttft),
                 tpot=list(self._tpot),
             )
@@ -237,30 +371,25 @@ class Engine:
 
     # ------------------------------------------------------------------ checks
     def _validate(self, req: EngineRequest) -> None:
-        ids = req.prompt_ids
+        ids, vocab = req.prompt_ids, self.cfg.vocab_size
         if not ids:
             raise ValueError("prompt_ids is empty")
-        bad = [
-            t for t in ids if not (isinstance(t, int | np.integer) and 0 <= t < self.cfg.vocab_size)
-        ]
+        bad = [t for t in ids if not (isinstance(t, int | np.integer) and 0 <= t < vocab)]
         if bad:
-            raise ValueError(f"prompt_ids hold ids outside [0, {self.cfg.vocab_size}): {bad[:5]}")
+            raise ValueError(f"prompt_ids hold ids outside [0, {vocab}): {bad[:5]}")
         if len(ids) >= self.max_seq_len:
             raise PromptTooLong(
                 f"the prompt has {len(ids)} tokens; max_seq_len is {self.max_seq_len} (prompt + at "
                 f"least one new token)"
             )
-        _, counts = image_token_index(
-            np.asarray(ids, np.int64)[None],
-            self.cfg.visual.image_start_id,
-            self.cfg.visual.n_queries,
-        )
+        vis = self.cfg.visual
+        _, counts = image_token_index(np.asarray(ids)[None], vis.image_start_id, vis.n_queries)
         if int(counts[0]) != len(req.images):
             raise ValueError(
                 f"the prompt has {int(counts[0])} image spans but {len(req.images)} images "
                 "were given"
             )
-        s = self.cfg.visual.image_size
+        s = vis.image_size
         for i, im in enumerate(req.images):
             if np.shape(im.pixels) != (s, s, 3):
                 raise ValueError(
@@ -274,62 +403,248 @@ class Engine:
         if not 0 < sp.top_p <= 1:
             raise ValueError(f"sampling.top_p must be in (0, 1], got {sp.top_p}")
 
-    def _usage(self, h: Handle, n: int, ttft: float | None) -> dict:
-        return {"prompt_tokens": len(h.request.prompt_ids), "completion_tokens": n, "ttft_s": ttft}
+    # ------------------------------------------------------------------ programs
+    def _kv_len(self, n: int) -> int:
+        return next(b for b in self._kv_buckets if b >= n)
+
+    def _chunk_len(self, n: int) -> int:
+        return min(_pow2_at_least(n, MIN_CHUNK), self.prefill_chunk)
+
+    def _encode(self, pixels: np.ndarray) -> jax.Array:
+        n = _pow2_at_least(len(pixels), 1)
+        padded = np.zeros((n,) + pixels.shape[1:], np.float32)
+        padded[: len(pixels)] = pixels
+        self._programs.add(("encode", n))
+        feats = _steps.encode_images(self._graphdef, self._state, padded, ctx=self._ctx1)
+        return feats[: len(pixels)]
+
+    def _prefill(self, slot, ids, seg, start, last, features, index, sampling, kv_len):
+        self._programs.add(("prefill", ids.shape[1], kv_len, features.shape[1]))
+        token, self._cache = _steps.prefill_chunk(
+            self._graphdef, self._state, self._cache, np.int32(slot), ids, seg, np.int32(start),
+            np.int32(last), features, index, sampling, kv_len=kv_len, use_logn=self._use_logn,
+            ctx=self._ctx1,
+        )  # fmt: skip
+        return token
+
+    def _step(self, tokens, positions, active, sampling, steps, kv_len):
+        self._programs.add(("decode", kv_len))
+        nxt, self._cache = _steps.decode_step(
+            self._graphdef, self._state, self._cache, tokens, positions, active, sampling, steps,
+            kv_len=kv_len, use_logn=self._use_logn, ctx=self._ctx,
+        )  # fmt: skip
+        return nxt
+
+    def _warm_up(self) -> None:
+        """Compile the decode step of every attended-length bucket and the prefill of every chunk
+        bucket at the start of a slot (with one image's features); run them once."""
+        b = self.max_batch
+        q, d = self.cfg.visual.n_queries, self.cfg.hidden_size
+        off = np.full(b, self.cache_len, np.int32)  # every write dropped
+        zeros = np.zeros(b, np.int32)
+        samp_b = (np.zeros(b, np.float32), np.ones(b, np.float32), zeros)
+        for kv in self._kv_buckets:
+            self._step(zeros, off, np.zeros(b, bool), samp_b, zeros, kv).block_until_ready()
+        feats = jnp.zeros((1, q, d), self.model.model.dtype)
+        samp = (np.float32(0), np.float32(1), np.int32(0))
+        t = MIN_CHUNK
+        while t <= self.prefill_chunk:
+            ids = np.zeros((1, t), np.int32)
+            index = np.full((1, t), -1, np.int32)
+            self._prefill(0, ids, ids, 0, 0, feats, index, samp, self._kv_len(t))
+            t *= 2
+        s = self.cfg.visual.image_size
+        self._encode(np.zeros((1, s, s, 3), np.float32)).block_until_ready()
 
     # ------------------------------------------------------------------ scheduler
     def _loop(self) -> None:
-        while not self._stop.is_set():
+        while True:
+            with self._cond:
+                if self._stop:
+                    break
+                busy = self._pending or any(self._rows)
+                if not busy:
+                    self._cond.wait(timeout=0.05)
+                    continue
             try:
-                h = self._queue.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            if h.cancelled:
-                h._push(Event("done", finish_reason="cancelled", usage=self._usage(h, 0, None)))
-                continue
-            with self._lock:
-                self._running = 1
-            try:
-                self._serve_one(h)
-            except Exception as e:  # one request's failure must not stop the engine
-                log.exception("request failed")
-                h._push(Event("error", finish_reason="error", message=f"{type(e).__name__}: {e}"))
-            finally:
-                with self._lock:
-                    self._running = 0
+                self._iteration()
+            except Exception as e:  # the step's rows fail; the engine and the queue go on
+                log.exception("engine step failed")
+                self._fail_running(f"{type(e).__name__}: {e}")
+        self._end_all("cancelled")
 
-    def _serve_one(self, h: Handle) -> None:
-        req, sp = h.request, h.request.sampling
-        t0 = time.perf_counter()
-        max_new = min(sp.max_tokens, self.max_seq_len - len(req.prompt_ids))
-        images = None
-        if req.images:
-            images = np.stack([np.asarray(im.pixels, np.float32) for im in req.images])
-        out = gen_lib.generate(
-            self.model.model,
-            list(map(int, req.prompt_ids)),
-            images=images,
-            max_new_tokens=max_new,
-            do_sample=sp.temperature > 0,
-            temperature=sp.temperature if sp.temperature > 0 else 1.0,
-            top_p=sp.top_p,
-            stop_words_ids=[list(s) for s in sp.stop_ids],
-            eos_token_id=self.eos,
-            rng=jax.random.key(sp.seed or 0),
-            mesh=self.model.mesh,
-        )
-        ttft = time.perf_counter() - t0
-        with self._lock:
-            self._stats["prompt_tokens"] += len(req.prompt_ids)
-            self._stats["tokens_generated"] += len(out)
-            self._stats["image_encodes"] += len(req.images)
-            self._ttft.append(ttft)
-        n = 0
-        for tok in out:
-            if h.cancelled:
-                h._push(Event("done", finish_reason="cancelled", usage=self._usage(h, n, ttft)))
-                return
-            h._push(Event("token", token=int(tok)))
-            n += 1
-        reason = "stop" if out and out[-1] == self.eos else "length"
-        h._push(Event("done", finish_reason=reason, usage=self._usage(h, n, ttft)))
+    def _iteration(self) -> None:
+        self._admit()
+        self._reap_cancelled()
+        self._prefill_some()
+        self._decode_once()
+
+    def _admit(self) -> None:
+        admitted: list[tuple[int, Handle]] = []
+        with self._cond:
+            free = [i for i, r in enumerate(self._rows) if r is None]
+            while free and self._pending:
+                h = self._pending.popleft()
+                if h.cancelled:
+                    h._push(Event("done", finish_reason="cancelled", usage=_usage(h, 0, None)))
+                    continue
+                admitted.append((free.pop(0), h))
+        if not admitted:
+            return
+        # The admitted requests' images: cached ones reused, the others encoded in one batch.
+        need: dict[str, np.ndarray] = {}
+        found: dict[str, jax.Array] = {}
+        for _, h in admitted:
+            for im in h.request.images:
+                if im.key in found or im.key in need:
+                    continue
+                feats = self._features.get(im.key)
+                if feats is None:
+                    need[im.key] = np.asarray(im.pixels, np.float32)
+                else:
+                    found[im.key] = feats
+        hits = sum(len(h.request.images) for _, h in admitted) - len(need)
+        if need:
+            encoded = self._encode(np.stack(list(need.values())))
+            for i, key in enumerate(need):
+                found[key] = encoded[i]
+                self._features.put(key, encoded[i])
+        q, d = self.cfg.visual.n_queries, self.cfg.hidden_size
+        vis = self.cfg.visual
+        for slot, h in admitted:
+            req = h.request
+            m = _pow2_at_least(max(len(req.images), 1), 1)
+            feats = [found[im.key] for im in req.images]
+            feats += [jnp.zeros((q, d), self.model.model.dtype)] * (m - len(feats))
+            index, _ = image_token_index(np.asarray(req.prompt_ids)[None], vis.image_start_id, q)
+            max_new = min(req.sampling.max_tokens, self.max_seq_len - len(req.prompt_ids))
+            row = _Row(h, list(map(int, req.prompt_ids)), max_new,
+                       jnp.concatenate(feats)[None], index[0], h._t_submit)  # fmt: skip
+            with self._cond:
+                self._rows[slot] = row
+        with self._cond:
+            self._stats["image_encodes"] += len(need)
+            self._stats["image_cache_hits"] += hits
+
+    def _reap_cancelled(self) -> None:
+        for slot, row in enumerate(self._rows):
+            if row is not None and row.handle.cancelled:
+                self._finish(slot, "cancelled")
+
+    def _prefill_some(self) -> None:
+        """Prefill chunks, oldest request first, until `prefill_chunk` tokens are spent."""
+        budget = self.prefill_chunk
+        waiting = [
+            s for s, r in enumerate(self._rows) if r is not None and r.prefilled < len(r.ids)
+        ]
+        waiting.sort(key=lambda s: self._rows[s].t_submit)
+        for slot in waiting:
+            row = self._rows[slot]
+            while budget > 0 and row.prefilled < len(row.ids):
+                n = min(len(row.ids) - row.prefilled, self.prefill_chunk)
+                t = self._chunk_len(n)
+                # A chunk that would run past the slot starts earlier, recomputing cached tokens
+                # at their own positions (same keys and values), so every chunk is a bucket.
+                start = min(row.prefilled, self.cache_len - t)
+                end = row.prefilled + n
+                ids = np.zeros((1, t), np.int32)
+                seg = np.zeros((1, t), np.int32)
+                index = np.full((1, t), -1, np.int32)
+                ids[0, : end - start] = row.ids[start:end]
+                seg[0, : end - start] = 1
+                index[0, : end - start] = row.index[start:end]
+                sp = row.sampling
+                samp = (np.float32(sp.temperature), np.float32(sp.top_p), np.int32(sp.seed or 0))
+                try:
+                    token = self._prefill(slot, ids, seg, start, end - start - 1, row.features,
+                                          index, samp, self._kv_len(start + t))  # fmt: skip
+                except Exception as e:  # this request's failure: the others go on
+                    log.exception("prefill failed")
+                    self._finish(slot, "error", f"{type(e).__name__}: {e}")
+                    break
+                budget -= n
+                row.prefilled = end
+                if end == len(row.ids):
+                    with self._cond:
+                        self._stats["prompt_tokens"] += len(row.ids)
+                    self._accept(slot, int(token))
+            if budget <= 0:
+                break
+
+    def _decode_once(self) -> None:
+        b = self.max_batch
+        rows = [(s, r) for s, r in enumerate(self._rows) if r is not None and r.generated]
+        if not rows:
+            return
+        tokens = np.zeros(b, np.int32)
+        positions = np.full(b, self.cache_len, np.int32)  # not decoding: the write is dropped
+        active = np.zeros(b, bool)
+        temp, top_p = np.zeros(b, np.float32), np.ones(b, np.float32)
+        seed, steps = np.zeros(b, np.int32), np.zeros(b, np.int32)
+        for s, r in rows:
+            tokens[s] = r.generated[-1]
+            positions[s] = len(r.ids) + len(r.generated) - 1
+            active[s] = True
+            temp[s], top_p[s] = r.sampling.temperature, r.sampling.top_p
+            seed[s], steps[s] = r.sampling.seed or 0, len(r.generated)
+        kv = self._kv_len(int(positions[active].max()) + 1)
+        nxt = np.asarray(self._step(tokens, positions, active, (temp, top_p, seed), steps, kv))
+        for s, _ in rows:
+            self._accept(s, int(nxt[s]))
+
+    def _accept(self, slot: int, token: int) -> None:
+        """The row's next token, after its stop sequences (as generate's StopWordsLogitsProcessor:
+        a sequence that ends with one gets eos), emitted; the row finishes on eos or its limit."""
+        row = self._rows[slot]
+        seq = row.ids + row.generated
+        for stop in row.sampling.stop_ids:
+            if stop and len(stop) <= len(seq) and tuple(seq[len(seq) - len(stop) :]) == tuple(stop):
+                token = self.eos
+                break
+        now = time.perf_counter()
+        if row.t_first is None:
+            row.t_first = now
+        row.generated.append(token)
+        row.handle._push(Event("token", token=token))
+        if token == self.eos:
+            self._finish(slot, "stop")
+        elif len(row.generated) >= row.max_new:
+            self._finish(slot, "length")
+
+    def _finish(self, slot: int, reason: str, message: str | None = None) -> None:
+        row = self._rows[slot]
+        n = len(row.generated)
+        ttft = None if row.t_first is None else row.t_first - row.t_submit
+        with self._cond:
+            self._rows[slot] = None
+            self._stats["tokens_generated"] += n
+            self._stats["requests_done"] += 1
+            if ttft is not None:
+                self._ttft.append(ttft)
+            if n > 1:
+                self._tpot.append((time.perf_counter() - row.t_first) / (n - 1))
+        if reason == "error":
+            row.handle._push(Event("error", finish_reason="error", message=message))
+        else:
+            row.handle._push(Event("done", finish_reason=reason, usage=_usage(row.handle, n, ttft)))
+
+    def _fail_running(self, message: str) -> None:
+        for slot, row in enumerate(self._rows):
+            if row is not None:
+                self._finish(slot, "error", message)
+        # The failed step may have consumed the donated cache: start from a fresh one.
+        self._cache = gen_lib.make_cache(self.cfg, self.max_batch, self.cache_len,
+                                         self.model.model.dtype, self.model.mesh)  # fmt: skip
+
+    def _end_all(self, reason: str) -> None:
+        for slot, row in enumerate(self._rows):
+            if row is not None:
+                self._finish(slot, reason)
+        with self._cond:
+            pending, self._pending = list(self._pending), collections.deque()
+        for h in pending:
+            h._push(Event("done", finish_reason=reason, usage=_usage(h, 0, None)))
+
+
+def _usage(h: Handle, n: int, ttft: float | None) -> dict:
+    return {"prompt_tokens": len(h.request.prompt_ids), "completion_tokens": n, "ttft_s": ttft}

@@ -14,6 +14,7 @@ from qwenvl_jax import image as image_lib
 from qwenvl_jax.serve.engine import (
     Engine,
     EngineRequest,
+    Handle,
     ImageInput,
     PromptTooLong,
     QueueFull,
@@ -134,6 +135,75 @@ def test_async_events(engine):
         and sum(e.kind == "token" for e in evs) == 4
         or (evs[-1].finish_reason == "stop")
     )
+
+
+def test_concurrent_requests_equal_alone(engine):
+    # 16 requests of different lengths (one longer than a prefill chunk), greedy, submitted at
+    # once into 4 slots: each answer equals the same request served alone.
+    reqs = [(_prompt(100 + i, 3 + 19 * i), 2 + i % 7) for i in range(16)]
+    handles = [engine.submit(EngineRequest(p, [], Sampling(max_tokens=n))) for p, n in reqs]
+    together = [_collect(h)[0] for h in handles]
+    alone = [_run(engine, p, max_tokens=n)[0] for p, n in reqs]
+    assert together == alone
+    assert all(len(t) >= 1 for t in together)
+
+
+def test_image_encoded_once_for_ten_requests(qwen, engine):
+    _, image = _image("img_b.jpg")
+    ids = qwen.tokenizer.encode("<img>img_b.jpg</img>What is it?")
+    before = engine.stats()
+    handles = [
+        engine.submit(EngineRequest(ids, [image], Sampling(max_tokens=2))) for _ in range(10)
+    ]
+    outs = [_collect(h)[0] for h in handles]
+    after = engine.stats()
+    assert after["image_encodes"] - before["image_encodes"] == 1
+    assert after["image_cache_hits"] - before["image_cache_hits"] == 9
+    assert after["image_cache_bytes"] > 0
+    assert all(o == outs[0] for o in outs)
+
+
+def test_joining_request_does_not_stop_running_rows(engine, monkeypatch):
+    # A decodes; B (a prompt of three prefill chunks) joins: A keeps getting tokens between B's
+    # chunks (the engine's pushes are logged as they happen), and neither answer changes.
+    a_ids, b_ids = _prompt(20, 10), _prompt(21, 3 * 128 - 5)
+    a_alone = _run(engine, a_ids, max_tokens=40)[0]
+    b_alone = _run(engine, b_ids, max_tokens=3)[0]
+    pushes = []
+    push = Handle._push
+
+    def logged(self, ev):
+        pushes.append((self, ev.kind))
+        push(self, ev)
+
+    monkeypatch.setattr(Handle, "_push", logged)
+    ha = engine.submit(EngineRequest(a_ids, [], Sampling(max_tokens=40)))
+    it = ha.events(timeout=120)
+    a_out = [next(it).token for _ in range(3)]  # A is decoding
+    hb = engine.submit(EngineRequest(b_ids, [], Sampling(max_tokens=3)))
+    mark = len(pushes)
+    a_out += [ev.token for ev in it if ev.kind == "token"]
+    b_out = [ev.token for ev in hb.events(timeout=120) if ev.kind == "token"]
+    assert a_out == a_alone and b_out == b_alone
+    after = pushes[mark:]
+    b_first = next(i for i, (h, kind) in enumerate(after) if h is hb)
+    assert sum(h is ha and kind == "token" for h, kind in after[:b_first]) >= 2
+
+
+def test_cancel_frees_slot_for_waiting_request(qwen):
+    eng = Engine(qwen, max_batch=1, max_seq_len=MAX_SEQ, prefill_chunk=64)
+    eng.start()
+    try:
+        long = eng.submit(EngineRequest(_prompt(30, 8), [], Sampling(max_tokens=400)))
+        waiting = eng.submit(EngineRequest(_prompt(31, 8), [], Sampling(max_tokens=2)))
+        next(long.events(timeout=60))  # running in the only slot
+        assert eng.stats()["queue"] == 1
+        long.cancel()
+        assert _collect(long)[1].finish_reason == "cancelled"
+        assert _collect(waiting)[1].finish_reason in ("stop", "length")
+        assert eng.stats()["running"] == 0 and eng.stats()["n_compiled"] > 0
+    finally:
+        eng.shutdown(grace_s=1)
 
 
 def test_threads_submit_concurrently(engine):
