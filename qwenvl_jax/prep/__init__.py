@@ -23,10 +23,12 @@ Writing a step and a command (for whoever adds one):
    seed=args.seed, runner=args.runner, pipeline_args=pipeline_args, reader=...,
    mixture={"ocr": {"task": "ocr", "box_format": "xyxy_pixel"}})`. Register it by name in
    `__main__.COMMANDS`. User mistakes raise `errors.ConfigError` (one line, exit 2).
-4. Tests: run the steps through `runner.run(..., runner="inprocess")` on a fixture the test
-   writes; `tests/prep/` holds shared helpers.
+4. Tests: run the steps through `runner.run(..., runner="inprocess")` (or the command through
+   `__main__.main([...])`) on a fixture the test writes; `tests/prep/conftest.py` and
+   `tests/prep_pairs.py` hold the shared A.1 fixture.
 
 Modules: `steps` (Step, Drop, Context, run_steps), `shards` (readers, writer, done markers),
 `runner` (in-process and Beam runs, progress, report and mixture), `pairs` (A.1), `vqa`, `grit`,
-`refexp` (A.2, A.3), `clip_score` (the CLIP scorer).
+`refexp` (A.2, A.3), `boxes` (validated boxes on the 1000-grid), `clip_score` (the CLIP scorer),
+`bench` (throughput per step); the OCR commands `ocr_synth`, `pdf`, `html`. docs/prep.md.
 """
