@@ -77,11 +77,16 @@ class _Text:
         self.sent = 0
 
     def add(self, token: int) -> bool:
-        """Takes one new token; True once the answer is complete (a stop was met)."""
+        """Takes one new token; True when a stop string ended the answer (the engine does not
+        know them: the caller cancels). After eos or a stop-id sequence the engine ends the
+        request itself (the eos it adds after a stop sequence is counted, as `generate` returns
+        it), and later tokens leave the text as it is."""
         self.n_tokens += 1
+        if self.finish is not None:
+            return False
         if token == self.eos:
             self.finish = "stop"
-            return True
+            return False
         self.ids.append(token)
         for s in self.stop_ids:
             if len(self.ids) >= len(s) and self.ids[-len(s) :] == s:
@@ -95,7 +100,7 @@ class _Text:
             text = text[:cut]
             self.finish = "stop"
         self.text = text
-        return self.finish is not None
+        return cut >= 0
 
     def final(self) -> str:
         return self.text.rstrip() if self.chat else self.text
@@ -452,6 +457,9 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
     return app
 
 
+_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+
+
 class _CountRequests:
     """Counts responses by path and status (plain ASGI: Starlette's BaseHTTPMiddleware would
     stand between a streaming response and the client's disconnect)."""
@@ -466,7 +474,8 @@ class _CountRequests:
 
         async def counting_send(message):
             if message["type"] == "http.response.start":
-                self.counter.labels(scope["path"], str(message["status"])).inc()
+                path = scope["path"] if scope["path"] in _ENDPOINTS else "other"  # bounded labels
+                self.counter.labels(path, str(message["status"])).inc()
             await send(message)
 
         await self.app(scope, receive, counting_send)

@@ -448,3 +448,19 @@ def test_concurrent_requests_equal_each_served_alone(client):
         together = list(pool.map(ask, range(16)))
     assert together == alone
     assert len({a[1] for a in alone}) == 16  # 16 different prompt lengths
+
+
+def _counter(server, name):
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_same_image_is_encoded_once(server, client):
+    url = _png((33, 17))  # an image no other test sends
+    before = [_counter(server, f"qwenvl_image_{k}_total") for k in ("encodes", "cache_hits")]
+    for _ in range(4):
+        client.chat.completions.create(model=NAME, messages=_image_message(url=url), max_tokens=1)
+    after = [_counter(server, f"qwenvl_image_{k}_total") for k in ("encodes", "cache_hits")]
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 3)
