@@ -21,7 +21,8 @@ from qwenvl_jax.serve.engine import (
     Sampling,
 )
 
-MAX_SEQ = 512
+MAX_SEQ = 384
+CHUNK = 64
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def qwen(hf_dir):
 
 @pytest.fixture(scope="module")
 def engine(qwen):
-    eng = Engine(qwen, max_batch=4, max_seq_len=MAX_SEQ, max_queue=64, prefill_chunk=128)
+    eng = Engine(qwen, max_batch=4, max_seq_len=MAX_SEQ, max_queue=64, prefill_chunk=CHUNK)
     eng.start()
     yield eng
     eng.shutdown(grace_s=5)
@@ -138,14 +139,21 @@ def test_async_events(engine):
 
 
 def test_concurrent_requests_equal_alone(engine):
-    # 16 requests of different lengths (one longer than a prefill chunk), greedy, submitted at
-    # once into 4 slots: each answer equals the same request served alone.
-    reqs = [(_prompt(100 + i, 3 + 19 * i), 2 + i % 7) for i in range(16)]
-    handles = [engine.submit(EngineRequest(p, [], Sampling(max_tokens=n))) for p, n in reqs]
+    # 16 requests of different lengths (some longer than a prefill chunk) submitted at once into
+    # 4 slots: each answer equals the same request served alone. Rows 3, 7, 11, 15 sample (their
+    # draws depend on their own seed and step only); the others are greedy.
+    def sampling(i):
+        if i % 4 == 3:
+            return Sampling(max_tokens=2 + i % 7, temperature=0.9, top_p=0.8, seed=i)
+        return Sampling(max_tokens=2 + i % 7)
+
+    reqs = [(_prompt(100 + i, 3 + 13 * i), sampling(i)) for i in range(16)]
+    handles = [engine.submit(EngineRequest(p, [], sp)) for p, sp in reqs]
     together = [_collect(h)[0] for h in handles]
-    alone = [_run(engine, p, max_tokens=n)[0] for p, n in reqs]
+    alone = [_collect(engine.submit(EngineRequest(p, [], sp)))[0] for p, sp in reqs]
     assert together == alone
-    assert all(len(t) >= 1 for t in together)
+    greedy = _run(engine, reqs[3][0], max_tokens=reqs[3][1].max_tokens)[0]
+    assert together[3] != greedy  # the sampled row did sample
 
 
 def test_image_encoded_once_for_ten_requests(qwen, engine):
@@ -166,7 +174,7 @@ def test_image_encoded_once_for_ten_requests(qwen, engine):
 def test_joining_request_does_not_stop_running_rows(engine, monkeypatch):
     # A decodes; B (a prompt of three prefill chunks) joins: A keeps getting tokens between B's
     # chunks (the engine's pushes are logged as they happen), and neither answer changes.
-    a_ids, b_ids = _prompt(20, 10), _prompt(21, 3 * 128 - 5)
+    a_ids, b_ids = _prompt(20, 10), _prompt(21, 3 * CHUNK - 5)
     a_alone = _run(engine, a_ids, max_tokens=40)[0]
     b_alone = _run(engine, b_ids, max_tokens=3)[0]
     pushes = []
@@ -190,20 +198,23 @@ def test_joining_request_does_not_stop_running_rows(engine, monkeypatch):
     assert sum(h is ha and kind == "token" for h, kind in after[:b_first]) >= 2
 
 
-def test_cancel_frees_slot_for_waiting_request(qwen):
-    eng = Engine(qwen, max_batch=1, max_seq_len=MAX_SEQ, prefill_chunk=64)
-    eng.start()
-    try:
-        long = eng.submit(EngineRequest(_prompt(30, 8), [], Sampling(max_tokens=400)))
-        waiting = eng.submit(EngineRequest(_prompt(31, 8), [], Sampling(max_tokens=2)))
-        next(long.events(timeout=60))  # running in the only slot
-        assert eng.stats()["queue"] == 1
-        long.cancel()
-        assert _collect(long)[1].finish_reason == "cancelled"
-        assert _collect(waiting)[1].finish_reason in ("stop", "length")
-        assert eng.stats()["running"] == 0 and eng.stats()["n_compiled"] > 0
-    finally:
-        eng.shutdown(grace_s=1)
+def test_cancel_frees_slot_for_waiting_request(engine):
+    # Every slot busy with a long request, one more waiting: cancelling one running request
+    # lets the waiting one in and through while the others still run.
+    running = [engine.submit(EngineRequest(_prompt(30 + i, 8), [], Sampling(max_tokens=400)))
+               for i in range(engine.max_batch)]  # fmt: skip
+    waiting = engine.submit(EngineRequest(_prompt(40, 8), [], Sampling(max_tokens=2)))
+    for h in running:
+        next(h.events(timeout=60))  # each holds a slot
+    assert engine.stats()["queue"] == 1 and engine.stats()["running"] == engine.max_batch
+    running[0].cancel()
+    assert _collect(running[0])[1].finish_reason == "cancelled"
+    assert _collect(waiting)[1].finish_reason in ("stop", "length")
+    assert not any(h.finished for h in running[1:])
+    for h in running[1:]:
+        h.cancel()
+        assert _collect(h)[1].finish_reason == "cancelled"
+    assert engine.stats()["n_compiled"] > 0
 
 
 def test_threads_submit_concurrently(engine):
