@@ -147,12 +147,13 @@ class QWenAttention(nnx.Module):
         layer_cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
         cache_index: jax.Array | None = None,
     ):
-        """x [B, T, D] -> ([B, T, D], the new stacked (k, v) [L, B, S, N, H] or None).
+        """x [B, T, D] -> ([B, T, D], the new stacked (k, v) [L, B', S, N, H] or None).
 
-        layer_cache: (k, v, kv_segment_ids, layer): the whole stacked cache, the key segment ids
-        [B, S'] and this layer's int32 index. The T new keys/values are written at slot
-        cache_index (an int32 scalar, or int32 [B] per row) of layer `layer`; the queries attend
-        to the first S' <= S slots (those <= their own position).
+        layer_cache: (k, v, kv_segment_ids, layer): the whole stacked cache (B' >= B rows; the
+        tokens are those of its first B), the key segment ids [B, S'] and this layer's int32
+        index. The T new keys/values are written at slot cache_index (an int32 scalar, or int32
+        [B] per row) of layer `layer`; the queries attend to the first S' <= S slots (those <=
+        their own position).
         """
         qkv = layers.remat_name(self.c_attn(x), "qkv_proj")
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, N, H]
@@ -180,8 +181,9 @@ class QWenAttention(nnx.Module):
             k_all, v_all = write_cache(k_all, v_all, k, v, layer, cache_index)
             q_pos = _positions(cache_index, x.shape[0], t)
             kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (x.shape[0], s))
-            # This layer's first s slots: a read (fused into the attention where XLA can).
-            shape = (1,) + k_all.shape[1:2] + (s,) + k_all.shape[3:]
+            # This layer's first s slots of the first B rows (the serving engine runs its first
+            # rows only): a read, fused into the attention where XLA can.
+            shape = (1, x.shape[0], s) + k_all.shape[3:]
             start = (layer, 0, 0, 0, 0)
             ck = jax.lax.dynamic_slice(k_all, start, shape)[0]
             cv = jax.lax.dynamic_slice(v_all, start, shape)[0]

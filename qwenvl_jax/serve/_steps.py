@@ -99,7 +99,8 @@ def prefill_chunk(graphdef, state, cache, slot, ids, seg, start, last, features,
 )
 def decode_step(graphdef, state, cache, tokens, positions, active, sampling, steps, *, kv_len,
                 use_logn, ctx=None):  # fmt: skip
-    """One new token for every slot.
+    """One new token for each of the first B slots (B <= the cache's rows: a bucket that holds
+    every running row, so a lightly loaded engine does not compute its empty slots).
 
     Args:
       cache: the slot cache (donated; updated in place).
@@ -112,9 +113,11 @@ def decode_step(graphdef, state, cache, tokens, positions, active, sampling, ste
     Returns:
       (int32 [B] next tokens, the cache).
     """
+    rows = tokens.shape[0]
     with _scope(ctx):
         model = nnx.merge(graphdef, state)
-        view = {"k": cache["k"], "v": cache["v"], "segment_ids": cache["segment_ids"][:, :kv_len]}
+        seg = cache["segment_ids"][:rows, :kv_len]
+        view = {"k": cache["k"], "v": cache["v"], "segment_ids": seg}
         hidden, view = model.hidden_states(
             tokens[:, None],
             segment_ids=active.astype(jnp.int32)[:, None],

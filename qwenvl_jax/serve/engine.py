@@ -12,7 +12,8 @@ positions, created once on the device (sharded over the model's mesh as `generat
    at most `prefill_chunk` tokens right-padded to a power-of-two bucket (a long prompt takes
    several iterations, and the running rows decode between its chunks). The last chunk yields
    the request's first token, and the slot decodes from the next step on;
-3. runs one decode step for every slot (`_steps.decode_step`): each row feeds its last token at
+3. runs one decode step over the first slots, a power-of-two bucket that holds every running row
+   (requests take the lowest free slot; `_steps.decode_step`): each row feeds its last token at
    its own position (a per-row `cache_index`, written in place), with its own temperature, top-p
    and seed; the attention reads only the first `kv_len` cache positions, the smallest bucket that
    holds every running row. Stop sequences, eos and the length limit are applied per row on the
@@ -21,9 +22,10 @@ positions, created once on the device (sharded over the model's mesh as `generat
    leaves at once and its slot takes the next request.
 
 Programs are compiled per bucket (prefill: chunk length x attended length x image count; decode:
-attended length); `start` compiles the decode steps and the first-chunk prefills and logs how many
-programs exist (`stats()["n_compiled"]` counts later ones too). JAX's persistent compilation cache
-is used when it is configured (`train.compiler.enable_cache`, as the trainer does).
+rows x attended length); `start` compiles the decode steps and the first-chunk prefills and logs
+how many programs exist (`stats()["n_compiled"]` counts later ones too). JAX's persistent
+compilation cache is used when it is configured (`train.compiler.enable_cache`, as the trainer
+does).
 
 Why a contiguous slot cache and not a paged one: every slot holds `max_seq_len` positions, so the
 memory is `max_batch x max_seq_len` whatever the lengths, and a paged cache (vLLM's blocks) could
@@ -274,11 +276,15 @@ class Engine:
         self._kv_buckets.append(self.cache_len)
         self._graphdef, self._state = nnx.split(model.model)
         self._use_logn = bool(cfg.use_logn_attn)
-        self._ctx = None
-        self._ctx1 = None
+        # Decode steps run the first `rows` slots, a bucket holding every running row (requests
+        # take the lowest free slot), so a lightly loaded engine does not compute empty slots.
+        self._row_buckets = [b for b in (2**i for i in range(32)) if b < max_batch]
+        self._row_buckets.append(max_batch)
+        self._ctx = {b: None for b in self._row_buckets + [1]}
         if mesh is not None:
-            self._ctx = gen_lib.ShardingContext(mesh, gen_lib.inference_rules(mesh, max_batch))
-            self._ctx1 = gen_lib.ShardingContext(mesh, gen_lib.inference_rules(mesh, 1))
+            for b in self._ctx:
+                self._ctx[b] = gen_lib.ShardingContext(mesh, gen_lib.inference_rules(mesh, b))
+        self._ctx1 = self._ctx[1]
         self._cache = None
         self._features = _FeatureCache(int(image_cache_mb * 2**20))
         self._programs: set = set()
@@ -428,23 +434,24 @@ class Engine:
         return token
 
     def _step(self, tokens, positions, active, sampling, steps, kv_len):
-        self._programs.add(("decode", kv_len))
+        rows = len(tokens)
+        self._programs.add(("decode", rows, kv_len))
         nxt, self._cache = _steps.decode_step(
             self._graphdef, self._state, self._cache, tokens, positions, active, sampling, steps,
-            kv_len=kv_len, use_logn=self._use_logn, ctx=self._ctx,
+            kv_len=kv_len, use_logn=self._use_logn, ctx=self._ctx[rows],
         )  # fmt: skip
         return nxt
 
     def _warm_up(self) -> None:
-        """Compile the decode step of every attended-length bucket and the prefill of every chunk
-        bucket at the start of a slot (with one image's features); run them once."""
-        b = self.max_batch
+        """Compile the decode step of every row x attended-length bucket and the prefill of every
+        chunk bucket at the start of a slot (with one image's features); run them once."""
         q, d = self.cfg.visual.n_queries, self.cfg.hidden_size
-        off = np.full(b, self.cache_len, np.int32)  # every write dropped
-        zeros = np.zeros(b, np.int32)
-        samp_b = (np.zeros(b, np.float32), np.ones(b, np.float32), zeros)
-        for kv in self._kv_buckets:
-            self._step(zeros, off, np.zeros(b, bool), samp_b, zeros, kv).block_until_ready()
+        for b in self._row_buckets:
+            off = np.full(b, self.cache_len, np.int32)  # every write dropped
+            zeros = np.zeros(b, np.int32)
+            samp_b = (np.zeros(b, np.float32), np.ones(b, np.float32), zeros)
+            for kv in self._kv_buckets:
+                self._step(zeros, off, np.zeros(b, bool), samp_b, zeros, kv).block_until_ready()
         feats = jnp.zeros((1, q, d), self.model.model.dtype)
         samp = (np.float32(0), np.float32(1), np.int32(0))
         t = MIN_CHUNK
@@ -572,10 +579,10 @@ class Engine:
                 break
 
     def _decode_once(self) -> None:
-        b = self.max_batch
         rows = [(s, r) for s, r in enumerate(self._rows) if r is not None and r.generated]
         if not rows:
             return
+        b = next(n for n in self._row_buckets if n > rows[-1][0])
         tokens = np.zeros(b, np.int32)
         positions = np.full(b, self.cache_len, np.int32)  # not decoding: the write is dropped
         active = np.zeros(b, bool)
