@@ -359,6 +359,8 @@ def _item_rows(rec: dict, baseline: dict | None) -> list[list[str]]:
             notes.append(f"{x['tokens_per_s'] / ref['tokens_per_s']:.2f}x published")
         if "real_tokens_per_s" in x:
             notes.append(f"real tokens/s {x['real_tokens_per_s']:,.0f}")
+        if x.get("mfu_real") is not None:
+            notes.append(f"MFU over real work {x['mfu_real']:.1%}")
         out.append(
             [
                 rec["name"],
