@@ -27,7 +27,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
   'optax', optax.__version__, jax.devices())" || exit 1
 # The trainer's XLA flags on this JAX: XLA aborts on a flag it does not know, which would fail
 # every item; then the suite runs without them and says so.
-if ! "$py" -c "from qwenvl_jax.train import compiler; compiler.apply_flags(); import jax
+if ! "$py" -c "from qwenvl_jax import compiler; compiler.apply_flags(); import jax
 print('trainer flags:', compiler.os.environ.get('XLA_FLAGS'), jax.devices())"; then
   echo "the trainer's XLA flags fail on this JAX: the suite runs without them"
   export QWENVL_NO_COMPILER_FLAGS=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}

@@ -37,7 +37,7 @@ earlier Python loop of one compiled step per token (`generate.generate_stepwise`
 `--suite=device` runs all of these that a lent GPU should measure, in one call (bench_suite.py:
 ref8 and full beside the published step, decode, the attention and remat A/B, the serving
 benchmark), and writes one JSON and one markdown table; `--tiny` runs it at CPU sizes. Every mode
-applies the trainer's compiler flags and GPU memory share first (train/compiler.py).
+applies the trainer's compiler flags and GPU memory share first (qwenvl_jax/compiler.py).
 """
 
 from __future__ import annotations
@@ -54,14 +54,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from qwenvl_jax import bench_reference, cli, train
+from qwenvl_jax import bench_reference, cli, compiler, train
 from qwenvl_jax import flops as flops_lib
 from qwenvl_jax.config import get_preset
 from qwenvl_jax.data.batch import real_work
 from qwenvl_jax.data.random_batches import RandomBatches
 from qwenvl_jax.errors import ConfigError, MissingPathError, UserError
 from qwenvl_jax.serve import bench as serve_bench  # defines the --mode=serve flags
-from qwenvl_jax.train import compiler, stage_config
+from qwenvl_jax.train import stage_config
 from qwenvl_jax.train.state import encoded_images, model_config
 from qwenvl_jax.train.step import image_budget_of
 

@@ -78,8 +78,14 @@ def test_arrows_point_one_way():
         in_demo = mod.startswith("qwenvl_jax.demo")
         if not in_demo and mod != "qwenvl_jax.train.__main__":
             assert not {d for d in deps if d.startswith("qwenvl_jax.demo")}, mod
-        # The stage configs (qwenvl_jax/configs) are the trainer's, as bench is.
-        trainer = ("qwenvl_jax.train", "qwenvl_jax.bench", "qwenvl_jax.configs")
+        # The stage configs (qwenvl_jax/configs) are the trainer's, as the benches are (both take
+        # a stage config; data.bench times packed rows at a stage's own settings).
+        trainer = (
+            "qwenvl_jax.train",
+            "qwenvl_jax.bench",
+            "qwenvl_jax.configs",
+            "qwenvl_jax.data.bench",
+        )
         library = not (in_demo or mod.startswith(trainer))
         if library:
             assert not {d for d in deps if d.startswith("qwenvl_jax.train")}, mod

@@ -103,8 +103,8 @@ def _run(argv) -> None:
         from qwenvl_jax.sharding import parse_mesh
 
         parse_mesh(args.mesh)  # a bad mesh string is one line before any weight is read
-    # The GPU memory share training takes (0.9, train/compiler.py), before JAX starts a backend.
-    from qwenvl_jax.train.compiler import set_gpu_memory_fraction
+    # The GPU memory share training takes (0.9, qwenvl_jax/compiler.py), before JAX starts.
+    from qwenvl_jax.compiler import set_gpu_memory_fraction
 
     set_gpu_memory_fraction()
     from qwenvl_jax.errors import optional_import

@@ -24,7 +24,7 @@ positions, created once on the device (sharded over the model's mesh as `generat
 Programs are compiled per bucket (prefill: chunk length x attended length x image count; decode:
 rows x attended length); `start` compiles the decode steps and the first-chunk prefills and logs
 how many programs exist (`stats()["n_compiled"]` counts later ones too). JAX's persistent
-compilation cache is used when it is configured (`train.compiler.enable_cache`, as the trainer
+compilation cache is used when it is configured (`compiler.enable_cache`, as the trainer
 does).
 
 Why a contiguous slot cache and not a paged one: every slot holds `max_seq_len` positions, so the

@@ -26,10 +26,9 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from qwenvl_jax import cli
+from qwenvl_jax import cli, compiler
 from qwenvl_jax import sharding as shd
 from qwenvl_jax.errors import UserError
-from qwenvl_jax.train import compiler
 from qwenvl_jax.train.aot import command_line, dry_run
 from qwenvl_jax.train.cli import parse_flags
 from qwenvl_jax.train.loop import train

@@ -75,7 +75,7 @@ def topology_devices(cfg) -> list | None:
         return None
     from jax.experimental import topologies
 
-    from qwenvl_jax.train import compiler
+    from qwenvl_jax import compiler
 
     # The TPU compiler reads its flags when libtpu starts, here; JAX_PLATFORMS=cpu hides the
     # platform from the trainer's own apply_flags, so the slice's flags are set now.

@@ -12,11 +12,11 @@ import ml_collections
 import numpy as np
 
 from qwenvl_jax import checkpoint as ckpt_lib
-from qwenvl_jax import fileio
+from qwenvl_jax import compiler, fileio
 from qwenvl_jax import flops as flops_lib
 from qwenvl_jax.data.batch import real_work
 from qwenvl_jax.metrics import MetricsWriter
-from qwenvl_jax.train import compiler, inputs
+from qwenvl_jax.train import inputs
 from qwenvl_jax.train import remat as remat_lib
 from qwenvl_jax.train.inputs import make_data_iterator, make_eval_iterator
 from qwenvl_jax.train.nonfinite import NonFiniteGuard

@@ -40,7 +40,7 @@ def test_tpu_pod_passes_flags_with_spaces_through_the_remote_shell(tmp_path):
 
 def test_tpu_pod_forwards_the_users_libtpu_flags(tmp_path):
     """LIBTPU_INIT_ARGS set where the script runs reaches every host whole (the trainer adds its
-    defaults to it there, keeping the user's values: qwenvl_jax/train/compiler.py)."""
+    defaults to it there, keeping the user's values: qwenvl_jax/compiler.py)."""
     saved = _fake_gcloud(tmp_path)
     user = "--xla_tpu_enable_async_collective_fusion=false --xla_foo=1"
     env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", REPO="https://h/r.git")

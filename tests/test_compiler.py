@@ -10,7 +10,7 @@ import pytest
 from paths import ROOT
 from tiny import TINY_FLAGS
 
-from qwenvl_jax.train import compiler
+from qwenvl_jax import compiler
 
 
 def test_flags_per_platform_keep_what_the_user_set():

@@ -1,4 +1,5 @@
-"""Compiler settings of a training run: XLA flags per platform and the persistent compilation cache.
+"""Compiler settings of a run (training, bench, server): XLA flags per platform, the GPU memory
+share and the persistent compilation cache.
 
 `apply_flags()` runs in `python -m qwenvl_jax.train` before JAX creates its backends (the flags are
 read then); launch/tpu_pod.sh exports the same TPU flags on every host. A flag the user already
