@@ -76,7 +76,8 @@ setup(
             "pyarrow>=14",
             "regex>=2024.4",
             # A.4 OCR data: PDF pages (prep pdf) and the fonts' glyph tables (prep synthdog).
-            "pymupdf>=1.24",
+            # PyMuPDF 2 pulls onnxruntime and more; 1.x has no dependencies and does the job.
+            "pymupdf>=1.24,<2",
             "fonttools>=4.40",
         ],
         # The OpenAI-compatible server (python -m qwenvl_jax.serve) and its benchmark.
@@ -94,7 +95,7 @@ setup(
             "tensorflow-datasets>=4.9.6",
             "pycocoevalcap>=1.2",
             # The OCR data tests render and read PDFs (tests/prep/test_pdf.py).
-            "pymupdf>=1.24",
+            "pymupdf>=1.24,<2",
             *GCS,
             # The server's tests drive it with the openai client (httpx comes with SERVE).
             *SERVE,
