@@ -276,23 +276,11 @@ class Chromium:
         return OcrPage(image, lines, key=key)
 
 
-def _html_paths(path: str) -> list[str]:
-    if path.lower().endswith((".html", ".htm")):
-        return [path]
-    root = posixpath.dirname(os.fspath(path)) or "."
-    out = []
-    for line in fileio.read_text(path).splitlines():
-        p = line.strip()
-        if p and not p.startswith("#"):
-            out.append(p if fileio.is_remote(p) or os.path.isabs(p) else fileio.join(root, p))
-    return out
-
-
 def read_html(
     path: str, *, width: int = 1024, max_height: int = 4096, allow_network: bool = False
 ) -> Iterator[dict]:
     """The `ocr` records of an HTML file, or of the HTML files a list file names (one browser)."""
-    paths = _html_paths(path)
+    paths = ocr_page.input_paths(path, (".html", ".htm"))
     with Chromium(allow_network=allow_network) as browser, tempfile.TemporaryDirectory() as tmp:
         for i, p in enumerate(paths):
             if fileio.is_remote(p):  # the browser reads local files: copy it down first

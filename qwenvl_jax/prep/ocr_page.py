@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
+import posixpath
 import unicodedata
 from collections.abc import Sequence
 
 from PIL import Image
 
+from qwenvl_jax import fileio
 from qwenvl_jax.errors import ConfigError
 from qwenvl_jax.prep.steps import Drop
 
@@ -87,6 +90,20 @@ class OcrPage:
             "height": h,
             "lines": lines,
         }
+
+
+def input_paths(path: str, suffixes: tuple[str, ...]) -> list[str]:
+    """`path` itself when it ends in one of `suffixes` (a .pdf, an .html page), else a list file:
+    one path per line (blank lines and `#` comments skipped), relative ones from its folder."""
+    if path.lower().endswith(suffixes):
+        return [path]
+    root = posixpath.dirname(os.fspath(path)) or "."
+    out = []
+    for line in fileio.read_text(path).splitlines():
+        p = line.strip()
+        if p and not p.startswith("#"):
+            out.append(p if fileio.is_remote(p) or os.path.isabs(p) else fileio.join(root, p))
+    return out
 
 
 def box_quad(x1: float, y1: float, x2: float, y2: float) -> tuple[float, ...]:

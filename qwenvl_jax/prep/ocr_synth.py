@@ -87,6 +87,12 @@ def find_fonts(patterns: Sequence[str]) -> list[str]:
     Raises:
       MissingPathError: nothing matched (names the patterns).
     """
+    return _find_files(patterns, (".ttf", ".otf", ".ttc"), "--fonts", "font")
+
+
+def _find_files(patterns: Sequence[str], suffixes: tuple[str, ...], flag: str, what: str):
+    """Files ending in `suffixes` that match globs or lie under directories, sorted; a
+    MissingPathError naming `flag` when none does."""
     out = set()
     for p in patterns:
         if os.path.isdir(p):
@@ -94,10 +100,11 @@ def find_fonts(patterns: Sequence[str]) -> list[str]:
         out.update(
             f
             for f in glob.glob(p, recursive=True)
-            if f.lower().endswith((".ttf", ".otf", ".ttc")) and os.path.isfile(f)
+            if f.lower().endswith(suffixes) and os.path.isfile(f)
         )
     if not out:
-        raise MissingPathError(f"--fonts: no .ttf/.otf/.ttc font matches {list(patterns)}")
+        kinds = "/".join(suffixes)
+        raise MissingPathError(f"{flag}: no {kinds} {what} matches {list(patterns)}")
     return sorted(out)
 
 
@@ -457,18 +464,7 @@ def add_arguments(p) -> None:
 
 
 def _images(patterns: Sequence[str]) -> list[str]:
-    out = set()
-    for p in patterns:
-        if os.path.isdir(p):
-            p = os.path.join(p, "**", "*")
-        out.update(
-            f
-            for f in glob.glob(p, recursive=True)
-            if f.lower().endswith((".jpg", ".jpeg", ".png", ".webp")) and os.path.isfile(f)
-        )
-    if not out:
-        raise MissingPathError(f"--backgrounds: no .jpg/.png/.webp image matches {list(patterns)}")
-    return sorted(out)
+    return _find_files(patterns, (".jpg", ".jpeg", ".png", ".webp"), "--backgrounds", "image")
 
 
 def run(args, pipeline_args) -> dict:

@@ -85,21 +85,9 @@ def pdf_pages(
             yield OcrPage(image, lines, key=f"{name}-p{number:04d}")
 
 
-def _pdf_paths(path: str) -> list[str]:
-    if path.lower().endswith(".pdf"):
-        return [path]
-    root = posixpath.dirname(os.fspath(path)) or "."
-    out = []
-    for line in fileio.read_text(path).splitlines():
-        p = line.strip()
-        if p and not p.startswith("#"):
-            out.append(p if fileio.is_remote(p) or os.path.isabs(p) else fileio.join(root, p))
-    return out
-
-
 def read_pdfs(path: str, *, dpi: float = 100.0, level: str = "span") -> Iterator[dict]:
     """The `ocr` records of every page of a `.pdf`, or of the PDFs a list file names."""
-    for p in _pdf_paths(path):
+    for p in ocr_page.input_paths(path, (".pdf",)):
         try:
             data = fileio.read_bytes(p)
         except FileNotFoundError:
