@@ -325,5 +325,5 @@ def run(args, pipeline_args) -> dict:
         runner=args.runner,
         pipeline_args=pipeline_args,
         reader=reader,
-        mixture_source={"task": "ocr", "box_format": "xyxy_pixel"},
+        mixture={"train": {"task": "ocr", "box_format": "xyxy_pixel"}},
     )

@@ -505,5 +505,5 @@ def run(args, pipeline_args) -> dict:
         runner=args.runner,
         pipeline_args=pipeline_args,
         reader=read_spec,
-        mixture_source={"task": "ocr", "box_format": "xyxy_pixel"},
+        mixture={"train": {"task": "ocr", "box_format": "xyxy_pixel"}},
     )

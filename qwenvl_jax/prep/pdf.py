@@ -119,5 +119,5 @@ def run(args, pipeline_args) -> dict:
         runner=args.runner,
         pipeline_args=pipeline_args,
         reader=functools.partial(read_pdfs, dpi=args.dpi, level=args.level),
-        mixture_source={"task": "ocr", "box_format": "xyxy_pixel"},
+        mixture={"train": {"task": "ocr", "box_format": "xyxy_pixel"}},
     )

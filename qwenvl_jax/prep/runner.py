@@ -113,7 +113,6 @@ def run(
     reader: Callable[[str], object] = shards.read_shard,
     output_name: str = "train",
     mixture: dict | None = None,
-    mixture_source: dict | None = None,
 ) -> dict:
     """Runs `steps` over every input shard not already done, then `finish`. Returns the report.
 
@@ -128,7 +127,6 @@ def run(
       output_name: the merged file's name (`OUT/<output_name>.jsonl`).
       mixture: {source name: entry fields (task, box_format, image_root...)} for `mixture.json`
         (each entry's path is the merged file unless given), or None for no mixture file.
-      mixture_source: shorthand for `mixture={output_name: mixture_source}`.
     """
     if runner not in RUNNERS:
         raise ConfigError(f"--runner={runner}: choose from {', '.join(RUNNERS)}")
@@ -152,8 +150,6 @@ def run(
             progress.add(process_shard(p, out_dir, steps, seed, reader))
     elif pending:
         _run_beam(steps, pending, out_dir, seed, runner, pipeline_args, reader, progress)
-    if mixture_source is not None:
-        mixture = {output_name: mixture_source, **(mixture or {})}
     return finish(out_dir, names, output_name, mixture)
 
 
