@@ -71,6 +71,13 @@ def _run(argv) -> None:
         "--image_cache_mb", type=float, default=256.0, metavar="MB", help="image-feature cache size"
     )
     p.add_argument(
+        "--prefix_cache_mb",
+        type=float,
+        default=256.0,
+        metavar="MB",
+        help="prompt-prefix KV cache size (0: off)",
+    )
+    p.add_argument(
         "--max_images", type=_positive(int), default=8, metavar="N", help="images per request"
     )
     p.add_argument(
@@ -126,6 +133,7 @@ def _run(argv) -> None:
         max_queue=args.max_queue,
         image_cache_mb=args.image_cache_mb,
         prefill_chunk=args.prefill_chunk,
+        prefix_cache_mb=args.prefix_cache_mb,
         allowed_local_dir=args.allowed_local_dir,
         served_model_name=args.served_model_name,
         max_images=args.max_images,

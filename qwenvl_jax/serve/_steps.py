@@ -129,3 +129,26 @@ def decode_step(graphdef, state, cache, tokens, positions, active, sampling, ste
         nxt = select_tokens(logits, *sampling, steps)
     seg = jax.lax.dynamic_update_slice(cache["segment_ids"], view["segment_ids"], (0, 0))
     return nxt, {"k": view["k"], "v": view["v"], "segment_ids": seg}
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def read_block(cache, slot, start, *, size):
+    """The keys and values [L, 1, size, N, H] of slot `slot` from position `start` (int32s): a
+    prefilled prompt block to keep in the engine's prefix cache."""
+    shape = (cache["k"].shape[0], 1, size) + cache["k"].shape[3:]
+    at = (0, slot, start, 0, 0)
+    k = jax.lax.dynamic_slice(cache["k"], at, shape)
+    return k, jax.lax.dynamic_slice(cache["v"], at, shape)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def write_block(cache, slot, start, k, v):
+    """A kept block k, v [L, 1, T, N, H] into slot `slot` at positions start..start+T-1 (segment 1),
+    in place: the slot then holds that prompt prefix as if it had been prefilled."""
+    at = (0, slot, start, 0, 0)
+    seg = jnp.ones((1, k.shape[2]), jnp.int32)
+    return {
+        "k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at),
+        "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at),
+        "segment_ids": jax.lax.dynamic_update_slice(cache["segment_ids"], seg, (slot, start)),
+    }

@@ -57,6 +57,10 @@ class _EngineCollector:
             "prompt_tokens": ("prompt tokens prefilled", "prompt_tokens"),
             "image_encodes": ("images run through the vision tower", "image_encodes"),
             "image_cache_hits": ("images served from the feature cache", "image_cache_hits"),
+            "prefix_tokens_reused": (
+                "prompt tokens whose keys and values came from the prefix cache",
+                "prefix_tokens_reused",
+            ),
         }
         for name, (doc, key) in counters.items():
             c = CounterMetricFamily(f"qwenvl_{name}", doc)

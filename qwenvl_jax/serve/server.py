@@ -31,6 +31,7 @@ def build(
     max_queue: int = 256,
     image_cache_mb: float = 256.0,
     prefill_chunk: int = 512,
+    prefix_cache_mb: float = 256.0,
     allowed_local_dir: str | None = None,
     served_model_name: str | None = None,
     max_images: int = 8,
@@ -48,6 +49,7 @@ def build(
         max_queue=max_queue,
         image_cache_mb=image_cache_mb,
         prefill_chunk=prefill_chunk,
+        prefix_cache_mb=prefix_cache_mb,
     )
     engine.start()
     name = served_model_name or os.path.basename(os.path.normpath(checkpoint))

@@ -171,12 +171,12 @@ def test_image_encoded_once_for_ten_requests(qwen, engine):
     assert all(o == outs[0] for o in outs)
 
 
-def test_joining_request_does_not_stop_running_rows(engine, monkeypatch):
+def test_joining_request_does_not_stop_running_rows(qwen, engine, monkeypatch):
     # A decodes; B (a prompt of three prefill chunks) joins: A keeps getting tokens between B's
     # chunks (the engine's pushes are logged as they happen), and neither answer changes.
     a_ids, b_ids = _prompt(20, 10), _prompt(21, 3 * CHUNK - 5)
     a_alone = _run(engine, a_ids, max_tokens=40)[0]
-    b_alone = _run(engine, b_ids, max_tokens=3)[0]
+    b_alone = qwen.generate(b_ids, max_new_tokens=3)  # not the engine: B's blocks stay uncached
     pushes = []
     push = Handle._push
 
@@ -230,3 +230,24 @@ def test_threads_submit_concurrently(engine):
         t.join()
     for i in range(4):
         assert results[i] == _run(engine, _prompt(10 + i, 5 + 7 * i), max_tokens=3 + i)[0]
+
+
+def test_prefix_blocks_reused_with_the_same_answer(qwen, engine, monkeypatch):
+    # The same prompt with an image again: its whole leading blocks come from the prefix cache and
+    # the answer still equals generate; the same ids with another image reuse nothing (the blocks
+    # hold the image's features).
+    monkeypatch.chdir(REF)
+    text = "Picture 1: <img>img_a.png</img>Which colour is the square, in one word?"
+    ids = qwen.tokenizer.encode(text)
+    want = qwen.generate(text, max_new_tokens=6)
+    _, img_a = _image("img_a.png")
+    _, img_b = _image("img_b.jpg")
+    reused = []
+    outs = []
+    for image in (img_a, img_a, img_b):
+        before = engine.stats()["prefix_tokens_reused"]
+        outs.append(_run(engine, ids, [image], max_tokens=6)[0])
+        reused.append(engine.stats()["prefix_tokens_reused"] - before)
+    assert outs[0] == want and outs[1] == want
+    assert reused == [0, (len(ids) - 1) // 64 * 64, 0] and reused[1] >= 256
+    assert engine.stats()["prefix_cache_bytes"] > 0
