@@ -448,7 +448,8 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
         if state["draining"]:
             return JSONResponse({"status": "shutting down"}, status_code=503)
         s = engine.stats()
-        return {"status": "ok", "queue": s.get("queue"), "running": s.get("running")}
+        return {"status": "ok", "queue": s.get("queue"), "running": s.get("running"),
+                "slots": s.get("slots")}  # fmt: skip
 
     @app.get("/metrics")
     async def prometheus():

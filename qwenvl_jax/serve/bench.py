@@ -36,6 +36,12 @@ from qwenvl_jax.errors import ConfigError, MissingPathError
 
 _URL = flags.DEFINE_string("url", "", "serve: an already running server (else one is started).")
 _CKPT = flags.DEFINE_string("checkpoint", "", "serve: the checkpoint the started server loads.")
+_RANDOM = flags.DEFINE_enum(
+    "random_model", "", ["", "tiny", "tiny-d64"],
+    "serve: instead of --checkpoint, a random checkpoint written to a temporary directory: tiny"
+    " (the `tiny` preset, the tests' fixture: d=256, 2 layers, the real 151,936-token vocabulary)"
+    " or tiny-d64 (the same at d=64, a ViT of width 32).",
+)  # fmt: skip
 _MODEL = flags.DEFINE_string("model", "", "serve: the served model name (default: the server's).")
 _CONC = flags.DEFINE_integer("concurrency", 32, "serve: concurrent clients.")
 _NREQ = flags.DEFINE_integer("num_requests", 64, "serve: requests per run.")
@@ -44,6 +50,11 @@ _IMGDIR = flags.DEFINE_string("image_dir", "", "serve: images to send (default: 
 _SOAK = flags.DEFINE_integer(
     "soak_s", 0, "serve: then this many seconds at saturation, the server's RSS sampled."
 )
+_LONG = flags.DEFINE_integer(
+    "long_prompt", 0,
+    "serve: then a prompt of about this many tokens arrives while --concurrency rows decode; the"
+    " rows' time between streamed chunks while it is prefilled (its chunks) is printed.",
+)  # fmt: skip
 _SFLAGS = flags.DEFINE_string(
     "server_flags", "", "serve: extra flags for the started server (e.g. '--max_seq_len=1024')."
 )
@@ -54,6 +65,28 @@ PROMPTS = (
     "Generate the caption in English with grounding:",
     "Is there any text in the image? Answer briefly.",
 )
+
+
+# Overrides of the `tiny` preset for --random_model.
+RANDOM_MODELS = {
+    "tiny": {},
+    "tiny-d64": {"hidden_size": 64, "kv_channels": 16, "intermediate_size": 256,
+                 "visual": {"output_dim": 64, "resampler_heads": 2, "width": 32}},
+}  # fmt: skip
+
+
+def write_random_checkpoint(name: str, out_dir: str) -> str:
+    """A random checkpoint of `RANDOM_MODELS[name]` in the HF layout, in out_dir."""
+    from flax import nnx
+
+    from qwenvl_jax import config as config_lib
+    from qwenvl_jax.convert.hf import export_hf
+    from qwenvl_jax.model.factory import build_model
+    from qwenvl_jax.model.options import ModelOptions
+
+    cfg = config_lib.get_preset("tiny", **RANDOM_MODELS[name])
+    export_hf(nnx.state(build_model(cfg, None, ModelOptions.inference(), seed=0)), cfg, out_dir)
+    return out_dir
 
 
 def _free_port() -> int:
@@ -186,7 +219,7 @@ def _rss_mb(pid: int) -> float | None:
 
 
 async def soak(url: str, bodies: list[dict], concurrency: int, seconds: float, pid, log) -> dict:
-    """`concurrency` clients sending `bodies` round robin for `seconds`; RSS every ~10 s."""
+    """`concurrency` clients sending `bodies` round robin for `seconds`; RSS every ~5 s."""
     import httpx
 
     stop = time.monotonic() + seconds
@@ -208,7 +241,7 @@ async def soak(url: str, bodies: list[dict], concurrency: int, seconds: float, p
             while time.monotonic() < stop:
                 if pid is not None:
                     rss.append(_rss_mb(pid))
-                await asyncio.sleep(min(10.0, max(0.0, stop - time.monotonic())))
+                await asyncio.sleep(min(5.0, max(0.0, stop - time.monotonic())))
             if pid is not None:
                 rss.append(_rss_mb(pid))
 
@@ -223,9 +256,93 @@ async def soak(url: str, bodies: list[dict], concurrency: int, seconds: float, p
     log(
         f"soak {seconds:.0f} s at concurrency {concurrency}: {done} requests,"
         f" {len(errors)} errors{rss_text}; after: queue {health.get('queue')},"
-        f" running {health.get('running')}"
+        f" running {health.get('running')}, free slots"
+        f" {(health.get('slots') or 0) - (health.get('running') or 0)} of {health.get('slots')}"
     )
     return out
+
+
+async def long_prompt_probe(
+    url: str, model: str, rows: int, n_long: int, word: str = "hey"
+) -> dict:
+    """`rows` streamed completions decode; once each has streamed a few chunks, a raw prompt of
+    about `n_long` tokens arrives. The rows' gaps between streamed chunks while it waits for its
+    first token (its prefill, in chunks) against their gaps before it arrived. A chunk carries
+    one token or more (text held back, e.g. an incomplete UTF-8 character, goes out with the next
+    one), so a gap is an upper bound of that row's time per output token."""
+    import httpx
+
+    arrivals: list[list[float]] = [[] for _ in range(rows)]
+    window: dict = {}
+    going = asyncio.Event()
+    n_tokens = max(64, n_long)
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=rows + 4)) as c:
+
+        async def row(i):
+            # No max_tokens: the server's default, up to its max_seq_len (decoding throughout).
+            body = {"model": model, "prompt": f"Count {i}:", "stream": True, "temperature": 0}
+            async with c.stream("POST", url + "/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        arrivals[i].append(time.perf_counter())
+                        if all(len(a) >= 3 for a in arrivals):
+                            going.set()
+                        if "end" in window:
+                            return
+
+        async def long_one():
+            try:  # a row that ends early (eos) never streams three chunks: go after a minute
+                await asyncio.wait_for(going.wait(), 60)
+            except TimeoutError:
+                pass
+            prompt = word + " hello" * (n_tokens - 1)
+            window["start"] = time.perf_counter()
+            r = await c.post(url + "/v1/completions",
+                             json={"model": model, "prompt": prompt, "max_tokens": 1})  # fmt: skip
+            window["end"] = time.perf_counter()
+            window["usage"] = r.json().get("usage", {}) if r.status_code == 200 else r.text[:200]
+
+        tasks = [asyncio.create_task(row(i)) for i in range(rows)]
+        await long_one()
+        await asyncio.wait(tasks, timeout=120)
+        for t in tasks:
+            t.cancel()
+    t0, t1 = window["start"], window["end"]
+    during, before = [], []
+    for a in arrivals:
+        gaps = np.diff(a)
+        ends = np.asarray(a[1:])
+        during += list(gaps[(ends > t0) & (ends <= t1)])
+        before += list(gaps[ends <= t0])
+    during_ms, before_ms = np.array(during) * 1e3, np.array(before) * 1e3
+
+    def pct(x, q):
+        return float(np.percentile(x, q)) if len(x) else float("nan")
+
+    return {
+        "rows": rows,
+        "long_prompt_usage": window["usage"],
+        "long_prompt_ttft_ms": (t1 - t0) * 1e3,
+        "chunks_during": len(during),
+        "gap_ms_p50_during": pct(during_ms, 50),
+        "gap_ms_p99_during": pct(during_ms, 99),
+        "gap_ms_max_during": float(during_ms.max()) if len(during) else float("nan"),
+        "gap_ms_p50_before": pct(before_ms, 50),
+        "gap_ms_p99_before": pct(before_ms, 99),
+    }
+
+
+def _long_line(r: dict) -> str:
+    u = r["long_prompt_usage"]
+    n = u.get("prompt_tokens") if isinstance(u, dict) else u
+    return (
+        f"long prompt ({n} tokens) arriving while {r['rows']} rows decode: its TTFT"
+        f" {r['long_prompt_ttft_ms']:.0f} ms; the running rows streamed {r['chunks_during']} chunks"
+        f" meanwhile, gap p50 {r['gap_ms_p50_during']:.1f} ms p99 {r['gap_ms_p99_during']:.1f} ms"
+        f" max {r['gap_ms_max_during']:.1f} ms (before it arrived: p50 {r['gap_ms_p50_before']:.1f}"
+        f" ms p99 {r['gap_ms_p99_before']:.1f} ms)"
+    )
 
 
 def start_server(checkpoint: str, port: int, extra: list[str], timeout_s: float = 600):
@@ -259,16 +376,23 @@ def start_server(checkpoint: str, port: int, extra: list[str], timeout_s: float 
 
 
 def run(url, checkpoint, model, concurrency, num_requests, max_tokens, image_dir, server_flags,
-        soak_s=0, log=print) -> dict:  # fmt: skip
+        soak_s=0, log=print, long_prompt=0, random_model="") -> dict:  # fmt: skip
     """The benchmark (see the module docstring); returns both runs and the ratio."""
     import httpx
 
     if concurrency < 1 or num_requests < 1 or max_tokens < 1:
         raise ConfigError("--concurrency, --num_requests and --max_tokens must be >= 1")
     proc = None
+    if not url and random_model and not checkpoint:
+        checkpoint = write_random_checkpoint(
+            random_model, os.path.join(tempfile.mkdtemp(prefix="qwenvl_bench_"), random_model)
+        )
+        log(f"random checkpoint --random_model={random_model} written to {checkpoint}")
     if not url:
         if not checkpoint:
-            raise ConfigError("--mode=serve needs --url=http://HOST:PORT or --checkpoint=DIR")
+            raise ConfigError(
+                "--mode=serve needs --url=http://HOST:PORT, --checkpoint=DIR or --random_model"
+            )
         if not os.path.exists(checkpoint):
             raise MissingPathError(f"--checkpoint={checkpoint}: no such file or directory")
         port = _free_port()
@@ -293,6 +417,13 @@ def run(url, checkpoint, model, concurrency, num_requests, max_tokens, image_dir
         ratio = many["requests_per_s"] / one["requests_per_s"]
         log(f"{concurrency} concurrent clients vs one at a time: {ratio:.2f}x requests/s")
         out = {"concurrent": many, "sequential": one, "ratio": ratio, "url": url}
+        if long_prompt > 0:
+            # Untimed first: the later chunks' programs (attending past the first bucket) compile.
+            asyncio.run(long_prompt_probe(url, model, concurrency, long_prompt, word="hi"))
+            out["long_prompt"] = asyncio.run(
+                long_prompt_probe(url, model, concurrency, long_prompt)
+            )
+            log(_long_line(out["long_prompt"]))
         if soak_s > 0:
             pid = proc.pid if proc is not None else None
             out["soak"] = asyncio.run(soak(url, bodies, concurrency, soak_s, pid, log))
@@ -309,4 +440,5 @@ def run(url, checkpoint, model, concurrency, num_requests, max_tokens, image_dir
 def main() -> dict:
     """`--mode=serve` from the parsed flags."""
     return run(_URL.value, _CKPT.value, _MODEL.value, _CONC.value, _NREQ.value, _MAXTOK.value,
-               _IMGDIR.value, _SFLAGS.value, _SOAK.value)  # fmt: skip
+               _IMGDIR.value, _SFLAGS.value, _SOAK.value, long_prompt=_LONG.value,
+               random_model=_RANDOM.value)  # fmt: skip

@@ -11,7 +11,11 @@ positions, created once on the device (sharded over the model's mesh as `generat
 2. prefills: up to `prefill_chunk` prompt tokens per iteration, one slot at a time, in chunks of
    at most `prefill_chunk` tokens right-padded to a bucket (`_chunk_bucket`; a long prompt takes
    several iterations, and the running rows decode between its chunks). The last chunk yields
-   the request's first token, and the slot decodes from the next step on;
+   the request's first token, and the slot decodes from the next step on. A prompt whose leading
+   64-token blocks were prefilled before (the same system prompt, the same image in the same
+   place) starts after them: their keys and values are kept on the device, keyed by a chained
+   hash of the tokens and images up to the block's end (they depend on nothing else: attention is
+   causal), least recently used out past `prefix_cache_mb`, and copied into the slot;
 3. runs one decode step over the first slots, a power-of-two bucket that holds every running row
    (requests take the lowest free slot; `_steps.decode_step`): each row feeds its last token at
    its own position (a per-row `cache_index`, written in place), with its own temperature, top-p

@@ -22,3 +22,15 @@ def test_flag_errors_are_one_line(capsys, argv, words):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+
+
+def test_bench_random_model_checkpoint_loads(tmp_path):
+    # `bench --mode=serve --random_model=tiny-d64` serves this directory: it must load as a
+    # checkpoint of that shape (d=64, the real vocabulary).
+    from qwenvl_jax import QwenVL
+    from qwenvl_jax.serve.bench import write_random_checkpoint
+
+    path = write_random_checkpoint("tiny-d64", str(tmp_path / "d64"))
+    model = QwenVL.from_pretrained(path, dtype="float32")
+    assert model.config.hidden_size == 64 and model.config.vocab_size == 151936
+    assert model.config.visual.output_dim == 64
