@@ -54,7 +54,7 @@ CASES = {
 
 def _devices(topology: str, chip_config: str) -> list:
     kw = {}
-    if topology.startswith("v5e:1x1"):
+    if topology.endswith(":1x1"):  # one chip (v5e:1x1, v6e:1x1): a one-chip host
         kw["chips_per_host_bounds"] = (1, 1, 1)
     topo = topologies.get_topology_desc(
         platform="tpu", topology_name=topology, chip_config_name=chip_config, num_slices=1, **kw
@@ -62,11 +62,10 @@ def _devices(topology: str, chip_config: str) -> list:
     return list(topo.devices)
 
 
-def run(name: str) -> dict:
-    topology, chip_config, sizes, batch, prompt, new, quantize, hbm = CASES[name]
-    cfg = get_preset("qwen-vl-7b")
-    dtype = jnp.bfloat16
-    mesh = shd.make_mesh(sizes, _devices(topology, chip_config))
+def abstract_model(cfg, mesh, dtype, quantize: str | None):
+    """The 7B model as shapes only, sharded on `mesh` as `QwenVL.from_pretrained(mesh=...)` places
+    it: (graphdef, state of sharded ShapeDtypeStructs, parameter bytes per chip). Also the serving
+    engine's (tools/aot_serve_memory.py)."""
 
     def make():
         return QWenLMHeadModel(cfg, ModelOptions.inference(dtype), rngs=nnx.Rngs(0))
@@ -86,6 +85,15 @@ def run(name: str) -> dict:
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), want, shardings
     )
     nnx.replace_by_pure_dict(state, sharded)
+    return graphdef, state, param_bytes
+
+
+def run(name: str) -> dict:
+    topology, chip_config, sizes, batch, prompt, new, quantize, hbm = CASES[name]
+    cfg = get_preset("qwen-vl-7b")
+    dtype = jnp.bfloat16
+    mesh = shd.make_mesh(sizes, _devices(topology, chip_config))
+    graphdef, state, param_bytes = abstract_model(cfg, mesh, dtype, quantize)
 
     cache_len = max(gen._round_up(prompt + new, 128), gen._round_up(prompt, 64))
     cache_sh = gen.cache_shardings(cfg, mesh, batch)
