@@ -55,6 +55,9 @@ _LONG = flags.DEFINE_integer(
     "serve: then a prompt of about this many tokens arrives while --concurrency rows decode; the"
     " rows' time between streamed chunks while it is prefilled (its chunks) is printed.",
 )  # fmt: skip
+_START_S = flags.DEFINE_integer(
+    "server_start_s", 600, "serve: how long the started server may take to answer /health."
+)
 _SFLAGS = flags.DEFINE_string(
     "server_flags", "", "serve: extra flags for the started server (e.g. '--max_seq_len=1024')."
 )
@@ -376,7 +379,8 @@ def start_server(checkpoint: str, port: int, extra: list[str], timeout_s: float 
 
 
 def run(url, checkpoint, model, concurrency, num_requests, max_tokens, image_dir, server_flags,
-        soak_s=0, log=print, long_prompt=0, random_model="") -> dict:  # fmt: skip
+        soak_s=0, log=print, long_prompt=0, random_model="",
+        server_start_s=600) -> dict:  # fmt: skip
     """The benchmark (see the module docstring); returns both runs and the ratio."""
     import httpx
 
@@ -402,7 +406,7 @@ def run(url, checkpoint, model, concurrency, num_requests, max_tokens, image_dir
         log(f"starting the server: --checkpoint={checkpoint} {' '.join(extra)}")
         # A SIGTERM to the benchmark unwinds through the `finally` below, which stops the server.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-        proc = start_server(checkpoint, port, extra)
+        proc = start_server(checkpoint, port, extra, timeout_s=server_start_s)
         url = f"http://127.0.0.1:{port}"
     try:
         if not model:
@@ -441,4 +445,4 @@ def main() -> dict:
     """`--mode=serve` from the parsed flags."""
     return run(_URL.value, _CKPT.value, _MODEL.value, _CONC.value, _NREQ.value, _MAXTOK.value,
                _IMGDIR.value, _SFLAGS.value, _SOAK.value, long_prompt=_LONG.value,
-               random_model=_RANDOM.value)  # fmt: skip
+               random_model=_RANDOM.value, server_start_s=_START_S.value)  # fmt: skip
