@@ -26,6 +26,8 @@ from qwenvl_jax.train.state import build, describe  # noqa: E402
 
 cfg = stage_config.load("sft:data=random" if variant == "full" else f"sft:{variant},data=random")
 cfg.batch_size = 16  # 2 sequences per data shard per micro-batch (device_batch), any accumulation
+if variant == "full":
+    cfg.mesh.model = 2  # Table 8, the fsdp 4 x model 2 row of launch/README.md (not "auto")
 s = build(cfg)
 print(describe(s))
 t0 = time.time()

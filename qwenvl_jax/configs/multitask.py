@@ -31,7 +31,10 @@ def get_config(arg=None):
     c.optim.vit_lr_decay = 0.95  # Table 8: ViT LR decay 0.95
     # Section 3.2: "We unlocked the large language model and trained the whole model."
     c.optim.freeze = ("adapter_pos_embed",)
-    c.mesh.model = 2  # Table 8: model parallelism 2
+    # Table 8: model parallelism 2 (--config.mesh.model=2). "auto": 1 where the step fits with a
+    # remat policy no heavier than 2's (v5p-64: the same policy, 64 -> 26 synchronous collectives),
+    # else 2 (v6e-64); decided by compiling (train/model_axis.py, docs/performance.md).
+    c.mesh.model = "auto"
     # Table 8: ViT and adapter from stage 1, LLM Qwen-7B (unchanged by stage 1, which froze it).
     c.init.workdir = ""
     # The dry run's slice (launch/README.md: the 7B stages on v5p-64, 32 chips).

@@ -41,7 +41,10 @@ def get_config(arg=None):
     # The frozen ViT is the bottom of the graph: no gradient flows through it, so it saves no
     # activations and remat would only add work. The decoder's is "auto" (launch/README.md).
     c.model.remat_vit = "none"
-    c.mesh.model = 2  # Table 8: model parallelism 2
+    # Table 8: model parallelism 2 (--config.mesh.model=2). "auto": 1 where the step fits with a
+    # remat policy no heavier than 2's, else 2; decided by compiling (train/model_axis.py; the
+    # multi-task step's measurements on v5p-64 and v6e-64: docs/performance.md).
+    c.mesh.model = "auto"
     c.init.workdir = ""  # Table 8: everything from Qwen-VL 2nd stage
     # The dry run's slice (launch/README.md: the 7B stages on v5p-64, 32 chips).
     c.aot.slice = "v5p-64"

@@ -19,7 +19,7 @@ import ml_collections
 from qwenvl_jax import flops as flops_lib
 from qwenvl_jax import sharding as shd
 from qwenvl_jax.errors import ConfigError
-from qwenvl_jax.train import inputs
+from qwenvl_jax.train import inputs, model_axis
 from qwenvl_jax.train import remat as remat_lib
 from qwenvl_jax.train.state import build, check_setup, describe, step_model_flops
 from qwenvl_jax.train.step import aot_compile, compiled_report  # noqa: F401 (aot's API too)
@@ -160,7 +160,7 @@ def dry_run(cfg: ml_collections.ConfigDict, command: str | None = None) -> dict:
         return slice_dry_run(cfg, parse_slice(cfg.aot.slice), command)
     if devices is None:
         try:
-            shd.mesh_shape(cfg.mesh, jax.device_count())
+            shd.mesh_shape(model_axis.mesh_sizes(cfg, jax.device_count()), jax.device_count())
         except ValueError as e:
             raise ConfigError(
                 f"config.mesh on this machine (config.aot.slice=local): {e}; name a slice to lay"
@@ -204,7 +204,7 @@ def slice_dry_run(cfg: ml_collections.ConfigDict, sl: Slice, command: str | None
     the slice `sl`, from abstract shapes over an `AbstractMesh` of its size: nothing compiled or
     allocated, no device needed. Ends with the command that compiles for it."""
     try:
-        shape = shd.mesh_shape(cfg.mesh, sl.devices)
+        shape = shd.mesh_shape(model_axis.mesh_sizes(cfg, sl.devices), sl.devices)
     except ValueError as e:
         raise ConfigError(
             f"config.mesh on config.aot.slice={sl.name} ({sl.devices} devices): {e}"
@@ -236,6 +236,11 @@ def slice_dry_run(cfg: ml_collections.ConfigDict, sl: Slice, command: str | None
         print(
             f"{', '.join(f'config.model.{k}' for k in autos)}=auto: chosen by compiling (laid out"
             f" here with {remat_lib.LADDER[0]})"
+        )
+    if model_axis.is_auto(cfg):
+        print(
+            f"config.mesh.model=auto: chosen by compiling, 1 where the step fits with a remat"
+            f" policy no heavier than model = 2's (laid out here with {shape[2]})"
         )
     print(work_line(s))
     print(f"compile for it: {compile_hint(cfg, sl, command)}")

@@ -1,4 +1,6 @@
-"""`config.model.remat_llm` / `remat_vit` = "auto": the lightest rematerialisation that fits.
+"""`config.model.remat_llm` / `remat_vit` = "auto": the lightest rematerialisation that fits;
+and the trainer's one compile-to-fit loop, which also decides `config.mesh.model` = "auto"
+(`train.model_axis`: model = 1 where it fits with a policy no heavier than model = 2's).
 
 The trainer compiles the real train step ahead of time with each policy of `LADDER` in turn (the
 towers set to "auto" all take the same rung) and keeps the first whose compiled peak (XLA's memory
@@ -21,6 +23,7 @@ import ml_collections
 from qwenvl_jax import flops as flops_lib
 from qwenvl_jax.errors import ConfigError
 from qwenvl_jax.model import layers
+from qwenvl_jax.train import model_axis
 from qwenvl_jax.train.state import Setup, build, check_setup, log
 from qwenvl_jax.train.step import aot_compile, compiled_report
 
@@ -74,50 +77,91 @@ def with_remat(cfg: ml_collections.ConfigDict, keys: list[str], policy: str):
 
 
 def resolve(cfg: ml_collections.ConfigDict, devices=None) -> tuple[Setup, Any]:
-    """(setup, compiled train step or None) for `cfg`, "auto" remat keys resolved.
+    """(setup, compiled train step or None) for `cfg`, its "auto" remat keys and model axis
+    (`train.model_axis`) resolved: the trainer's one compile-to-fit loop.
 
-    Without "auto" this is `build(cfg, devices)` and no compile. The returned setup's `cfg` holds
-    the chosen policies.
+    Without "auto" this is `build(cfg, devices)` and no compile. With a model axis of "auto", the
+    steps are tried in order of (remat policy, model axis), model = 1 before 2 at each policy, so
+    the first that fits is the lightest policy and, at it, model = 1 where it fits: model = 1 is
+    chosen exactly when it fits with a policy no heavier than model = 2's. With a fixed remat
+    policy, model = 2 is taken without a fit check when model = 1 does not fit (as a fixed policy
+    always is). The returned setup's `cfg` holds the chosen policies and model axis.
 
     Raises:
-      ConfigError: a remat key names no policy, or even the last rung does not fit (with the
-        peak and the device memory).
+      ConfigError: a remat key names no policy, the model axis fits neither the devices nor the
+        batch, or no step tried fits (with the peaks and the device memory).
     """
     keys = auto_towers(cfg)
-    if not keys:
+    n = len(jax.devices() if devices is None else devices)
+    axes = model_axis.choices(cfg, n)
+    auto_axis = model_axis.is_auto(cfg)
+    if not keys and not auto_axis:
         return build(cfg, devices), None
+
+    def at(policy: str | None, m: int) -> ml_collections.ConfigDict:
+        return model_axis.with_model(with_remat(cfg, keys, policy) if policy else cfg, m)
+
     names = "/".join(f"config.model.{k}" for k in keys)
-    s = build(with_remat(cfg, keys, LADDER[0]), devices)
+    ladder = LADDER if keys else (None,)  # None: the config's own policies
+    s = build(at(ladder[0], axes[0]), devices)
     check_setup(s)  # a config error is named before any compile
+    if auto_axis and len(axes) == 1:
+        only = f"the only one of {model_axis.CHOICES} that {n} devices and the batch allow"
+        _log_axis(axes[0], only)
+        if not keys:
+            return s, None
     fit = float(cfg.model.remat_fit_gib)
     limit = int(fit * 2**30) if fit > 0 else device_memory_bytes(s.mesh.devices.flat[0])
     if limit is None:
-        log(f"{names}=auto: no device memory to fit, so {LADDER[0]}")
+        if keys:
+            log(f"{names}=auto: no device memory to fit, so {LADDER[0]}")
+        if len(axes) > 1:
+            _log_axis(axes[0], "no device memory to fit")
         return s, None
     tried = []
-    for i, policy in enumerate(LADDER):
-        if i:
-            s = build(with_remat(cfg, keys, policy), devices)
-        try:
-            compiled = aot_compile(s)
-        except jax.errors.JaxRuntimeError as e:
-            # XLA:TPU refuses, while compiling, a program that cannot fit its HBM.
-            if "RESOURCE_EXHAUSTED" not in str(e):
-                raise
-            need = re.search(r"temporaries \(([\d.]+\w?)\)", str(e))
-            detail = f" ({need[1]})" if need else ""
-            tried.append(f"{policy} out of memory when compiled{detail}")
-            continue
-        peak = compiled_report(compiled).get("peak_estimate_bytes", 0)
-        tried.append(f"{policy} {_size(peak)}")
-        if peak <= FRACTION * limit:
-            log(
-                f"{names}=auto: {policy} (compiled peak per device {_size(peak)} of"
-                f" {_size(limit)}; tried {', '.join(tried)})"
-            )
+    for policy in ladder:
+        for j, m in enumerate(axes):
+            if tried:
+                s = build(at(policy, m), devices)
+            if policy is None and j == len(axes) - 1:
+                why = f"{tried[0]} does not fit {_size(limit)} with the config's remat policies"
+                _log_axis(m, why)
+                return s, None
+            peak, compiled = _compiled_peak(s)
+            what = [f"model={m}"] if len(axes) > 1 else []
+            what += [policy] if policy else []
+            tried.append(" ".join([*what, _size(peak) if compiled else peak]))
+            if compiled is None or peak > FRACTION * limit:
+                continue
+            of = f"compiled peak per device {_size(peak)} of {_size(limit)}"
+            if keys:
+                log(f"{names}=auto: {policy} ({of}; tried {', '.join(tried)})")
+            if len(axes) > 1:
+                how = f"remat {policy}" if keys else "the config's remat policies"
+                _log_axis(m, f"{of} with {how}; tried {', '.join(tried)}")
             return s, compiled
+    what = f"{names}=auto: no remat policy"
+    if len(axes) > 1:
+        what += f" and model axis of {tuple(axes)} (config.mesh.model=auto)"
     raise ConfigError(
-        f"{names}=auto: no remat policy fits {FRACTION:.0%} of the {_size(limit)} per"
-        f" device (compiled peaks: {', '.join(tried)}); use more devices or a smaller"
-        " config.device_batch"
+        f"{what} fits {FRACTION:.0%} of the {_size(limit)} per device (compiled peaks:"
+        f" {', '.join(tried)}); use more devices or a smaller config.device_batch"
     )
+
+
+def _compiled_peak(s: Setup) -> tuple[Any, Any]:
+    """(the compiled step's peak bytes per device, the compiled step), or (why, None) when XLA
+    refuses to compile a program that cannot fit."""
+    try:
+        compiled = aot_compile(s)
+    except jax.errors.JaxRuntimeError as e:
+        # XLA:TPU refuses, while compiling, a program that cannot fit its HBM.
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        need = re.search(r"temporaries \(([\d.]+\w?)\)", str(e))
+        return "out of memory when compiled" + (f" ({need[1]})" if need else ""), None
+    return compiled_report(compiled).get("peak_estimate_bytes", 0), compiled
+
+
+def _log_axis(m: int, why: str) -> None:
+    log(f"config.mesh.model=auto: {m} ({why})")

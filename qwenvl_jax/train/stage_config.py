@@ -10,6 +10,7 @@ import os
 import ml_collections as mlc
 
 from qwenvl_jax.errors import ConfigError, MissingPathError
+from qwenvl_jax.train import model_axis  # mesh.model: an integer or "auto"
 
 # The stage configs and example data ship inside the package (qwenvl_jax/configs/, in a wheel too);
 # a checkout's top-level configs/ is a symlink to it.
@@ -114,7 +115,7 @@ def base() -> mlc.ConfigDict:
     c.optim.nonfinite = "skip"
     c.optim.max_nonfinite_steps = 10
 
-    c.mesh = mlc.ConfigDict(dict(data=1, fsdp=-1, model=1))
+    c.mesh = mlc.ConfigDict(dict(data=1, fsdp=-1, model=model_axis.field(1)))
     c.sharding = mlc.ConfigDict()
     c.sharding.rules = ()  # () = qwenvl_jax.sharding.DEFAULT_RULES
     c.sharding.max_replicated_mb = 16.0  # fail if a bigger param is replicated on a sharded mesh
@@ -174,7 +175,7 @@ def tiny(c: mlc.ConfigDict) -> mlc.ConfigDict:
     c.grad_accum = 2
     c.steps = 20
     c.optim.warmup_steps = 2
-    c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, model=1))
+    c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, model=model_axis.field(1)))
     c.sharding.max_replicated_mb = 1.0
     c.checkpoint.every_steps = 10
     c.checkpoint.keep = 2

@@ -22,6 +22,7 @@ from qwenvl_jax.config import QWenConfig, get_preset
 from qwenvl_jax.errors import ConfigError
 from qwenvl_jax.model.factory import make_model
 from qwenvl_jax.model.options import ModelOptions
+from qwenvl_jax.train import model_axis
 
 
 def log(msg: str) -> None:
@@ -94,7 +95,9 @@ def build(
     if isinstance(devices, jax.sharding.AbstractMesh):
         mesh = devices
     else:
-        mesh = shd.make_mesh(cfg.mesh, devices)
+        # mesh.model "auto" unresolved (`remat.resolve` decides it): its first choice
+        devices = jax.devices() if devices is None else devices
+        mesh = shd.make_mesh(model_axis.mesh_sizes(cfg, devices), devices)
     accum = grad_accum_steps(cfg, mesh)
     rules = shd.rules_from_config(cfg.sharding.rules)
     with nnx.use_eager_sharding(False):

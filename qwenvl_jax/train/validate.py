@@ -34,6 +34,7 @@ import ml_collections
 from qwenvl_jax import fileio
 from qwenvl_jax import sharding as shd
 from qwenvl_jax.errors import ConfigError
+from qwenvl_jax.train import model_axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Rule:
     ok: Callable[[float], bool]
     integer: bool = False
     none_ok: bool = False  # None means "off" (optim.vit_lr_decay)
+    auto_ok: bool = False  # "auto" is decided by the trainer (mesh.model: train/model_axis.py)
 
 
 def _int_from(low: int, note: str = "") -> Rule:
@@ -93,7 +95,9 @@ RANGES: dict[str, Rule] = {
     ),
     "mesh.data": _MESH_AXIS,
     "mesh.fsdp": _MESH_AXIS,
-    "mesh.model": _MESH_AXIS,
+    "mesh.model": Rule(
+        "an integer >= 1, -1 (the devices left) or auto", _MESH_AXIS.ok, True, auto_ok=True
+    ),
     "sharding.max_replicated_mb": _number_from(0),
     "checkpoint.every_steps": _int_from(1),
     "checkpoint.keep": _int_from(1),
@@ -163,7 +167,7 @@ def check_ranges(cfg: ml_collections.ConfigDict) -> None:
     """Every `RANGES` key `cfg` has, and the `optim.lr_scale` multipliers."""
     for key, rule in RANGES.items():
         v = _get(cfg, key)
-        if v is _MISSING or (v is None and rule.none_ok):
+        if v is _MISSING or (v is None and rule.none_ok) or (v == "auto" and rule.auto_ok):
             continue
         kinds = int if rule.integer else (int, float)
         if (
@@ -219,13 +223,15 @@ def _lora_hint(cfg: ml_collections.ConfigDict) -> str:
 
 def mesh_fits(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
     """The (data, fsdp, model) sizes of `cfg.mesh` on `num_devices` devices (`shd.mesh_shape`);
-    a `ConfigError` naming the key to change when they do not fit."""
-    sizes = {a: int(cfg.mesh[a]) for a in shd.MESH_AXES}
+    a `ConfigError` naming the key to change when they do not fit. A model axis of "auto" is
+    laid out as the first size it may take here (`model_axis.choices`)."""
+    sizes = model_axis.mesh_sizes(cfg, num_devices)  # "auto": ConfigError when no size fits
+    sizes = {a: int(sizes[a]) for a in shd.MESH_AXES}
     desc = ", ".join(f"{a}={n}" for a, n in sizes.items())
     if list(sizes.values()).count(-1) > 1:
         raise ConfigError(f"--config.mesh: {desc}: at most one axis may be -1 (the devices left)")
     try:
-        return shd.mesh_shape(cfg.mesh, num_devices)
+        return shd.mesh_shape(sizes, num_devices)
     except ValueError:
         pass
     model = sizes["model"]

@@ -49,7 +49,9 @@ def test_7b_stage_laid_out_for_v5p_64_on_this_machine(capsys):
     out = train.dry_run(stage_config.load("multitask"))
     printed = capsys.readouterr().out
     assert out["slice"] == "v5p-64" and out["devices"] == 32
-    assert out["mesh"] == {"data": 1, "fsdp": 16, "model": 2}
+    # mesh.model "auto" is laid out as 1 where nothing compiles to decide it (train/model_axis.py)
+    assert out["mesh"] == {"data": 1, "fsdp": 32, "model": 1}
+    assert "config.mesh.model=auto: chosen by compiling" in printed
     assert f"{QWEN_VL_PARAMS:,}" in printed
     # f32 master weights over 32 devices, Adam's two moments twice that (small norms and biases
     # are replicated: under 1 %); the same as the libtpu ahead-of-time compile for v5p-64
@@ -94,7 +96,7 @@ def test_readme_dry_run_on_one_cpu_device_from_any_directory(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Traceback" not in p.stderr, p.stderr[-3000:]
     assert "stage: multitask" in p.stdout  # the resolved config
-    assert "mesh {'data': 1, 'fsdp': 16, 'model': 2} over 32 devices" in p.stdout
+    assert "mesh {'data': 1, 'fsdp': 32, 'model': 1} over 32 devices" in p.stdout
     assert "per-device bytes: params 1.13" in p.stdout
     assert "compile for it: JAX_PLATFORMS=cpu" in p.stdout
     assert os.listdir(tmp_path) == []  # a dry run writes nothing

@@ -125,13 +125,14 @@ def test_the_batch_splits_over_the_mesh_into_micro_batches():
 
 
 def test_the_mesh_fits_the_devices_with_a_hint():
-    # The 7B fine-tuning stage (model axis 2) on one GPU: the fix is a model axis of 1, or LoRA.
-    assert message(stage_config.load("sft"), devices=1) == (
+    # The 7B fine-tuning stage with Table 8's model axis of 2 ("auto" would take 1 here) on one
+    # GPU: the fix is a model axis of 1, or LoRA.
+    assert message(tiny("sft", **{"mesh.model": 2}), devices=1) == (
         "--config.mesh.model=2: a model axis of 2 does not fit the 1 device of this run (data=1,"
         " fsdp=-1, model=2); use --config.mesh.model=1, or the LoRA variant"
         " (--config=configs/sft.py:lora), whose frozen base fits one device"
     )
-    assert message(stage_config.load("multitask"), devices=3) == (
+    assert message(tiny("multitask", **{"mesh.model": 2}), devices=3) == (
         "--config.mesh.model=2: a model axis of 2 does not fit the 3 devices of this run (data=1,"
         " fsdp=-1, model=2); use --config.mesh.model=1"
     )
@@ -223,7 +224,12 @@ def test_through_the_command_line_exit_2_one_line_no_traceback(tmp_path):
             " before the learning-rate schedule does)",
         ),
         "mesh": (
-            _cli("--config=configs/sft.py", f"--workdir={tmp_path / 'w2'}", devices=1),
+            _cli(
+                "--config=configs/sft.py",
+                "--config.mesh.model=2",
+                f"--workdir={tmp_path / 'w2'}",
+                devices=1,
+            ),
             "--config.mesh.model=2: a model axis of 2 does not fit the 1 device of this run"
             " (data=1, fsdp=-1, model=2); use --config.mesh.model=1, or the LoRA variant"
             " (--config=configs/sft.py:lora), whose frozen base fits one device",
