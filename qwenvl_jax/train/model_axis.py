@@ -64,23 +64,19 @@ def _sizes(cfg: ml_collections.ConfigDict, model: int) -> dict:
 
 def choices(cfg: ml_collections.ConfigDict, num_devices: int) -> list[int]:
     """The model axis sizes a run of `cfg` on `num_devices` devices may take, in order of
-    preference: `[cfg.mesh.model]` when it is an integer; for "auto", those of `CHOICES` the
-    devices and the batch allow (the mesh fills the devices, the batch splits into micro-batches
-    over its data shards).
+    preference: `[cfg.mesh.model]` when it is an integer; for "auto", those of `CHOICES` whose
+    mesh fills the devices (`train.validate.model_axes` also asks that the batch split over it).
 
     Raises:
       ConfigError: "auto" and no choice fits (each one's reason named).
     """
     if not is_auto(cfg):
         return [int(cfg.mesh.model)]
-    from qwenvl_jax.train.state import grad_accum_steps  # state builds meshes with this module
-
     out, why = [], []
     for m in CHOICES:
         try:
-            sizes = shd.mesh_shape(_sizes(cfg, m), num_devices)
-            grad_accum_steps(cfg, dict(zip(shd.MESH_AXES, sizes, strict=True)))
-        except ValueError as e:  # ConfigError included
+            shd.mesh_shape(_sizes(cfg, m), num_devices)
+        except ValueError as e:
             why.append(f"model={m}: {e}")
             continue
         out.append(m)

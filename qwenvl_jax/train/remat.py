@@ -23,7 +23,7 @@ import ml_collections
 from qwenvl_jax import flops as flops_lib
 from qwenvl_jax.errors import ConfigError
 from qwenvl_jax.model import layers
-from qwenvl_jax.train import model_axis
+from qwenvl_jax.train import model_axis, validate
 from qwenvl_jax.train.state import Setup, build, check_setup, log
 from qwenvl_jax.train.step import aot_compile, compiled_report
 
@@ -93,7 +93,7 @@ def resolve(cfg: ml_collections.ConfigDict, devices=None) -> tuple[Setup, Any]:
     """
     keys = auto_towers(cfg)
     n = len(jax.devices() if devices is None else devices)
-    axes = model_axis.choices(cfg, n)
+    axes = validate.model_axes(cfg, n)  # the sizes the devices and the batch allow
     auto_axis = model_axis.is_auto(cfg)
     if not keys and not auto_axis:
         return build(cfg, devices), None

@@ -225,7 +225,10 @@ def mesh_fits(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, in
     """The (data, fsdp, model) sizes of `cfg.mesh` on `num_devices` devices (`shd.mesh_shape`);
     a `ConfigError` naming the key to change when they do not fit. A model axis of "auto" is
     laid out as the first size it may take here (`model_axis.choices`)."""
-    sizes = model_axis.mesh_sizes(cfg, num_devices)  # "auto": ConfigError when no size fits
+    if model_axis.is_auto(cfg):  # its first size that fits the devices and the batch
+        sizes = model_axis.with_model(cfg, model_axes(cfg, num_devices)[0]).mesh
+    else:
+        sizes = cfg.mesh
     sizes = {a: int(sizes[a]) for a in shd.MESH_AXES}
     desc = ", ".join(f"{a}={n}" for a, n in sizes.items())
     if list(sizes.values()).count(-1) > 1:
@@ -245,6 +248,29 @@ def mesh_fits(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, in
         f"--config.mesh: {desc} does not fit the {devs} of this run: the product must be"
         f" {num_devices}, or one axis -1 (the devices left)"
     )
+
+
+def model_axes(cfg: ml_collections.ConfigDict, num_devices: int) -> list[int]:
+    """`model_axis.choices` whose micro-batches split over the data shards
+    (`state.grad_accum_steps`): the sizes a model axis of "auto" may take on `num_devices`.
+
+    Raises:
+      ConfigError: none does (the first one's reason).
+    """
+    from qwenvl_jax.train.state import grad_accum_steps
+
+    out, first = [], None
+    for m in model_axis.choices(cfg, num_devices):
+        sizes = shd.mesh_shape(model_axis.with_model(cfg, m).mesh, num_devices)
+        try:
+            grad_accum_steps(cfg, dict(zip(shd.MESH_AXES, sizes, strict=True)))
+        except ConfigError as e:
+            first = first or e
+            continue
+        out.append(m)
+    if not out:
+        raise first
+    return out
 
 
 def check_workdir(workdir: str) -> None:

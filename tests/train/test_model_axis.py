@@ -13,7 +13,7 @@ from qwenvl_jax.errors import ConfigError
 from qwenvl_jax.train import model_axis, remat
 from qwenvl_jax.train.aot import aot_compile, compiled_report
 from qwenvl_jax.train.state import build
-from qwenvl_jax.train.validate import validate
+from qwenvl_jax.train.validate import model_axes, validate
 
 
 def _cfg(fit_gib=0.0, policy="auto", **kw):
@@ -47,7 +47,9 @@ def test_choices_follow_the_devices_and_the_batch():
     assert model_axis.choices(_cfg(), 1) == [1]  # a model axis of 2 needs two devices
     assert model_axis.choices(_cfg(**{"mesh.data": 4}), 8) == [2]  # data 4 x model 2 = 8
     # 8 sequences split over 4 data shards but not, with 2 micro-batches, over 8.
-    assert model_axis.choices(_cfg(grad_accum=2), 8) == [2]
+    assert model_axis.choices(_cfg(grad_accum=2), 8) == [1, 2]
+    assert model_axes(_cfg(grad_accum=2), 8) == [2]
+    validate(_cfg(grad_accum=2), devices=8, process_count=1)
     assert model_axis.choices(_cfg(**{"mesh.model": 2}), 1) == [2]  # an integer is as given
     with pytest.raises(ConfigError, match=r"^--config.mesh.model=auto: no model axis of \(1, 2\)"):
         model_axis.choices(_cfg(**{"mesh.data": 3}), 8)

@@ -57,7 +57,7 @@ RANGES = [
     ("optim.eps", 0.0, "a number > 0"),
     ("optim.grad_clip", -1.0, "a number >= 0 (0: no clipping)"),
     ("optim.vit_lr_decay", 0.0, "a number in (0, 1] (1: no decay)"),
-    ("mesh.model", 0, "an integer >= 1, or -1 (the devices left)"),
+    ("mesh.model", 0, "an integer >= 1, -1 (the devices left) or auto"),
     ("data.seq_len", 0, "an integer >= 1"),
     ("data.image_budget", -2, "an integer >= 0 (0: every slot)"),
     ("loss_chunk", -1, "an integer >= 0 (0: all positions at once)"),
