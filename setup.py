@@ -61,8 +61,8 @@ setup(
         # etils.epath's gs:// backend without TensorFlow; google-cloud-storage writes TensorBoard
         # event files (tensorboardX). Orbax's arrays go through TensorStore's built-in driver.
         "gcs": GCS,
-        # The synthetic demo: SentencePiece vocabulary training and the plots.
-        "demo": ["sentencepiece>=0.2", "matplotlib>=3.8"],
+        # The synthetic demo: SentencePiece vocabulary training, the plots, the progress line.
+        "demo": ["sentencepiece>=0.2", "matplotlib>=3.8", "tqdm>=4.60"],
         # The benchmark metrics: CIDEr through pycocoevalcap (its PTB tokenizer needs Java).
         "eval": ["pycocoevalcap>=1.2"],
         # TFDS data sources (ArrayRecord-backed; TensorFlow is not needed).
@@ -92,6 +92,7 @@ setup(
             "ipykernel>=6.29",
             "sentencepiece>=0.2",
             "matplotlib>=3.8",
+            "tqdm>=4.60",
             "tensorflow-datasets>=4.9.6",
             "pycocoevalcap>=1.2",
             # The OCR data tests render and read PDFs (tests/prep/test_pdf.py).

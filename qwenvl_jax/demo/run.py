@@ -20,9 +20,9 @@ which in `workdir`:
 
 Re-running resumes: finished stages are skipped by the trainer (it restores the last checkpoint),
 an interrupted stage continues from its last checkpoint (stage 0, minutes long and without
-checkpoints, is rerun from its start). Settings: `quick` (CI, a minute or two), `default` (about
-twenty minutes on 2 idle CPU cores), `long` (about an hour; the README has the measured numbers
-of both).
+checkpoints, is rerun from its start). Settings: `quick` (CI, a minute or two), `default` (50
+minutes on 2 CPU cores, measured; the profile is in docs/demo.md), `long` (over two hours; the
+README has the measured numbers of both).
 """
 
 from __future__ import annotations
@@ -198,6 +198,10 @@ SETTINGS = {
 # Tokens generated per task at evaluation (the longest answer plus slack).
 MAX_NEW_TOKENS = {"grounding": 48, "vqa": 8, "ocr": 8, "caption": 48}
 
+# Seconds per unit of each phase measured on 2 CPU cores (docs/demo.md's profile): they only
+# weigh the phases of the progress line against each other, the ETA then follows the machine.
+SECONDS_PER = {"picture": 0.002, "stage0": 0.12, "step": 0.8, "record": 0.03}
+
 
 def stage_config(
     stage: Stage,
@@ -235,6 +239,9 @@ def stage_config(
         scales = {g: stage.visual_lr / stage.lr for g in ("vit", "adapter") if g not in frozen}
         if scales:
             c.optim.lr_scale = ml_collections.ConfigDict(scales)
+    # One persistent compilation cache for every stage and every run of the demo: a program
+    # compiled once (a resumed stage, a second run, the control) is loaded, not compiled again.
+    c.compilation_cache_dir = compile_cache_dir()
     c.init.workdir = init_workdir
     c.init.checkpoint = "" if init_workdir else init_checkpoint
     c.init.allow_random = not (init_workdir or init_checkpoint)
@@ -255,14 +262,29 @@ def stage_config(
     return c
 
 
-def chat_answer_fn(qwen, *, max_new_tokens: int = 48) -> evaluate.AnswerFn:
+def compile_cache_dir() -> str:
+    """The demo's persistent XLA cache: $QWENVL_JAX_CACHE, else ~/.cache/qwenvl_jax/xla (XDG)."""
+    if os.environ.get("QWENVL_JAX_CACHE"):
+        return os.environ["QWENVL_JAX_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "qwenvl_jax", "xla")
+
+
+def chat_answer_fn(qwen, *, max_new_tokens: int = 48, batch_multiple: int = 1) -> evaluate.AnswerFn:
     """Batched greedy ChatML answers of a `QwenVL` (`chat.chat_batch`: `model.chat`'s responses,
-    generated together) to `Picture k: <img>path</img>\n` + prompt."""
+    generated together) to `Picture k: <img>path</img>\n` + prompt; batches are padded to a
+    multiple of `batch_multiple` (one compiled decode loop for every batch of a task)."""
     from qwenvl_jax import chat
 
     def answer(images: Sequence[Sequence[str]], prompts: Sequence[str]) -> list[str]:
         queries = [synthetic.picture(list(p)) + q for p, q in zip(images, prompts, strict=True)]
-        return chat.chat_batch(qwen, queries, max_new_tokens=max_new_tokens, do_sample=False)
+        return chat.chat_batch(
+            qwen,
+            queries,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            batch_multiple=batch_multiple,
+        )
 
     return answer
 
@@ -276,12 +298,17 @@ def evaluate_workdir(
     batch_size: int = 16,
     prior_from: Sequence[str] = (),
     progress: Callable[[str], None] | None = print,
+    on_record: Callable[[int], None] | None = None,
 ) -> dict:
     """Greedy held-out evaluation of a trained workdir; writes predictions.json and boxes.png.
 
     Args:
+      batch_size: records decoded together; every batch of a task is padded to the same size,
+        so a task compiles one decode loop (the answers do not depend on it: 16 and 100 gave the
+        same 400 predictions).
       prior_from: training JSON files; when given, the metrics also hold "blind_prior", the
         scores of `evaluate.prior_predictions` (answers chosen without looking at the picture).
+      on_record: called with the number of records answered so far (a progress display).
 
     Returns:
       the metrics of `evaluate.score`.
@@ -292,18 +319,23 @@ def evaluate_workdir(
     qwen = QwenVL.from_pretrained(os.path.abspath(model_dir), image_root=image_root)
     records = evaluate.load_records(eval_file, per_task=per_task)
     predictions: list[str | None] = [None] * len(records)
+    answered = 0
     for task in synthetic.EVAL_TASKS:
         idx = [i for i, r in enumerate(records) if r["task"] == task]
         if not idx:
             continue
-        fn = chat_answer_fn(qwen, max_new_tokens=MAX_NEW_TOKENS[task])
-        for start in range(0, len(idx), batch_size):
-            chunk = idx[start : start + batch_size]
+        batch = min(batch_size, len(idx))
+        fn = chat_answer_fn(qwen, max_new_tokens=MAX_NEW_TOKENS[task], batch_multiple=batch)
+        for start in range(0, len(idx), batch):
+            chunk = idx[start : start + batch]
             got = fn([records[i]["images"] for i in chunk], [records[i]["prompt"] for i in chunk])
             for i, g in zip(chunk, got, strict=True):
                 predictions[i] = g
+            answered += len(chunk)
             if progress is not None:
-                progress(f"  eval {task}: {min(start + batch_size, len(idx))}/{len(idx)}")
+                progress(f"  eval {task}: {min(start + batch, len(idx))}/{len(idx)}")
+            if on_record is not None:
+                on_record(answered)
     metrics = evaluate.score(records, predictions)
     if prior_from:
         prior = evaluate.score(records, evaluate.prior_predictions(prior_from, records))
@@ -327,6 +359,7 @@ def run_demo(
     seed: int = 0,
     skip_eval: bool = False,
     progress: Callable[[str], None] = print,
+    progress_line: bool = True,
 ) -> dict[str, Any]:
     """Runs the demo in `workdir` (see the module docstring) and returns its results.
 
@@ -338,13 +371,13 @@ def run_demo(
         seed: the data, initialisation and shuffling seed.
         skip_eval: train only.
         progress: receives progress lines.
+        progress_line: draw the run's one progress line (stage, step, ETA) on stderr: in place on
+            a terminal, a plain line every 30 s otherwise (`qwenvl_jax.demo.progress`).
 
     Returns:
         {"setting", "metrics" (evaluate.score's dict; absent with skip_eval), "seconds" per phase,
          "workdirs" per stage, "files"}.
     """
-    from qwenvl_jax import train as train_lib
-
     name = setting or ("quick" if quick else "default")
     if name not in SETTINGS:
         raise KeyError(f"unknown demo setting {name!r}; choose from {sorted(SETTINGS)}")
@@ -353,122 +386,175 @@ def run_demo(
     os.makedirs(workdir, exist_ok=True)
     times: dict[str, float] = {}
     t0 = time.time()
+    line = _progress_line(cfg, skip_eval) if progress_line else None
+    try:
+        from qwenvl_jax import train as train_lib
 
-    progress(f"[demo] setting {name!r} in {workdir}")
-    progress(
-        f"[demo] 1/5 synthetic data: {cfg.n_train} training, {cfg.n_heldout} held-out pictures"
-    )
-    manifest = synthetic.generate(
-        os.path.join(workdir, "data"),
-        n_train=cfg.n_train,
-        n_heldout=cfg.n_heldout,
-        seed=seed,
-        shuffle_labels=shuffle_labels,
-    )
-    times["data"] = time.time() - t0
+        def enter(phase: str):
+            if line is not None:
+                line.start(phase)
 
-    t = time.time()
-    tok_dir = os.path.join(workdir, "tokenizer")
-    tok = build_tokenizer(
-        manifest["files"]["corpus"], tok_dir, cfg.vocab_size, cfg.model["visual"]["n_queries"]
-    )
-    vocab = -(-tok.n_vocab // 64) * 64
-    progress(f"[demo] 2/5 SentencePiece vocabulary: {tok.n_vocab} tokens (model vocab {vocab})")
-    times["tokenizer"] = time.time() - t
+        def step(done: int, _total: int = 0):
+            if line is not None:
+                line.update(done)
 
-    stage_dirs: dict[str, str] = {}
-    curves: dict[str, list] = {}
-    vision_ckpt = ""
-    vision_metrics: dict = {}
-    if cfg.vision is not None:
-        t = time.time()
-        vision_ckpt = os.path.join(workdir, "stage0")
+        enter("data")
+
+        progress(f"[demo] setting {name!r} in {workdir}")
         progress(
-            f"[demo] 3/5 stage0 (the visual tower learns what is where in {cfg.vision.steps} steps"
-            f" of {cfg.vision.batch_size} fresh pictures; the decoder keeps its random init)"
+            f"[demo] 1/5 synthetic data: {cfg.n_train} training, {cfg.n_heldout} held-out pictures"
         )
-        c = stage_config(
-            cfg.stages[1],
-            cfg,
-            data_files=manifest["files"],
-            tokenizer_dir=tok_dir,
-            vocab_size=vocab,
-            image_start_id=tok.img_start_id,
-            init_workdir="",
+        manifest = synthetic.generate(
+            os.path.join(workdir, "data"),
+            n_train=cfg.n_train,
+            n_heldout=cfg.n_heldout,
             seed=seed,
+            shuffle_labels=shuffle_labels,
         )
-        done = vision_pretrain.pretrain_visual(
-            train_lib.model_config(c), vision_ckpt, cfg.vision, seed=seed, progress=progress
-        )
-        # Not in loss.png: its loss (two CEs and an L1 per token) is not the stages' LM loss.
-        vision_metrics = done["metrics"]
-        stage_dirs["stage0"] = vision_ckpt
-        times["stage0"] = time.time() - t
-    previous = ""
-    for stage in cfg.stages:
+        times["data"] = time.time() - t0
+        if line is not None:
+            line.finish("data")
+
         t = time.time()
-        sdir = os.path.join(workdir, stage.name)
-        c = stage_config(
-            stage,
-            cfg,
-            data_files=manifest["files"],
-            tokenizer_dir=tok_dir,
-            vocab_size=vocab,
-            image_start_id=tok.img_start_id,
-            init_workdir=previous,
-            init_checkpoint=vision_ckpt,
-            seed=seed,
+        tok_dir = os.path.join(workdir, "tokenizer")
+        tok = build_tokenizer(
+            manifest["files"]["corpus"], tok_dir, cfg.vocab_size, cfg.model["visual"]["n_queries"]
         )
-        progress(
-            f"[demo] 3/5 {stage.name} ({stage.config}:tiny, {stage.steps} steps,"
-            f" {stage.image_size} px, seq {stage.seq_len}, frozen {tuple(c.optim.freeze)})"
-        )
-        train_lib.train(c, sdir)
-        # The tokenizer travels with every stage so that from_pretrained(stage dir) finds it.
-        _copy_tokenizer(tok_dir, sdir)
-        curves[stage.name] = evaluate.read_metrics(sdir)
-        stage_dirs[stage.name] = sdir
-        previous = sdir
-        times[stage.name] = time.time() - t
-        if curves[stage.name]:
-            first, last = curves[stage.name][0][1], curves[stage.name][-1][1]
+        vocab = -(-tok.n_vocab // 64) * 64
+        progress(f"[demo] 2/5 SentencePiece vocabulary: {tok.n_vocab} tokens (model vocab {vocab})")
+        times["tokenizer"] = time.time() - t
+
+        stage_dirs: dict[str, str] = {}
+        curves: dict[str, list] = {}
+        vision_ckpt = ""
+        vision_metrics: dict = {}
+        if cfg.vision is not None:
+            t = time.time()
+            enter("stage0")
+            vision_ckpt = os.path.join(workdir, "stage0")
             progress(
-                f"[demo] {stage.name} done in {times[stage.name]:.0f}s:"
-                f" loss {first:.3f} -> {last:.3f}"
+                f"[demo] 3/5 stage0 (the visual tower learns what is where in"
+                f" {cfg.vision.steps} steps of {cfg.vision.batch_size} fresh pictures; the decoder"
+                " keeps its random init)"
             )
+            c = stage_config(
+                cfg.stages[1],
+                cfg,
+                data_files=manifest["files"],
+                tokenizer_dir=tok_dir,
+                vocab_size=vocab,
+                image_start_id=tok.img_start_id,
+                init_workdir="",
+                seed=seed,
+            )
+            done = vision_pretrain.pretrain_visual(
+                train_lib.model_config(c),
+                vision_ckpt,
+                cfg.vision,
+                seed=seed,
+                progress=progress,
+                on_step=step,
+            )
+            if line is not None:
+                line.finish("stage0")
+            # Not in loss.png: its loss (two CEs and an L1 per token) is not the stages' LM loss.
+            vision_metrics = done["metrics"]
+            stage_dirs["stage0"] = vision_ckpt
+            times["stage0"] = time.time() - t
+        previous = ""
+        for stage in cfg.stages:
+            t = time.time()
+            sdir = os.path.join(workdir, stage.name)
+            c = stage_config(
+                stage,
+                cfg,
+                data_files=manifest["files"],
+                tokenizer_dir=tok_dir,
+                vocab_size=vocab,
+                image_start_id=tok.img_start_id,
+                init_workdir=previous,
+                init_checkpoint=vision_ckpt,
+                seed=seed,
+            )
+            progress(
+                f"[demo] 3/5 {stage.name} ({stage.config}:tiny, {stage.steps} steps,"
+                f" {stage.image_size} px, seq {stage.seq_len}, frozen {tuple(c.optim.freeze)})"
+            )
+            enter(stage.name)
+            train_lib.train(c, sdir, on_step=step)
+            if line is not None:
+                line.finish(stage.name)
+            # The tokenizer travels with every stage so that from_pretrained(stage dir) finds it.
+            _copy_tokenizer(tok_dir, sdir)
+            curves[stage.name] = evaluate.read_metrics(sdir)
+            stage_dirs[stage.name] = sdir
+            previous = sdir
+            times[stage.name] = time.time() - t
+            if curves[stage.name]:
+                first, last = curves[stage.name][0][1], curves[stage.name][-1][1]
+                progress(
+                    f"[demo] {stage.name} done in {times[stage.name]:.0f}s:"
+                    f" loss {first:.3f} -> {last:.3f}"
+                )
 
-    files = {"loss": evaluate.plot_loss_curves(curves, os.path.join(workdir, "loss.png"))}
-    result: dict[str, Any] = {"setting": name, "workdirs": stage_dirs, "seconds": times}
-    if vision_metrics:
-        result["stage0_held_aside"] = vision_metrics
+        files = {"loss": evaluate.plot_loss_curves(curves, os.path.join(workdir, "loss.png"))}
+        result: dict[str, Any] = {"setting": name, "workdirs": stage_dirs, "seconds": times}
+        if vision_metrics:
+            result["stage0_held_aside"] = vision_metrics
+        if not skip_eval:
+            t = time.time()
+            progress("[demo] 4/5 held-out evaluation (greedy decoding)")
+            enter("eval")
+            metrics = evaluate_workdir(
+                previous,
+                manifest["files"]["eval"],
+                workdir,
+                per_task=cfg.eval_per_task,
+                prior_from=[manifest["files"][f"{s.data}_train"] for s in cfg.stages],
+                progress=progress,
+                on_record=step,
+            )
+            if line is not None:
+                line.finish("eval")
+            times["eval"] = time.time() - t
+            files["boxes"] = os.path.join(workdir, "boxes.png")
+            files["predictions"] = os.path.join(workdir, "predictions.json")
+            result["metrics"] = metrics
+            table = evaluate.format_table(
+                metrics, title=f"held-out evaluation ({name})", baseline=metrics.get("blind_prior")
+            )
+            progress(
+                table + "\n(blind prior: the most frequent training answer to the same prompt)"
+            )
+        times["total"] = time.time() - t0
+        result["files"] = files
+        result["shuffle_labels"] = shuffle_labels
+        result["machine"] = _machine()
+        evaluate.save_json(os.path.join(workdir, "results.json"), result)
+        progress(
+            f"[demo] 5/5 done in {times['total']:.0f}s; results.json, loss.png, boxes.png"
+            f" in {workdir}"
+        )
+        return result
+    finally:
+        if line is not None:
+            line.close()
+
+
+def _progress_line(cfg: Setting, skip_eval: bool):
+    """The run's phases, weighted by their expected seconds (docs/demo.md's profile)."""
+    from qwenvl_jax.demo.progress import Phase, Progress
+
+    n_eval = (cfg.eval_per_task or cfg.n_heldout) * len(synthetic.EVAL_TASKS)
+    phases = [Phase("data", cfg.n_train, SECONDS_PER["picture"] * cfg.n_train)]
+    if cfg.vision is not None:
+        phases.append(Phase("stage0", cfg.vision.steps, SECONDS_PER["stage0"] * cfg.vision.steps))
+    for st in cfg.stages:
+        per = SECONDS_PER["step"] * (st.seq_len / 512) * cfg.batch_size / 8
+        phases.append(Phase(st.name, st.steps, per * st.steps))
     if not skip_eval:
-        t = time.time()
-        progress("[demo] 4/5 held-out evaluation (greedy decoding)")
-        metrics = evaluate_workdir(
-            previous,
-            manifest["files"]["eval"],
-            workdir,
-            per_task=cfg.eval_per_task,
-            prior_from=[manifest["files"][f"{s.data}_train"] for s in cfg.stages],
-            progress=progress,
-        )
-        times["eval"] = time.time() - t
-        files["boxes"] = os.path.join(workdir, "boxes.png")
-        files["predictions"] = os.path.join(workdir, "predictions.json")
-        result["metrics"] = metrics
-        table = evaluate.format_table(
-            metrics, title=f"held-out evaluation ({name})", baseline=metrics.get("blind_prior")
-        )
-        progress(table + "\n(blind prior: the most frequent training answer to the same prompt)")
-    times["total"] = time.time() - t0
-    result["files"] = files
-    result["shuffle_labels"] = shuffle_labels
-    result["machine"] = _machine()
-    evaluate.save_json(os.path.join(workdir, "results.json"), result)
-    progress(
-        f"[demo] 5/5 done in {times['total']:.0f}s; results.json, loss.png, boxes.png in {workdir}"
-    )
-    return result
+        phases.append(Phase("eval", n_eval, SECONDS_PER["record"] * n_eval))
+    return Progress(phases)
 
 
 def _machine() -> str:

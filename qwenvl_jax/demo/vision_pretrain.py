@@ -187,6 +187,7 @@ def pretrain_visual(
     seed: int = 0,
     world: synthetic.WorldConfig | None = None,
     progress: Callable[[str], None] | None = print,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Runs stage 0 into `out_dir` (a `convert.ours` checkpoint of the whole model) unless done.
 
@@ -202,6 +203,7 @@ def pretrain_visual(
         seed: initialisation and picture stream seed.
         world: the synthetic layout of the pictures (default: `synthetic.WorldConfig()`).
         progress: receives log lines (None: silent).
+        on_step: called with (step, steps) after each step is dispatched (a progress display).
 
     Returns:
         {"steps", "seconds", "metrics" (`score` on the held-aside pictures), "curve" [(step,
@@ -246,6 +248,8 @@ def pretrain_visual(
     for step in range(1, settings.steps + 1):
         batch = make_batch(rng, settings.batch_size, grid, size, world)
         loss, _ = _train_step(m, opt, batch)
+        if on_step is not None:
+            on_step(step, settings.steps)
         if step == 1 or step % settings.log_every == 0 or step == settings.steps:
             curve.append([step, float(loss)])
             metrics = score(m, held, size)

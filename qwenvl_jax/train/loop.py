@@ -6,6 +6,7 @@ import json
 import logging
 import signal
 import time
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -155,6 +156,7 @@ def train(
     *,
     stop_after: int | None = None,
     devices=None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> list[dict]:
     """Runs (or resumes) training in `workdir`. Returns the logged metrics of this invocation.
 
@@ -163,6 +165,8 @@ def train(
         workdir: output directory (checkpoints, TensorBoard, metrics.jsonl, config.json).
         stop_after: testing aid: return after this many optimizer steps of this invocation.
         devices: devices for the mesh (default all).
+        on_step: called with (step, total steps) after each optimizer step is dispatched (a
+            progress display; it must be cheap: the step runs on while it does).
     """
     # A config the run cannot use stops here in one line, before anything is read or allocated.
     validate(cfg, workdir=workdir, devices=jax.devices() if devices is None else devices)
@@ -241,6 +245,8 @@ def train(
                 log(f"train step compiled in {compile_s:.1f}s{hit}")
             step += 1
             steps_since += 1
+            if on_step is not None:
+                on_step(step, total)
             if "image_valid" in local:
                 imgs_since += float(np.sum(local["image_valid"]))
             w = real_work(local)  # on the host rows, while the device runs the step
