@@ -9,12 +9,106 @@ k/v in place at that row's own position (`qwen.write_cache`, one scatter per lay
 from __future__ import annotations
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
-from qwenvl_jax.generate import _scope, warp_logits
+from qwenvl_jax.generate import _scope, cache_shardings, warp_logits
+
+
+def _slot_axes(cache, mesh):
+    """The cache's PartitionSpecs on `mesh` and the mesh axes of its slot axis (None: unsplit).
+    The layout is `generate.cache_shardings`' (its one owner), rebuilt from the cache's shape."""
+    if mesh is None:
+        return None, None
+    layers, rows, _, heads, head_dim = cache["k"].shape
+    cfg = types.SimpleNamespace(num_hidden_layers=layers, num_attention_heads=heads,
+                                head_dim=head_dim)  # fmt: skip
+    specs = {k: s.spec for k, s in cache_shardings(cfg, mesh, rows).items()}
+    return specs, specs["segment_ids"][0]
+
+
+def _row_spec(spec):
+    """`spec` with the slot axis (1 for k/v, 0 for segment ids) unsplit: one slot's block."""
+    axis = 0 if len(spec) == 2 else 1
+    return PartitionSpec(*(None if i == axis else a for i, a in enumerate(spec)))
+
+
+def _local(x, axis, axes, slot):
+    """(clamped local row of `slot` in this shard's block of x, whether the shard holds it)."""
+    n = x.shape[axis]
+    local = slot - jax.lax.axis_index(axes) * n
+    own = (local >= 0) & (local < n)
+    return jnp.clip(local, 0, n - 1), own
+
+
+def read_slot(cache, slot, start, size, mesh=None):
+    """{k, v, segment_ids} of slot `slot` (int32), positions start..start+size-1: k/v
+    [L, 1, size, N, H], segment ids [1, size].
+
+    Where the slot axis is split over the mesh, a dynamic slice of it would make XLA's SPMD
+    partitioner gather the whole cache onto every chip; instead each shard slices its own block at
+    its local row (zeros where the slot is not its own) and one psum of the small block assembles
+    it, replicated over the slot axes.
+    """
+    specs, axes = _slot_axes(cache, mesh)
+
+    def piece(x, slot, start, axes=None):
+        axis = 0 if x.ndim == 2 else 1
+        local, own = (slot, True) if axes is None else _local(x, axis, axes, slot)
+        at = [0] * x.ndim
+        at[axis], at[axis + 1] = local, start
+        shape = list(x.shape)
+        shape[axis], shape[axis + 1] = 1, size
+        out = jax.lax.dynamic_slice(x, at, shape)
+        if axes is None:
+            return out
+        return jax.lax.psum(jnp.where(own, out, jnp.zeros_like(out)), axes)
+
+    if axes is None:
+        return {k: piece(x, slot, start) for k, x in cache.items()}
+    fn = jax.shard_map(
+        lambda c, slot, start: {k: piece(x, slot, start, axes) for k, x in c.items()},
+        mesh=mesh,
+        in_specs=(specs, PartitionSpec(), PartitionSpec()),
+        out_specs={k: _row_spec(s) for k, s in specs.items()},
+    )
+    return fn(cache, slot, start)
+
+
+def write_slot(cache, block, slot, start, mesh=None):
+    """`cache` with `block` ({k, v, segment_ids} shaped as `read_slot`'s) written into slot `slot`
+    at positions start...: in place when the cache is donated.
+
+    On a mesh that splits the slot axis each shard updates only its own block: it writes at its
+    local row either the new block (its slot) or the block already there (a select on the small
+    block, not on the cache), so no chip holds more than its share of the cache.
+    """
+    specs, axes = _slot_axes(cache, mesh)
+
+    def put(x, b, slot, start, axes=None):
+        axis = 0 if x.ndim == 2 else 1
+        b = b.astype(x.dtype)
+        local, own = (slot, True) if axes is None else _local(x, axis, axes, slot)
+        at = [0] * x.ndim
+        at[axis], at[axis + 1] = local, start
+        if axes is not None:
+            b = jnp.where(own, b, jax.lax.dynamic_slice(x, at, b.shape))
+        return jax.lax.dynamic_update_slice(x, b, at)
+
+    if axes is None:
+        return {k: put(x, block[k], slot, start) for k, x in cache.items()}
+    rows = {k: _row_spec(s) for k, s in specs.items()}
+    fn = jax.shard_map(
+        lambda c, b, slot, start: {k: put(x, b[k], slot, start, axes) for k, x in c.items()},
+        mesh=mesh,
+        in_specs=(specs, rows, PartitionSpec(), PartitionSpec()),
+        out_specs=specs,
+    )
+    return fn(cache, block, slot, start)
 
 
 def select_tokens(logits, temperature, top_p, seed, step):
@@ -61,16 +155,11 @@ def prefill_chunk(graphdef, state, cache, slot, ids, seg, start, last, features,
     Returns:
       (int32 scalar: the token after position `last`, the cache).
     """
-    layers = cache["k"].shape[0]
+    mesh = None if ctx is None else ctx.mesh
     with _scope(ctx):
         model = nnx.merge(graphdef, state)
         # This row's first kv_len slots, run as a batch-1 cache, then written back.
-        size = (layers, 1, kv_len) + cache["k"].shape[3:]
-        row = {
-            "k": jax.lax.dynamic_slice(cache["k"], (0, slot, 0, 0, 0), size),
-            "v": jax.lax.dynamic_slice(cache["v"], (0, slot, 0, 0, 0), size),
-            "segment_ids": jax.lax.dynamic_slice(cache["segment_ids"], (slot, 0), (1, kv_len)),
-        }
+        row = read_slot(cache, slot, 0, kv_len, mesh)
         hidden, row = model.hidden_states(
             ids,
             segment_ids=seg,
@@ -84,14 +173,7 @@ def prefill_chunk(graphdef, state, cache, slot, ids, seg, start, last, features,
         temperature, top_p, seed = sampling
         token = select_tokens(logits.astype(jnp.float32), temperature[None], top_p[None],
                               seed[None], jnp.zeros(1, jnp.int32))[0]  # fmt: skip
-    cache = {
-        "k": jax.lax.dynamic_update_slice(cache["k"], row["k"], (0, slot, 0, 0, 0)),
-        "v": jax.lax.dynamic_update_slice(cache["v"], row["v"], (0, slot, 0, 0, 0)),
-        "segment_ids": jax.lax.dynamic_update_slice(
-            cache["segment_ids"], row["segment_ids"], (slot, 0)
-        ),
-    }
-    return token, cache
+    return token, write_slot(cache, row, slot, 0, mesh)
 
 
 @functools.partial(
@@ -131,24 +213,17 @@ def decode_step(graphdef, state, cache, tokens, positions, active, sampling, ste
     return nxt, {"k": view["k"], "v": view["v"], "segment_ids": seg}
 
 
-@functools.partial(jax.jit, static_argnames=("size",))
-def read_block(cache, slot, start, *, size):
+@functools.partial(jax.jit, static_argnames=("size", "mesh"))
+def read_block(cache, slot, start, *, size, mesh=None):
     """The keys and values [L, 1, size, N, H] of slot `slot` from position `start` (int32s): a
-    prefilled prompt block to keep in the engine's prefix cache."""
-    shape = (cache["k"].shape[0], 1, size) + cache["k"].shape[3:]
-    at = (0, slot, start, 0, 0)
-    k = jax.lax.dynamic_slice(cache["k"], at, shape)
-    return k, jax.lax.dynamic_slice(cache["v"], at, shape)
+    prefilled prompt block to keep in the engine's prefix cache. mesh: the cache's, if any."""
+    row = read_slot(cache, slot, start, size, mesh)
+    return row["k"], row["v"]
 
 
-@functools.partial(jax.jit, donate_argnames=("cache",))
-def write_block(cache, slot, start, k, v):
+@functools.partial(jax.jit, static_argnames=("mesh",), donate_argnames=("cache",))
+def write_block(cache, slot, start, k, v, *, mesh=None):
     """A kept block k, v [L, 1, T, N, H] into slot `slot` at positions start..start+T-1 (segment 1),
     in place: the slot then holds that prompt prefix as if it had been prefilled."""
-    at = (0, slot, start, 0, 0)
     seg = jnp.ones((1, k.shape[2]), jnp.int32)
-    return {
-        "k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at),
-        "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at),
-        "segment_ids": jax.lax.dynamic_update_slice(cache["segment_ids"], seg, (slot, start)),
-    }
+    return write_slot(cache, {"k": k, "v": v, "segment_ids": seg}, slot, start, mesh)

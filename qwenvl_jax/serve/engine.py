@@ -506,8 +506,9 @@ class Engine:
         self._encode(np.zeros((1, s, s, 3), np.float32)).block_until_ready()
         if self._prefixes.max_bytes > 0:  # the prefix cache's two programs
             zero = np.int32(0)
-            k, v = _steps.read_block(self._cache, zero, zero, size=PREFIX_BLOCK)
-            self._cache = _steps.write_block(self._cache, zero, zero, k, v)
+            mesh = self.model.mesh
+            k, v = _steps.read_block(self._cache, zero, zero, size=PREFIX_BLOCK, mesh=mesh)
+            self._cache = _steps.write_block(self._cache, zero, zero, k, v, mesh=mesh)
             self._programs.update({("read_block", PREFIX_BLOCK), ("write_block", PREFIX_BLOCK)})
 
     # ------------------------------------------------------------------ scheduler
@@ -596,8 +597,9 @@ class Engine:
                 break
             found.append(kv)
         for j, (k, v) in enumerate(found):
-            self._cache = _steps.write_block(self._cache, np.int32(slot),
-                                             np.int32(j * PREFIX_BLOCK), k, v)  # fmt: skip
+            at = np.int32(j * PREFIX_BLOCK)
+            self._cache = _steps.write_block(self._cache, np.int32(slot), at, k, v,
+                                             mesh=self.model.mesh)  # fmt: skip
         row.kept = len(found)
         row.prefilled = len(found) * PREFIX_BLOCK
         return row.prefilled
@@ -610,7 +612,7 @@ class Engine:
         for j in range(row.kept, done):
             if row.blocks[j] not in self._prefixes:
                 kv = _steps.read_block(self._cache, np.int32(slot), np.int32(j * PREFIX_BLOCK),
-                                       size=PREFIX_BLOCK)  # fmt: skip
+                                       size=PREFIX_BLOCK, mesh=self.model.mesh)  # fmt: skip
                 self._prefixes.put(row.blocks[j], kv)
         row.kept = max(row.kept, done)
 
