@@ -212,7 +212,11 @@ def rules(cfg: QWenConfig) -> list[Rule]:
     out += [
         Rule(ak + "pos_embed", (Q, Dr), ap + ("pos_embed",), None, (), (Q, Dr), _same, _same),
         Rule(ak + "query", (Q, Dr), ap + ("query",), None, (), (Q, Dr), _same, _same),
-        _linear(ap + ("kv_proj", "kernel"), None, (), ak + "kv_proj.weight", Dr, W),
+    ]
+    if W != Dr:
+        # QWEN-QUIRK: kv_proj is nn.Identity (no weight) when the ViT width equals output_dim.
+        out.append(_linear(ap + ("kv_proj", "kernel"), None, (), ak + "kv_proj.weight", Dr, W))
+    out += [
         # nn.MultiheadAttention packs the standard [Wq; Wk; Wv] rows.
         _fused_qkv(
             ap + ("attn", "in_proj", "kernel"), None, (), ak + "attn.in_proj_weight", Dr, Nr, Hr

@@ -409,3 +409,27 @@ def test_load_params_onto_abstract_model_and_assign(tmp_path, mini):
         match=r"^bad\.ckpt: does not fit the model: 1 missing \(first transformer\.ln_f\.scale\)$",
     ):
         assign_params(model, bad, source="bad.ckpt")
+
+
+def test_adapter_without_kv_proj_exports_and_imports(tmp_path):
+    """With the ViT width equal to output_dim the adapter has no kv_proj (the reference's
+    nn.Identity): the checkpoint holds no such weight and still round-trips bit for bit."""
+    from flax import nnx
+
+    from qwenvl_jax.model.factory import build_model
+    from qwenvl_jax.model.options import ModelOptions
+
+    cfg = config_lib.get_preset(
+        "tiny", hidden_size=64, kv_channels=16, intermediate_size=128,
+        visual={"width": 64, "heads": 4, "output_dim": 64, "resampler_heads": 2},
+    )  # fmt: skip
+    params = nnx.state(build_model(cfg, None, ModelOptions.inference(), seed=0))
+    out = tmp_path / "hf"
+    export_hf(params, cfg, str(out), tokenizer=None)
+    with open(out / "model.safetensors.index.json") as f:
+        keys = set(json.load(f)["weight_map"])
+    assert "transformer.visual.attn_pool.query" in keys
+    assert not any("kv_proj" in k for k in keys)
+    cfg2, params2 = import_hf(str(out))
+    assert cfg2 == cfg
+    same_hf(dict(hf_tensors(params, cfg)), dict(hf_tensors(params2, cfg)))
