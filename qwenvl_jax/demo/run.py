@@ -21,8 +21,8 @@ which in `workdir`:
 Re-running resumes: finished stages are skipped by the trainer (it restores the last checkpoint),
 an interrupted stage continues from its last checkpoint (stage 0, minutes long and without
 checkpoints, is rerun from its start). Settings: `quick` (CI, a minute or two), `default` (50
-minutes on 2 CPU cores, measured; the profile is in docs/demo.md), `long` (over two hours; the
-README has the measured numbers of both).
+minutes on 2 CPU cores, measured), `long` (over two hours); docs/demo.md has the profile and the
+measured numbers.
 """
 
 from __future__ import annotations
@@ -398,6 +398,10 @@ def run_demo(
             if line is not None:
                 line.update(done)
 
+        def finish(phase: str):
+            if line is not None:
+                line.finish(phase)
+
         enter("data")
 
         progress(f"[demo] setting {name!r} in {workdir}")
@@ -412,8 +416,7 @@ def run_demo(
             shuffle_labels=shuffle_labels,
         )
         times["data"] = time.time() - t0
-        if line is not None:
-            line.finish("data")
+        finish("data")
 
         t = time.time()
         tok_dir = os.path.join(workdir, "tokenizer")
@@ -455,8 +458,7 @@ def run_demo(
                 progress=progress,
                 on_step=step,
             )
-            if line is not None:
-                line.finish("stage0")
+            finish("stage0")
             # Not in loss.png: its loss (two CEs and an L1 per token) is not the stages' LM loss.
             vision_metrics = done["metrics"]
             stage_dirs["stage0"] = vision_ckpt
@@ -482,8 +484,7 @@ def run_demo(
             )
             enter(stage.name)
             train_lib.train(c, sdir, on_step=step)
-            if line is not None:
-                line.finish(stage.name)
+            finish(stage.name)
             # The tokenizer travels with every stage so that from_pretrained(stage dir) finds it.
             _copy_tokenizer(tok_dir, sdir)
             curves[stage.name] = evaluate.read_metrics(sdir)
@@ -514,8 +515,7 @@ def run_demo(
                 progress=progress,
                 on_record=step,
             )
-            if line is not None:
-                line.finish("eval")
+            finish("eval")
             times["eval"] = time.time() - t
             files["boxes"] = os.path.join(workdir, "boxes.png")
             files["predictions"] = os.path.join(workdir, "predictions.json")
