@@ -8,7 +8,7 @@ compiled for (the active mesh's devices, else the default backend), per use:
 - GPU: the Pallas Triton flash kernel (`pallas.ops.gpu.attention.mha`) for the packed causal
   decoder (segment ids and causality inside the kernel, no mask array); cuDNN flash attention
   (`jax.nn.dot_product_attention`) for the ViT (head dim 104) and the adapter's cross-attention.
-- CPU: XLA.
+- CPU: XLA; causal self-attention by blocks of queries, the blocks above the diagonal skipped.
 
 Why these: splash is the TPU flash kernel that takes segment ids and block-sparse masks (MaxText's
 default). On GPU, cuDNN is the fastest flash kernel JAX exposes (docs/performance.md: 1.67 ms vs
@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "jax", "splash", "pallas_gpu", "tokamax")
+# Query block of the XLA causal self-attention (`_xla_causal_blocks`).
+CAUSAL_BLOCK = 128
 # Run Pallas kernels in interpret mode (tests on CPU; `interpret=True` of the kernels).
 INTERPRET = {"value": False}
 
@@ -126,6 +128,9 @@ def dot_product_attention(
         return jax.nn.dot_product_attention(
             q, k, v, mask=seg, scale=scale, is_causal=causal, implementation="cudnn"
         )
+    plain_causal = causal and t == s and q_positions is None and kv_positions is None
+    if impl == "xla" and plain_causal and t > CAUSAL_BLOCK:
+        return _xla_causal_blocks(q, k, v, scale, q_segment_ids, kv_segment_ids)
     mask = attention_mask(
         t,
         s,
@@ -146,12 +151,35 @@ def dot_product_attention(
             scale=scale,
             implementation=None if impl == "jax" else impl,
         )
+    return _xla(q, k, v, scale, mask)
+
+
+def _xla(q, k, v, scale, mask):
+    """The reference math: scores, the mask, softmax in float32, the weighted values."""
     scores = jnp.einsum("btnh,bsnh->bnts", q, k).astype(jnp.float32) * scale
     if mask is not None:
         # A finite fill keeps fully masked rows (padding queries) finite instead of NaN.
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bnts,bsnh->btnh", probs, v)
+
+
+def _xla_causal_blocks(q, k, v, scale, q_seg, kv_seg):
+    """Causal self-attention in XLA by blocks of CAUSAL_BLOCK queries, each against only the keys
+    up to its last query: the same result as the full [T, T] scores, with the blocks above the
+    diagonal never computed (at T = 512: 10 of 16 blocks, half the time of a layer's attention
+    forward and backward on a 2-core CPU, and no [B, N, T, T] buffers)."""
+    t = q.shape[1]
+    outs = []
+    for start in range(0, t, CAUSAL_BLOCK):
+        end = min(start + CAUSAL_BLOCK, t)
+        seg_q = None if q_seg is None else q_seg[:, start:end]
+        seg_kv = None if kv_seg is None else kv_seg[:, :end]
+        mask = attention_mask(
+            end - start, end, causal=True, q_segment_ids=seg_q, kv_segment_ids=seg_kv
+        )
+        outs.append(_xla(q[:, start:end], k[:, :end], v[:, :end], scale, mask))
+    return jnp.concatenate(outs, axis=1)
 
 
 def target_platform() -> str:

@@ -121,3 +121,28 @@ def test_auto_picks_the_platforms_kernel(monkeypatch):
     assert attention.resolve("auto", shape, 256, True, seg) == "pallas_gpu"
     assert attention.resolve("auto", shape, 256, False) == "cudnn"  # ViT / adapter
     assert attention.resolve("auto", shape, 256, True) == "cudnn"  # unpacked causal: is_causal
+
+
+def test_xla_causal_self_attention_by_blocks_equals_the_full_scores():
+    # 300 tokens: blocks of 128, 128 and 44 queries; packed rows ending in padding.
+    b, t, n, h = 2, 300, 2, 16
+    assert t > attention.CAUSAL_BLOCK and t % attention.CAUSAL_BLOCK
+    q, k, v = _qkv(b, t, t, n, h, seed=3)
+    seg = _packed_segments(b, t, seed=4)
+    kw = dict(causal=True, scale=h**-0.5, q_segment_ids=seg, kv_segment_ids=seg)
+    got, got_g = _fwd_and_grads("xla", q, k, v, **kw)
+    # jax.nn.dot_product_attention's XLA math over the whole [T, T] mask is the reference.
+    want, want_g = _fwd_and_grads("jax", q, k, v, **kw)
+    for name, a, w in zip(("out", "dq", "dk", "dv"), (got, *got_g), (want, *want_g), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(w), atol=1e-5, rtol=1e-5, err_msg=name)
+    # No score buffer spans all 300 keys for all 300 queries: the blocks above the diagonal are
+    # never computed.
+    hlo = (
+        jax.jit(
+            lambda q, k, v: attention.dot_product_attention(q, k, v, implementation="xla", **kw)
+        )
+        .lower(q, k, v)
+        .as_text()
+    )
+    assert f"{t}x{t}x" not in hlo and f"{n}x{t}x{t}" not in hlo
+    assert f"{b}x{n}x128x256x" in hlo  # the second block's scores
