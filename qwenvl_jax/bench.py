@@ -3,6 +3,8 @@
   python -m qwenvl_jax.bench --shape=ref8      # the PyTorch reference's shape (docs/performance.md)
   python -m qwenvl_jax.bench --shape=full      # full Qwen-VL, batch 2 x 2048
   python -m qwenvl_jax.bench --shape=tiny      # CPU smoke test
+  python -m qwenvl_jax.bench --shape=demo --mode=train --images_filled=3 --attn_impl=xla,jax
+                                               # the demo's stage-2 step on a CPU, A/B
   python -m qwenvl_jax.bench --shape=ref8 --reference_dir=/path/to/Qwen-VL-Chat \
       --reference_python=/path/to/torch-venv/bin/python   # ours and the published PyTorch step
 
@@ -74,7 +76,21 @@ SHAPES = {
     # has 16), so the reference can build it; one row, long enough for `<img>` + 256 + `</img>`
     # in the first of its two packed halves (random_batches.py).
     "tiny_ref": ("multitask:tiny", dict(visual=dict(n_queries=256)), 1, 528, 56, 1),
+    # The default demo's stage-2 step (qwenvl_jax.demo.run; None: its model): 8 rows of 512
+    # tokens, up to 4 pictures of 112 px per row (`--images_filled=3` is its typical row).
+    "demo": ("multitask:tiny", None, 8, 512, 112, 4),
 }
+
+
+def _demo_model() -> dict:
+    """The default demo's model overrides with its 640-token vocabulary."""
+    from qwenvl_jax.demo import run as demo
+
+    m = json.loads(json.dumps(demo.SETTINGS["default"].model))
+    m["vocab_size"] = 640
+    m["visual"]["image_start_id"] = 600  # random rows: any id inside the vocabulary does
+    return m
+
 
 _SHAPE = flags.DEFINE_enum("shape", "ref8", sorted(SHAPES), "Benchmark shape.")
 _MODE = flags.DEFINE_enum(
@@ -163,6 +179,7 @@ def bench_config(
     """A multitask-stage config with the benchmark's shape (single device, no accumulation);
     `attn_impl` "" keeps the stage config's."""
     stage, overrides, b, t, size, m = SHAPES[shape]
+    overrides = _demo_model() if overrides is None else overrides
     m, size = image_slots or m, image_size or size
     c = stage_config.load(stage)
     for key, value in overrides.items():

@@ -26,7 +26,8 @@ class RandomBatches:
         self.shard = shard_index
         self.q = mcfg.visual.n_queries
         self.start_id = mcfg.visual.image_start_id
-        self.vocab = min(mcfg.vocab_size, 1000)
+        # Text ids stay below the image markers (a small vocabulary holds them under 1000).
+        self.vocab = min(mcfg.vocab_size, 1000, self.start_id)
         self.count = 0
 
     def __iter__(self):

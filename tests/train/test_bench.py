@@ -53,3 +53,25 @@ def test_mfu_and_chip_guess():
 def test_bench_tiny_smoke():
     r = bench.run("tiny", mode="train", steps=1, warmup=0)
     assert np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["model_tflops_per_s"] > 0
+
+
+def test_demo_shape_builds_the_demos_batch():
+    # The demo's 640-token vocabulary holds the image markers below 1000: random text must not
+    # land on them (it did: "5 <img> but 2 </img> tokens").
+    from qwenvl_jax.data.random_batches import RandomBatches
+    from qwenvl_jax.demo import run as demo
+    from qwenvl_jax.train import model_config
+
+    c = bench.bench_config(shape="demo", mode="train", remat="none")
+    mcfg = model_config(c)
+    assert (mcfg.vocab_size, mcfg.hidden_size) == (
+        640,
+        demo.SETTINGS["default"].model["hidden_size"],
+    )
+    batch = next(RandomBatches(c, mcfg, 8, 0))
+    ids, start = batch["input_ids"], mcfg.visual.image_start_id
+    assert ids.shape == (8, 512)
+    pictures = batch["image_valid"].sum(1)
+    assert pictures.min() >= 1
+    np.testing.assert_array_equal((ids == start).sum(1), pictures)  # one <img> per picture
+    np.testing.assert_array_equal((ids == start + 1).sum(1), pictures)  # and one </img>
