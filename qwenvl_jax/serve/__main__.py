@@ -78,6 +78,13 @@ def _run(argv) -> None:
         help="prompt-prefix KV cache size (0: off)",
     )
     p.add_argument(
+        "--decode_steps",
+        type=_positive(int),
+        default=None,
+        metavar="N",
+        help="decode steps per compiled call, one host round trip each (default: the engine's, 4)",
+    )
+    p.add_argument(
         "--max_images", type=_positive(int), default=8, metavar="N", help="images per request"
     )
     p.add_argument(
@@ -133,6 +140,7 @@ def _run(argv) -> None:
         max_queue=args.max_queue,
         image_cache_mb=args.image_cache_mb,
         prefill_chunk=args.prefill_chunk,
+        decode_steps=args.decode_steps,
         prefix_cache_mb=args.prefix_cache_mb,
         allowed_local_dir=args.allowed_local_dir,
         served_model_name=args.served_model_name,

@@ -16,20 +16,30 @@ positions, created once on the device (sharded over the model's mesh as `generat
    place) starts after them: their keys and values are kept on the device, keyed by a chained
    hash of the tokens and images up to the block's end (they depend on nothing else: attention is
    causal), least recently used out past `prefix_cache_mb`, and copied into the slot;
-3. runs one decode step over the first slots, a power-of-two bucket that holds every running row
-   (requests take the lowest free slot; `_steps.decode_step`): each row feeds its last token at
-   its own position (a per-row `cache_index`, written in place), with its own temperature, top-p
-   and seed; the attention reads only the first `kv_len` cache positions, the smallest bucket that
-   holds every running row. Stop sequences, eos and the length limit are applied per row on the
-   host, as `generate` does on the device (a row whose sequence ends with a stop sequence gets eos
-   next), so greedy answers equal `QwenVL.generate` token for token. A finished or cancelled row
-   leaves at once and its slot takes the next request.
+3. runs `decode_steps` (default 4) decode steps in one compiled call over the first slots, a
+   power-of-two bucket that holds every running row (requests take the lowest free slot;
+   `_steps.decode_step`): each row feeds its last token at its own position (a per-row
+   `cache_index`, written in place), with its own temperature, top-p and seed; the attention
+   reads only the first `kv_len` cache positions, the smallest bucket that holds every running
+   row. Stop sequences, eos and the length limit are applied per row on the host afterwards,
+   token by token, as `generate` does on the device (a row whose sequence ends with a stop
+   sequence gets eos next); the tokens a row made after its end are dropped, so greedy answers
+   equal `QwenVL.generate` token for token. A finished or cancelled row leaves and its slot
+   takes the next request.
+
+Why several steps per call: on a CPU the host's share of a step (the dispatch, the transfer
+back, handing each row its token, waking the HTTP side and one server-sent event per token)
+was most of a small model's step; four steps per call pay it once per four tokens and hand a
+row four tokens at once (one event, one chunk). The price: a new request waits up to four steps
+to join, and a row that ends mid-call holds its slot for the rest of it. The consumers of one
+iteration's events are woken together (`_Wakeups`: one cross-thread call per event loop, not
+one per row and token).
 
 Programs are compiled per bucket (prefill: chunk length x attended length x image count; decode:
-rows x attended length); `start` compiles the decode steps and the first-chunk prefills and logs
-how many programs exist (`stats()["n_compiled"]` counts later ones too). JAX's persistent
-compilation cache is used when it is configured (`compiler.enable_cache`, as the trainer
-does).
+rows x attended length, each `decode_steps` steps); `start` compiles the decode steps and the
+first-chunk prefills and logs how many programs exist (`stats()["n_compiled"]` counts later ones
+too). JAX's persistent compilation cache is used when it is configured (`compiler.enable_cache`,
+as the trainer does).
 
 Why a contiguous slot cache and not a paged one: every slot holds `max_seq_len` positions, so the
 memory is `max_batch x max_seq_len` whatever the lengths, and a paged cache (vLLM's blocks) could
@@ -68,6 +78,7 @@ log = logging.getLogger(__name__)
 KV_BUCKET = 128  # the smallest attended-length bucket; the others double up to the cache length
 MIN_CHUNK = 64  # the smallest prefill bucket
 PREFIX_BLOCK = 64  # prompt tokens per prefix-cache block
+DECODE_STEPS = 4  # decode steps per compiled call (Engine's decode_steps)
 
 
 # ----------------------------------------------------------------------------- the interface
@@ -125,14 +136,50 @@ class Event:
     usage: dict | None = None
 
 
+class _Wakeups:
+    """Wakes the asyncio consumers of an engine once per scheduler iteration, not once per event:
+    while `collecting` (the scheduler thread, inside an iteration) pushes only note their
+    waiters, and `flush` sets all of a loop's events in one `call_soon_threadsafe` (32 rows
+    otherwise cost the event loop 32 cross-thread wake-ups per decode step)."""
+
+    def __init__(self):
+        self._thread: int | None = None
+        self._pending: dict = {}
+
+    def collecting(self) -> None:
+        self._thread = threading.get_ident()
+
+    def add(self, loop, aev) -> bool:
+        """Defer this wake-up (True) when called on the collecting thread."""
+        if self._thread != threading.get_ident():
+            return False
+        self._pending.setdefault(loop, set()).add(aev)
+        return True
+
+    def flush(self) -> None:
+        self._thread = None
+        pending, self._pending = self._pending, {}
+        for loop, aevs in pending.items():
+            try:
+                loop.call_soon_threadsafe(_set_all, aevs)
+            except RuntimeError:  # the consumer's loop is closed: nobody listens any more
+                pass
+
+
+def _set_all(aevs) -> None:
+    for aev in aevs:
+        aev.set()
+
+
 class Handle:
     """One submitted request: its events (blocking or async) and `cancel`."""
 
-    def __init__(self, req: EngineRequest):
+    def __init__(self, req: EngineRequest, wakeups: _Wakeups | None = None):
         self.request = req
         self._events: collections.deque[Event] = collections.deque()
         self._cond = threading.Condition()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._wakeups = wakeups
         self.cancelled = False
         self.finished = False
 
@@ -144,6 +191,8 @@ class Handle:
             self._cond.notify_all()
             waiters = list(self._waiters)
         for loop, aev in waiters:
+            if self._wakeups is not None and self._wakeups.add(loop, aev):
+                continue
             try:
                 loop.call_soon_threadsafe(aev.set)
             except RuntimeError:  # the consumer's loop is closed: nobody listens any more
@@ -161,8 +210,10 @@ class Handle:
             if ev.kind in ("done", "error"):
                 return
 
-    async def aevents(self) -> AsyncIterator[Event]:
-        """`events` for an asyncio consumer (no thread blocked while waiting)."""
+    async def abatches(self) -> AsyncIterator[list[Event]]:
+        """The events for an asyncio consumer (no thread blocked while waiting), each time all
+        of those that arrived since the last wake-up: a consumer that falls behind takes several
+        tokens at once. Ends after the batch holding "done" or "error"."""
         loop = asyncio.get_running_loop()
         aev = asyncio.Event()
         with self._cond:
@@ -171,16 +222,23 @@ class Handle:
             while True:
                 aev.clear()
                 with self._cond:
-                    ev = self._events.popleft() if self._events else None
-                if ev is None:
+                    batch = list(self._events)
+                    self._events.clear()
+                if not batch:
                     await aev.wait()
                     continue
-                yield ev
-                if ev.kind in ("done", "error"):
+                yield batch
+                if batch[-1].kind in ("done", "error"):
                     return
         finally:
             with self._cond:
                 self._waiters.remove((loop, aev))
+
+    async def aevents(self) -> AsyncIterator[Event]:
+        """`events` for an asyncio consumer, one event at a time."""
+        async for batch in self.abatches():
+            for ev in batch:
+                yield ev
 
     def cancel(self) -> None:
         """Stop the request: its slot is freed at the next step; it ends with "cancelled"."""
@@ -284,16 +342,21 @@ class Engine:
       image_cache_mb: bound of the adapter-output cache, in MiB.
       prefill_chunk: the most prompt tokens prefilled per scheduler iteration (and per chunk).
       prefix_cache_mb: bound of the prompt-prefix cache, in MiB (0: off).
+      decode_steps: decode steps per compiled call (one host round trip, one hand-off of
+        `decode_steps` tokens per row; see the module docstring).
     """
 
     def __init__(self, model, *, max_batch: int = 8, max_seq_len: int = 2048,
                  max_queue: int = 256, image_cache_mb: float = 256.0,
-                 prefill_chunk: int = 512, prefix_cache_mb: float = 256.0):  # fmt: skip
-        if max_batch < 1 or max_seq_len < 2 or max_queue < 1 or prefill_chunk < 1:
+                 prefill_chunk: int = 512, prefix_cache_mb: float = 256.0,
+                 decode_steps: int = DECODE_STEPS):  # fmt: skip
+        if min(max_batch, max_queue, prefill_chunk, decode_steps) < 1 or max_seq_len < 2:
             raise ValueError(
                 f"max_batch ({max_batch}), max_queue ({max_queue}), prefill_chunk "
-                f"({prefill_chunk}) must be >= 1 and max_seq_len ({max_seq_len}) >= 2"
+                f"({prefill_chunk}), decode_steps ({decode_steps}) must be >= 1 and max_seq_len "
+                f"({max_seq_len}) >= 2"
             )
+        self.decode_steps = decode_steps
         cfg = model.config
         if cfg.use_dynamic_ntk and max_seq_len > cfg.seq_length:
             raise ValueError(
@@ -315,7 +378,8 @@ class Engine:
         self.cache_len = max(-(-max_seq_len // KV_BUCKET) * KV_BUCKET, self.prefill_chunk)
         self._kv_buckets = [b for b in (KV_BUCKET * 2**i for i in range(32)) if b < self.cache_len]
         self._kv_buckets.append(self.cache_len)
-        self._graphdef, self._state = nnx.split(model.model)
+        graphdef, self._state = nnx.split(model.model)
+        self._graphdef = _steps.Static(graphdef)
         self._use_logn = bool(cfg.use_logn_attn)
         # Decode steps run the first `rows` slots, a bucket holding every running row (requests
         # take the lowest free slot), so a lightly loaded engine does not compute empty slots.
@@ -337,6 +401,7 @@ class Engine:
         self._accepting = True
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._wakeups = _Wakeups()
         self._stats = dict(tokens_generated=0, prompt_tokens=0, image_encodes=0,
                            image_cache_hits=0, requests_done=0,
                            prefix_tokens_reused=0)  # fmt: skip
@@ -366,7 +431,7 @@ class Engine:
     def submit(self, req: EngineRequest) -> Handle:
         """Queue a request. Raises QueueFull, PromptTooLong, or ValueError naming a bad field."""
         self._validate(req)
-        handle = Handle(req)
+        handle = Handle(req, self._wakeups)
         handle._t_submit = time.perf_counter()
         with self._cond:
             if not self._accepting:
@@ -478,11 +543,13 @@ class Engine:
         return token
 
     def _step(self, tokens, positions, active, sampling, steps, kv_len):
+        """[decode_steps, rows] new tokens."""
         rows = len(tokens)
         self._programs.add(("decode", rows, kv_len))
         nxt, self._cache = _steps.decode_step(
             self._graphdef, self._state, self._cache, tokens, positions, active, sampling, steps,
             kv_len=kv_len, use_logn=self._use_logn, ctx=self._ctx[rows],
+            n_steps=self.decode_steps,
         )  # fmt: skip
         return nxt
 
@@ -529,10 +596,16 @@ class Engine:
         self._end_all("cancelled")
 
     def _iteration(self) -> None:
-        self._admit()
-        self._reap_cancelled()
-        self._prefill_some()
-        self._decode_once()
+        self._wakeups.collecting()
+        try:
+            self._admit()
+            self._reap_cancelled()
+            self._prefill_some()
+            self._wakeups.flush()  # first tokens go out before the decode step
+            self._wakeups.collecting()
+            self._decode_once()
+        finally:
+            self._wakeups.flush()
 
     def _admit(self) -> None:
         admitted: list[tuple[int, Handle]] = []
@@ -678,18 +751,22 @@ class Engine:
             active[s] = True
             temp[s], top_p[s] = r.sampling.temperature, r.sampling.top_p
             seed[s], steps[s] = r.sampling.seed or 0, len(r.generated)
-        kv = self._kv_len(int(positions[active].max()) + 1)
+        # The last step writes at position + decode_steps - 1; a row that would pass the cache
+        # has ended by then (its length), and its later tokens are dropped below.
+        last = int(positions[active].max()) + self.decode_steps
+        kv = self._kv_len(min(last, self.cache_len))
         nxt = np.asarray(self._step(tokens, positions, active, (temp, top_p, seed), steps, kv))
-        for s, _ in rows:
-            self._accept(s, int(nxt[s]))
+        for step in nxt.tolist():
+            for s, r in rows:
+                if self._rows[s] is r:  # still running: not ended by an earlier step's token
+                    self._accept(s, step[s])
 
     def _accept(self, slot: int, token: int) -> None:
         """The row's next token, after its stop sequences (as generate's StopWordsLogitsProcessor:
         a sequence that ends with one gets eos), emitted; the row finishes on eos or its limit."""
         row = self._rows[slot]
-        seq = row.ids + row.generated
         for stop in row.sampling.stop_ids:
-            if stop and len(stop) <= len(seq) and tuple(seq[len(seq) - len(stop) :]) == tuple(stop):
+            if stop and _ends_with(row.ids, row.generated, stop):
                 token = self.eos
                 break
         now = time.perf_counter()
@@ -735,6 +812,17 @@ class Engine:
             pending, self._pending = list(self._pending), collections.deque()
         for h in pending:
             h._push(Event("done", finish_reason=reason, usage=_usage(h, 0, None)))
+
+
+def _ends_with(ids: list[int], generated: list[int], stop: tuple[int, ...]) -> bool:
+    """Whether ids + generated ends with `stop`, without building the sequence (per row and
+    token on the scheduler thread)."""
+    n, g = len(stop), len(generated)
+    if n <= g:
+        return tuple(generated[g - n :]) == tuple(stop)
+    if n > g + len(ids):
+        return False
+    return tuple(ids[len(ids) - (n - g) :]) + tuple(generated) == tuple(stop)
 
 
 def _usage(h: Handle, n: int, ttft: float | None) -> dict:

@@ -32,12 +32,13 @@ def build(
     image_cache_mb: float = 256.0,
     prefill_chunk: int = 512,
     prefix_cache_mb: float = 256.0,
+    decode_steps: int | None = None,
     allowed_local_dir: str | None = None,
     served_model_name: str | None = None,
     max_images: int = 8,
 ):
     """(engine, app): the model loaded as `QwenVL.from_pretrained` loads it, the engine started
-    (warmed up), the app over it."""
+    (warmed up), the app over it. decode_steps None: the engine's default."""
     from qwenvl_jax import QwenVL
     from qwenvl_jax.serve.engine import Engine
 
@@ -50,6 +51,7 @@ def build(
         image_cache_mb=image_cache_mb,
         prefill_chunk=prefill_chunk,
         prefix_cache_mb=prefix_cache_mb,
+        **({} if decode_steps is None else {"decode_steps": decode_steps}),
     )
     engine.start()
     name = served_model_name or os.path.basename(os.path.normpath(checkpoint))
