@@ -32,8 +32,9 @@ from qwenvl_jax.serve import prompt as prompt_lib
 from qwenvl_jax.serve import schema
 from qwenvl_jax.serve.engine import EngineRequest, PromptTooLong, QueueFull, Sampling
 from qwenvl_jax.serve.errors import APIError, bad_request
-from qwenvl_jax.serve.images import ImageLimits
+from qwenvl_jax.serve.images import DecodedImages, ImageLimits
 from qwenvl_jax.serve.metrics import CONTENT_TYPE, ServerMetrics
+from qwenvl_jax.serve.text import AnswerText
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class ServerConfig:
       max_images: images per request.
       max_body_bytes: request body size.
       allow_http_images: fetch http(s) image URLs.
+      decoded_image_cache_mb: bound of the decoded-image cache (`images.DecodedImages`), MiB.
     """
 
     model_name: str
@@ -57,70 +59,7 @@ class ServerConfig:
     max_images: int = 8
     max_body_bytes: int = 64 * 2**20
     allow_http_images: bool = True
-
-
-class _Text:
-    """The answer text of a stream of token ids: token-id stops, stop strings, what is safe to
-    send now (nothing that could still turn out to be part of a stop string, an incomplete UTF-8
-    character or, for chat, trailing whitespace that the final strip would drop)."""
-
-    def __init__(self, tokenizer, stop_ids, stop_strs: list[str], chat: bool):
-        self.tok = tokenizer
-        self.eos = tokenizer.eod_id
-        self.stop_ids = [list(s) for s in stop_ids]
-        self.stop_strs = stop_strs
-        self.chat = chat
-        self.ids: list[int] = []
-        self.n_tokens = 0
-        self.finish: str | None = None
-        self.text = ""
-        self.sent = 0
-
-    def add(self, token: int) -> bool:
-        """Takes one new token; True when a stop string ended the answer (the engine does not
-        know them: the caller cancels). After eos or a stop-id sequence the engine ends the
-        request itself (the eos it adds after a stop sequence is counted, as `generate` returns
-        it), and later tokens leave the text as it is."""
-        self.n_tokens += 1
-        if self.finish is not None:
-            return False
-        if token == self.eos:
-            self.finish = "stop"
-            return False
-        self.ids.append(token)
-        for s in self.stop_ids:
-            if len(self.ids) >= len(s) and self.ids[-len(s) :] == s:
-                del self.ids[-len(s) :]
-                self.finish = "stop"
-        text = self.tok.decode(self.ids)
-        if self.chat:
-            text = text.lstrip()
-        cut = min((i for i in (text.find(s) for s in self.stop_strs) if i >= 0), default=-1)
-        if cut >= 0:
-            text = text[:cut]
-            self.finish = "stop"
-        self.text = text
-        return cut >= 0
-
-    def final(self) -> str:
-        return self.text.rstrip() if self.chat else self.text
-
-    def delta(self, final: bool = False) -> str:
-        """The text not sent yet that is safe to send."""
-        if final:
-            out = self.final()
-        else:
-            out = self.text.rstrip("\ufffd")  # an incomplete UTF-8 character
-            for s in self.stop_strs:
-                for k in range(min(len(s) - 1, len(out)), 0, -1):
-                    if out.endswith(s[:k]):
-                        out = out[:-k]
-                        break
-            if self.chat:
-                out = out.rstrip()
-        piece = out[self.sent :] if len(out) > self.sent else ""
-        self.sent = max(self.sent, len(out))
-        return piece
+    decoded_image_cache_mb: float = 64.0
 
 
 def _boxes(text: str, prompt: prompt_lib.Prompt) -> list[dict]:
@@ -148,6 +87,7 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
     default_max_tokens = int(gen.get("max_new_tokens") or 512)
     created = int(time.time())
     state = {"http": None, "draining": False}
+    decoded = DecodedImages(config.decoded_image_cache_mb)
 
     async def lifespan(app):
         import httpx
@@ -161,6 +101,7 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="qwenvl_jax", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.metrics = metrics
     app.state.engine = engine
+    app.state.decoded_images = decoded
 
     def ctx() -> prompt_lib.RequestContext:
         return prompt_lib.RequestContext(
@@ -170,6 +111,7 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
             max_images=config.max_images,
             http=state["http"],
             max_window_size=int(gen.get("max_window_size") or prompt_lib.chat_lib.MAX_WINDOW_SIZE),
+            decoded=decoded,
         )
 
     @app.exception_handler(APIError)
@@ -282,33 +224,41 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
         except ValueError as e:
             raise bad_request(str(e), None, "invalid_request") from None
 
-    async def events(handle, text: _Text, t0: float):
-        """(delta, finish_reason or None, usage or None) as tokens arrive; cancels the engine
-        request when a stop string ends it early or when the consumer goes away."""
+    async def events(handle, text: AnswerText, t0: float):
+        """(delta, finish_reason or None) as tokens arrive; cancels the engine request when a
+        stop string ends it early or when the consumer goes away. The tokens that arrived since
+        the last wake-up make one delta: a consumer that falls behind the engine sends fewer,
+        longer chunks instead of one per token."""
         t_first = t_last = None
+        ended = False
         try:
-            async for ev in handle.aevents():
-                if ev.kind == "token":
-                    t_last = time.perf_counter()
-                    if t_first is None:
-                        t_first = t_last
-                        metrics.ttft.observe(t_first - t0)
-                    if text.add(ev.token):
-                        handle.cancel()
+            async for batch in handle.abatches():
+                for ev in batch:
+                    if ev.kind == "token":
+                        t_last = time.perf_counter()
+                        if t_first is None:
+                            t_first = t_last
+                            metrics.ttft.observe(t_first - t0)
+                        if text.add(ev.token):
+                            handle.cancel()
+                            ended = True
+                            break
+                    elif ev.kind == "error":
+                        raise APIError(
+                            500,
+                            f"generation failed: {ev.message}",
+                            type="server_error",
+                            code="engine_error",
+                        )
+                    else:
+                        text.finish = text.finish or ev.finish_reason
+                        ended = True
                         break
-                    piece = text.delta()
-                    if piece:
-                        yield piece, None
-                elif ev.kind == "error":
-                    raise APIError(
-                        500,
-                        f"generation failed: {ev.message}",
-                        type="server_error",
-                        code="engine_error",
-                    )
-                else:
-                    text.finish = text.finish or ev.finish_reason
+                if ended:
                     break
+                piece = text.delta()
+                if piece:
+                    yield piece, None
         finally:
             if not handle.finished:
                 handle.cancel()
@@ -316,7 +266,7 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
             metrics.tpot.observe((t_last - t_first) / (text.n_tokens - 1))
         yield text.delta(final=True), text.finish or "stop"
 
-    def usage(prompt, text: _Text) -> dict:
+    def usage(prompt, text: AnswerText) -> dict:
         n = len(prompt.ids)
         return {
             "prompt_tokens": n,
@@ -335,7 +285,7 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
     async def respond(request, req, prompt, max_tokens, kind: str):
         t0 = request.state.t0
         handle = submit(req, prompt, max_tokens)
-        text = _Text(tok, prompt.stop_ids, list(req.stop or []), prompt.chat)
+        text = AnswerText(tok, prompt.stop_ids, list(req.stop or []), prompt.chat)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         obj = "chat.completion" if kind == "chat" else "text_completion"
         head = {"id": rid, "created": int(time.time()), "model": config.model_name}
@@ -367,11 +317,17 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
                             "finish_reason": None,
                         }
                         yield _sse({**head, "object": chunk_obj, "choices": [first]})
+                    # Every chunk but the last differs only in its text: the same bytes as
+                    # _sse(chunk) from a template, one json.dumps of the piece per chunk.
+                    mark = json.dumps("\0piece\0")
+                    c = choice("\0piece\0", None, None)
+                    pre, post = _sse({**head, "object": chunk_obj, "choices": [c]}).split(mark)
                     async for piece, finish in events(handle, text, t0):
-                        final = text.final() if finish else None
-                        if piece or finish:
-                            c = choice(piece, finish, final)
+                        if finish:
+                            c = choice(piece, finish, text.final())
                             yield _sse({**head, "object": chunk_obj, "choices": [c]})
+                        elif piece:
+                            yield pre + json.dumps(piece, ensure_ascii=False) + post
                     if include_usage:
                         yield _sse(
                             {

@@ -6,8 +6,11 @@ source can be bad is one `APIError` naming the request field: bad base64, a fetc
 that are not an image, more bytes or pixels than the limits (a decompression bomb is refused from
 its header, before any pixel is decoded), a path outside the allowed directory.
 
-The pixels are prepared by `qwenvl_jax.image` (the published transform); the cache key is the
-sha256 of the original bytes, so the engine encodes an image sent twice once.
+The pixels are prepared by `qwenvl_jax.image` (the published transform); the engine's cache key is
+the sha256 of the original bytes, so the engine encodes an image sent twice once. `DecodedImages`
+keeps the decoded images too (by the sha256 of a data: URL's text, and of the bytes read for the
+other sources), so an image sent again also skips its base64, PNG/JPEG decoding and resizing: on a
+CPU those cost more than the tokens of a short answer.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import dataclasses
 import hashlib
 import io
 import os
+import threading
 import urllib.parse
 import warnings
 
@@ -171,13 +176,58 @@ async def read_source(src: str, limits: ImageLimits, param: str, client=None) ->
     return data
 
 
-def decode(data: bytes, image_size: int, limits: ImageLimits, param: str) -> LoadedImage:
-    """Encoded bytes to the engine's input (CPU work: call it off the event loop).
+class DecodedImages:
+    """Decoded images by the sha256 of their source, least recently used out past `max_mb` MiB
+    of pixels (thread-safe: looked up on the event loop and in the decoding threads)."""
+
+    def __init__(self, max_mb: float):
+        self.max_bytes = int(max_mb * 2**20)
+        self.bytes = 0
+        self.hits = 0
+        self._items: collections.OrderedDict[str, LoadedImage] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> LoadedImage | None:
+        with self._lock:
+            img = self._items.get(key)
+            if img is not None:
+                self._items.move_to_end(key)
+                self.hits += 1
+            return img
+
+    def put(self, key: str, img: LoadedImage) -> None:
+        size = img.input.pixels.nbytes
+        with self._lock:
+            if key in self._items or size > self.max_bytes:
+                return
+            self._items[key] = img
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self.bytes -= old.input.pixels.nbytes
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()  # releases the GIL on large inputs
+
+
+def decode(
+    data: bytes,
+    image_size: int,
+    limits: ImageLimits,
+    param: str,
+    cache: DecodedImages | None = None,
+) -> LoadedImage:
+    """Encoded bytes to the engine's input (CPU work: call it off the event loop); from `cache`
+    when the same bytes were decoded before.
 
     Raises:
       APIError: not an image (400 invalid_image), more than `limits.max_pixels` (400
         image_too_large, checked from the header before decoding).
     """
+    key = hashlib.sha256(data).hexdigest()
+    if cache is not None and (hit := cache.get(key)) is not None:
+        return hit
     try:
         with warnings.catch_warnings():
             # Our own pixel limit (below) is the check; PIL's warning would only add noise.
@@ -201,13 +251,30 @@ def decode(data: bytes, image_size: int, limits: ImageLimits, param: str) -> Loa
         raise bad_request(
             f"{param}: {len(data)} bytes starting {head!r} are {what}", param, "invalid_image"
         ) from None
-    key = hashlib.sha256(data).hexdigest()
-    return LoadedImage(ImageInput(key=key, pixels=pixels), w, h)
+    pixels.flags.writeable = False  # shared by every request that sends these bytes
+    img = LoadedImage(ImageInput(key=key, pixels=pixels), w, h)
+    if cache is not None:
+        cache.put(key, img)
+    return img
 
 
 async def load(
-    src: str, image_size: int, limits: ImageLimits, param: str, client=None
+    src: str,
+    image_size: int,
+    limits: ImageLimits,
+    param: str,
+    client=None,
+    cache: DecodedImages | None = None,
 ) -> LoadedImage:
-    """`read_source` then `decode` (in a worker thread)."""
+    """`read_source` then `decode` (in a worker thread); a data: URL seen before comes from
+    `cache` without either."""
+    url_key = None
+    if cache is not None and src.startswith("data:"):
+        url_key = "url:" + await asyncio.to_thread(_sha256, src)
+        if (hit := cache.get(url_key)) is not None:
+            return hit
     data = await read_source(src, limits, param, client)
-    return await asyncio.to_thread(decode, data, image_size, limits, param)
+    img = await asyncio.to_thread(decode, data, image_size, limits, param, cache)
+    if url_key is not None:
+        cache.put(url_key, img)
+    return img

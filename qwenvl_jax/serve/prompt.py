@@ -62,8 +62,9 @@ class _Images:
                 "too_many_images",
             )
         img = await images_lib.load(
-            src.strip(), self.ctx.image_size, self.ctx.limits, param, self.ctx.http
-        )
+            src.strip(), self.ctx.image_size, self.ctx.limits, param, self.ctx.http,
+            self.ctx.decoded,
+        )  # fmt: skip
         self.loaded.append(img)
         return img.input.key[: self.ctx.label_bytes]
 
@@ -95,6 +96,7 @@ class RequestContext:
       max_images: images per request.
       http: an httpx.AsyncClient for http(s) image URLs (None refuses them).
       max_window_size: ChatML history budget in tokens (make_context).
+      decoded: the server's decoded-image cache (None: decode every time).
     """
 
     tokenizer: object
@@ -103,6 +105,7 @@ class RequestContext:
     max_images: int = 8
     http: object = None
     max_window_size: int = chat_lib.MAX_WINDOW_SIZE
+    decoded: images_lib.DecodedImages | None = None
 
     @property
     def label_bytes(self) -> int:

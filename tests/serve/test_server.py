@@ -464,3 +464,32 @@ def test_same_image_is_encoded_once(server, client):
         client.chat.completions.create(model=NAME, messages=_image_message(url=url), max_tokens=1)
     after = [_counter(server, f"qwenvl_image_{k}_total") for k in ("encodes", "cache_hits")]
     assert (after[0] - before[0], after[1] - before[1]) == (1, 3)
+
+
+def test_image_sent_again_is_not_decoded_again(server, client):
+    # The second request's data: URL comes from the decoded-image cache (no base64, no PNG
+    # decode); the answers are the same.
+    decoded = server.server.config.app.state.decoded_images
+    url = _png((29, 23))  # an image no other test sends
+    before = decoded.hits
+    answers = [
+        client.chat.completions.create(model=NAME, messages=_image_message(url=url), max_tokens=3)
+        .choices[0]
+        .message.content
+        for _ in range(2)
+    ]
+    assert decoded.hits - before == 1 and answers[0] == answers[1]
+
+
+def test_stream_chunks_carry_several_tokens(client):
+    # The engine hands each row its decode_steps tokens at once: one SSE chunk for them, which
+    # the openai client parses like any other; the text equals the non-streamed answer.
+    kw = dict(model=NAME, prompt="Once upon a", max_tokens=8)
+    whole = client.completions.create(**kw)
+    chunks = list(
+        client.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    )
+    texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
+    assert "".join(texts) == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert len(texts) < whole.usage.completion_tokens
