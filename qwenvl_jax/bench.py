@@ -83,13 +83,14 @@ SHAPES = {
 
 
 def _demo_model() -> dict:
-    """The default demo's model overrides with its 640-token vocabulary."""
-    from qwenvl_jax.demo import run as demo
-
-    m = json.loads(json.dumps(demo.SETTINGS["default"].model))
-    m["vocab_size"] = 640
-    m["visual"]["image_start_id"] = 600  # random rows: any id inside the vocabulary does
-    return m
+    """The default demo's model (`qwenvl_jax.demo.run.SETTINGS["default"].model`, which sits above
+    this module; tests/train/test_bench.py checks the two agree) with its 640-token vocabulary."""
+    visual = dict(width=64, layers=2, heads=4, mlp_ratio=2.0, output_dim=128, patch_size=14)
+    visual.update(n_queries=36, image_start_id=600)  # random rows: any id in the vocabulary
+    return dict(
+        hidden_size=128, num_hidden_layers=2, num_attention_heads=4, kv_channels=32,
+        intermediate_size=512, initializer_range=0.08, vocab_size=640, visual=visual,
+    )  # fmt: skip
 
 
 _SHAPE = flags.DEFINE_enum("shape", "ref8", sorted(SHAPES), "Benchmark shape.")
