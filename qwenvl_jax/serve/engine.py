@@ -246,12 +246,14 @@ class Handle:
 
 
 # ----------------------------------------------------------------------------- image features
-class _LRU:
-    """Device arrays (or tuples of them) by key, least recently used first out, bounded in bytes:
-    the image features (adapter outputs [Q, D] by image key) and the prompt prefix blocks."""
+class LRU:
+    """Values by key, least recently used first out, bounded in bytes (`size(value)`; default:
+    device arrays or tuples of them): the image features (adapter outputs [Q, D] by image key),
+    the prompt prefix blocks and the server's decoded images. Not locked."""
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, size=None):
         self.max_bytes = max_bytes
+        self._size = size or _nbytes
         self.bytes = 0
         self._items: collections.OrderedDict = collections.OrderedDict()
 
@@ -265,14 +267,14 @@ class _LRU:
         return value
 
     def put(self, key, value) -> None:
-        size = _nbytes(value)
+        size = self._size(value)
         if key in self._items or size > self.max_bytes:
             return
         self._items[key] = value
         self.bytes += size
         while self.bytes > self.max_bytes:
             _, old = self._items.popitem(last=False)
-            self.bytes -= _nbytes(old)
+            self.bytes -= self._size(old)
 
 
 def _nbytes(value) -> int:
@@ -391,8 +393,8 @@ class Engine:
                 self._ctx[b] = gen_lib.ShardingContext(mesh, gen_lib.inference_rules(mesh, b))
         self._ctx1 = self._ctx[1]
         self._cache = None
-        self._features = _LRU(int(image_cache_mb * 2**20))
-        self._prefixes = _LRU(int(prefix_cache_mb * 2**20))
+        self._features = LRU(int(image_cache_mb * 2**20))
+        self._prefixes = LRU(int(prefix_cache_mb * 2**20))
         self._programs: set = set()
 
         self._cond = threading.Condition()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import collections
 import dataclasses
 import hashlib
 import io
@@ -30,7 +29,7 @@ import warnings
 from PIL import Image, UnidentifiedImageError
 
 from qwenvl_jax import image as image_lib
-from qwenvl_jax.serve.engine import ImageInput
+from qwenvl_jax.serve.engine import LRU, ImageInput
 from qwenvl_jax.serve.errors import APIError, bad_request
 
 
@@ -178,33 +177,23 @@ async def read_source(src: str, limits: ImageLimits, param: str, client=None) ->
 
 class DecodedImages:
     """Decoded images by the sha256 of their source, least recently used out past `max_mb` MiB
-    of pixels (thread-safe: looked up on the event loop and in the decoding threads)."""
+    of pixels (`engine.LRU` under a lock: looked up on the event loop and in the decoding
+    threads)."""
 
     def __init__(self, max_mb: float):
-        self.max_bytes = int(max_mb * 2**20)
-        self.bytes = 0
+        self._lru = LRU(int(max_mb * 2**20), size=lambda img: img.input.pixels.nbytes)
         self.hits = 0
-        self._items: collections.OrderedDict[str, LoadedImage] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, key: str) -> LoadedImage | None:
         with self._lock:
-            img = self._items.get(key)
-            if img is not None:
-                self._items.move_to_end(key)
-                self.hits += 1
+            img = self._lru.get(key)
+            self.hits += img is not None
             return img
 
     def put(self, key: str, img: LoadedImage) -> None:
-        size = img.input.pixels.nbytes
         with self._lock:
-            if key in self._items or size > self.max_bytes:
-                return
-            self._items[key] = img
-            self.bytes += size
-            while self.bytes > self.max_bytes:
-                _, old = self._items.popitem(last=False)
-                self.bytes -= old.input.pixels.nbytes
+            self._lru.put(key, img)
 
 
 def _sha256(text: str) -> str:
