@@ -2,7 +2,7 @@
 
 `generate` runs the prompt through the model once (`_prefill`, the LM head at the last prompt
 position only), then decodes every further token inside one compiled `lax.while_loop` (`_decode`):
-the stacked cache [L, B, S, N, H] is a loop carry that each layer updates in place with one
+the stacked cache [L, B, N, S, H] is a loop carry that each layer updates in place with one
 `dynamic_update_slice` at its layer index (`qwen.write_cache`; donated, so no second copy exists,
 and no per-layer slice is re-stacked: `tests/test_generate_inplace.py` reads the compiled HLO for
 it), stop words, eos and
@@ -23,7 +23,7 @@ count the padding, as the reference's batched generation does.
 Sharded inference: with a `mesh` (the one the parameters were placed on, see
 `QwenVL.from_pretrained(mesh=...)`), activations follow `sharding.DEFAULT_RULES` (batch over
 data x fsdp where it divides, heads / MLP / vocabulary over model) and the KV cache is created
-sharded the same way ([L, B, S, N, H]: batch and heads split).
+sharded the same way ([L, B, N, S, H]: batch and heads split).
 
 `generate_stepwise` is the earlier path (one compiled decode step per token, dispatched from a
 Python loop); it is kept for the decode benchmark's comparison (`python -m qwenvl_jax.bench
@@ -86,8 +86,8 @@ def _scope(ctx: ShardingContext | None):
 
 def cache_shardings(cfg, mesh: jax.sharding.Mesh, batch: int) -> dict:
     """NamedShardings of `init_cache`'s arrays: batch over data x fsdp, heads over model."""
-    kv = (cfg.num_hidden_layers, batch, 1, cfg.num_attention_heads, cfg.head_dim)
-    names = ("layers", "act_batch", None, "act_heads", None)
+    kv = (cfg.num_hidden_layers, batch, cfg.num_attention_heads, 1, cfg.head_dim)
+    names = ("layers", "act_batch", "act_heads", None, None)
     spec = shd.logical_to_spec(names, kv, mesh, shd.DEFAULT_RULES)
     seg = PartitionSpec(spec[1], None)
     return {

@@ -53,7 +53,7 @@ def _decode_hlo(model) -> str:
 def test_decode_loop_writes_the_cache_in_place(abstract_model):
     hlo = _decode_hlo(abstract_model)
     assert "while" in hlo
-    cache_shape = f"f32[{CFG.num_hidden_layers},{B},{S},{CFG.num_attention_heads},{CFG.head_dim}]"
+    cache_shape = f"f32[{CFG.num_hidden_layers},{B},{CFG.num_attention_heads},{S},{CFG.head_dim}]"
     ops = {}
     for line in hlo.splitlines():
         m = _OP.match(line)
@@ -82,4 +82,6 @@ def test_per_row_cache_index_equals_scalar():
     assert seg[0, 4:7].tolist() == [1, 1, 1] and seg[1, 4:7].tolist() == [0, 0, 0]
     assert seg[1, 7:10].tolist() == [1, 1, 1]
     # Layer 0's values carry no position: row 1's, written at 7..9, are the scalar path's 4..6.
-    np.testing.assert_array_equal(np.asarray(cc["v"])[0, 1, 7:10], np.asarray(ca["v"])[0, 1, 4:7])
+    np.testing.assert_array_equal(
+        np.asarray(cc["v"])[0, 1, :, 7:10], np.asarray(ca["v"])[0, 1, :, 4:7]
+    )

@@ -164,6 +164,54 @@ def _xla(q, k, v, scale, mask):
     return jnp.einsum("bnts,bsnh->btnh", probs, v)
 
 
+def cached_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float,
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+) -> jax.Array:
+    """Causal attention of new queries over a KV cache in the cache's own layout (XLA math).
+
+    The cache keeps keys and values heads-major, [B, N, S, H] per layer (`qwen.init_cache`): the
+    score and value products are then batched over (B, N) with H and S already their minor
+    axes, so XLA runs them without first transposing the cache. With [B, S, N, H] keys it copied
+    each layer's keys and values into that layout in every decode step (measured on a 2-core
+    CPU, 4 heads x 32, 128 cached positions: 412 vs 100 us per call at 32 rows, 44 vs 32 us at
+    one row).
+
+    Args:
+      q: [B, T, N, H] queries. k, v: [B, N, S, H] the cached keys and values.
+      scale: multiplies the scores.
+      q_positions: int [B, T] each query's cache slot; kv_positions: int [B, S] each key's.
+      q_segment_ids, kv_segment_ids: int [B, T] / [B, S] as `dot_product_attention`'s.
+
+    Returns:
+      [B, T, N, H] in q's dtype.
+    """
+    b, t, n, h = q.shape
+    s = k.shape[2]
+    if k.shape != (b, n, s, h) or v.shape != k.shape:
+        raise ValueError(f"cached attention shapes disagree: q {q.shape}, k {k.shape}, v {v.shape}")
+    mask = attention_mask(
+        t,
+        s,
+        causal=True,
+        q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        q_positions=q_positions,
+        kv_positions=kv_positions,
+    )
+    scores = jnp.einsum("btnh,bnsh->bnts", q, k).astype(jnp.float32) * scale
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnts,bnsh->btnh", probs, v)
+
+
 def _xla_causal_blocks(q, k, v, scale, q_seg, kv_seg):
     """Causal self-attention in XLA by blocks of CAUSAL_BLOCK queries, each against only the keys
     up to its last query: the same result as the full [T, T] scores, with the blocks above the

@@ -1,8 +1,9 @@
 """The Qwen decoder block: fused-qkv attention with rotary, dynamic NTK, logn; SwiGLU; RMSNorm.
 
-KV cache layout (cached decoding, see `init_cache`): a dict with `k` and `v` [L, B, S, N, H]
-holding the post-rotary keys and values of every layer, and `segment_ids` [B, S] (0 = empty slot
-or padding).
+KV cache layout (cached decoding, see `init_cache`): a dict with `k` and `v` [L, B, N, S, H]
+holding the post-rotary keys and values of every layer, heads before positions (the layout the
+attention's batched products read directly, `attention.cached_attention`), and `segment_ids`
+[B, S] (0 = empty slot or padding).
 
 The stacked k/v travel whole through the layer loop (never sliced into per-layer inputs and
 re-stacked): each layer writes its new keys and values with one `dynamic_update_slice` (or, with a
@@ -22,7 +23,7 @@ from flax import nnx
 
 from qwenvl_jax.config import QWenConfig
 from qwenvl_jax.model import layers
-from qwenvl_jax.model.attention import dot_product_attention
+from qwenvl_jax.model.attention import cached_attention, dot_product_attention
 from qwenvl_jax.model.options import ModelOptions
 
 # The reference precomputes logn factors for positions 1..32767 only.
@@ -147,7 +148,7 @@ class QWenAttention(nnx.Module):
         layer_cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
         cache_index: jax.Array | None = None,
     ):
-        """x [B, T, D] -> ([B, T, D], the new stacked (k, v) [L, B', S, N, H] or None).
+        """x [B, T, D] -> ([B, T, D], the new stacked (k, v) [L, B', N, S, H] or None).
 
         layer_cache: (k, v, kv_segment_ids, layer): the whole stacked cache (B' >= B rows; the
         tokens are those of its first B), the key segment ids [B, S'] and this layer's int32
@@ -183,21 +184,20 @@ class QWenAttention(nnx.Module):
             kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (x.shape[0], s))
             # This layer's first s slots of the first B rows (the serving engine runs its first
             # rows only): a read, fused into the attention where XLA can.
-            shape = (1, x.shape[0], s) + k_all.shape[3:]
+            n, h = k_all.shape[2], k_all.shape[4]
+            shape = (1, x.shape[0], n, s, h)
             start = (layer, 0, 0, 0, 0)
             ck = jax.lax.dynamic_slice(k_all, start, shape)[0]
             cv = jax.lax.dynamic_slice(v_all, start, shape)[0]
-            out = dot_product_attention(
+            out = cached_attention(
                 q,
                 ck.astype(q.dtype),
                 cv.astype(q.dtype),
-                causal=True,
                 scale=1.0 / math.sqrt(self.head_dim),
                 q_segment_ids=segment_ids,
                 kv_segment_ids=kv_seg,
                 q_positions=q_pos,
                 kv_positions=kv_pos,
-                implementation=self.options.attn_impl,
             )
             new_cache = (k_all, v_all)
         return self.c_proj(layers.remat_name(out, "attn_out")), new_cache
@@ -211,7 +211,7 @@ def _positions(cache_index: jax.Array, batch: int, t: int) -> jax.Array:
 
 
 def write_cache(k_all, v_all, k, v, layer, cache_index):
-    """Write k, v [B, T, N, H] into the stacked caches [L, B, S, N, H] at layer `layer`.
+    """Write k, v [B, T, N, H] into the stacked caches [L, B, N, S, H] at layer `layer`.
 
     A scalar cache_index writes every row at the same slots with one dynamic_update_slice; an
     int32 [B] cache_index writes row b at slots cache_index[b] + arange(T) with one scatter (rows
@@ -220,16 +220,22 @@ def write_cache(k_all, v_all, k, v, layer, cache_index):
     """
     idx = jnp.asarray(cache_index, jnp.int32)
     if idx.ndim == 0:
-        at = (layer, 0, idx, 0, 0)
-        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
-        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+        at = (layer, 0, 0, idx, 0)
+        k_all = jax.lax.dynamic_update_slice(k_all, _heads_major(k, k_all.dtype), at)
+        v_all = jax.lax.dynamic_update_slice(v_all, _heads_major(v, v_all.dtype), at)
         return k_all, v_all
     b, t = k.shape[:2]
     rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, t))
     slots = _positions(idx, b, t)
-    k_all = k_all.at[layer, rows, slots].set(k.astype(k_all.dtype), mode="drop")
-    v_all = v_all.at[layer, rows, slots].set(v.astype(v_all.dtype), mode="drop")
+    # Advanced indices on either side of the heads' slice: the indexed view is [B, T, N, H].
+    k_all = k_all.at[layer, rows, :, slots].set(k.astype(k_all.dtype), mode="drop")
+    v_all = v_all.at[layer, rows, :, slots].set(v.astype(v_all.dtype), mode="drop")
     return k_all, v_all
+
+
+def _heads_major(x: jax.Array, dtype) -> jax.Array:
+    """[B, T, N, H] -> [1, B, N, T, H] in dtype: new keys or values as a block of the cache."""
+    return jnp.swapaxes(x, 1, 2)[None].astype(dtype)
 
 
 class QWenMLP(nnx.Module):
@@ -280,9 +286,9 @@ def init_cache(cfg: QWenConfig, batch: int, max_length: int, dtype=jnp.float32) 
     """An empty KV cache for `max_length` positions.
 
     Returns:
-      {"k", "v": zeros [L, B, S, N, H] in dtype, "segment_ids": int32 zeros [B, S]}.
+      {"k", "v": zeros [L, B, N, S, H] in dtype, "segment_ids": int32 zeros [B, S]}.
     """
-    shape = (cfg.num_hidden_layers, batch, max_length, cfg.num_attention_heads, cfg.head_dim)
+    shape = (cfg.num_hidden_layers, batch, cfg.num_attention_heads, max_length, cfg.head_dim)
     return {
         "k": jnp.zeros(shape, dtype),
         "v": jnp.zeros(shape, dtype),

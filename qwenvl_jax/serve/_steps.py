@@ -5,7 +5,7 @@ same model shares the compilations. The engine passes the graphdef wrapped in `S
 its static arguments on every call, and hashing a flax GraphDef walks the whole module tree
 (~0.3 ms, a tenth of a 32-row decode step of a small model); `Static` hashes it once.
 
-The KV cache is the engine's slot cache ([L, B, S, N, H], `qwen.init_cache` layout, one row per
+The KV cache is the engine's slot cache ([L, B, N, S, H], `qwen.init_cache` layout, one row per
 slot) and is donated: the decode step writes each row's new k/v in place at that row's own
 position (`qwen.write_cache`, one scatter per layer).
 """
@@ -52,7 +52,7 @@ def _slot_axes(cache, mesh):
     The layout is `generate.cache_shardings`' (its one owner), rebuilt from the cache's shape."""
     if mesh is None:
         return None, None
-    layers, rows, _, heads, head_dim = cache["k"].shape
+    layers, rows, heads, _, head_dim = cache["k"].shape
     cfg = types.SimpleNamespace(num_hidden_layers=layers, num_attention_heads=heads,
                                 head_dim=head_dim)  # fmt: skip
     specs = {k: s.spec for k, s in cache_shardings(cfg, mesh, rows).items()}
@@ -65,6 +65,11 @@ def _row_spec(spec):
     return PartitionSpec(*(None if i == axis else a for i, a in enumerate(spec)))
 
 
+def _axes(x):
+    """(slot axis, position axis) of a cache array: k/v [L, B, N, S, H], segment ids [B, S]."""
+    return (0, 1) if x.ndim == 2 else (1, 3)
+
+
 def _local(x, axis, axes, slot):
     """(clamped local row of `slot` in this shard's block of x, whether the shard holds it)."""
     n = x.shape[axis]
@@ -75,7 +80,7 @@ def _local(x, axis, axes, slot):
 
 def read_slot(cache, slot, start, size, mesh=None):
     """{k, v, segment_ids} of slot `slot` (int32), positions start..start+size-1: k/v
-    [L, 1, size, N, H], segment ids [1, size].
+    [L, 1, N, size, H], segment ids [1, size].
 
     Where the slot axis is split over the mesh, a dynamic slice of it would make XLA's SPMD
     partitioner gather the whole cache onto every chip; instead each shard slices its own block at
@@ -85,12 +90,12 @@ def read_slot(cache, slot, start, size, mesh=None):
     specs, axes = _slot_axes(cache, mesh)
 
     def piece(x, slot, start, axes=None):
-        axis = 0 if x.ndim == 2 else 1
+        axis, pos = _axes(x)
         local, own = (slot, True) if axes is None else _local(x, axis, axes, slot)
         at = [0] * x.ndim
-        at[axis], at[axis + 1] = local, start
+        at[axis], at[pos] = local, start
         shape = list(x.shape)
-        shape[axis], shape[axis + 1] = 1, size
+        shape[axis], shape[pos] = 1, size
         out = jax.lax.dynamic_slice(x, at, shape)
         if axes is None:
             return out
@@ -118,11 +123,11 @@ def write_slot(cache, block, slot, start, mesh=None):
     specs, axes = _slot_axes(cache, mesh)
 
     def put(x, b, slot, start, axes=None):
-        axis = 0 if x.ndim == 2 else 1
+        axis, pos = _axes(x)
         b = b.astype(x.dtype)
         local, own = (slot, True) if axes is None else _local(x, axis, axes, slot)
         at = [0] * x.ndim
-        at[axis], at[axis + 1] = local, start
+        at[axis], at[pos] = local, start
         if axes is not None:
             b = jnp.where(own, b, jax.lax.dynamic_slice(x, at, b.shape))
         return jax.lax.dynamic_update_slice(x, b, at)
@@ -264,7 +269,7 @@ def decode_step(graphdef, state, cache, tokens, positions, active, sampling, ste
 
 @functools.partial(jax.jit, static_argnames=("size", "mesh"))
 def read_block(cache, slot, start, *, size, mesh=None):
-    """The keys and values [L, 1, size, N, H] of slot `slot` from position `start` (int32s): a
+    """The keys and values [L, 1, N, size, H] of slot `slot` from position `start` (int32s): a
     prefilled prompt block to keep in the engine's prefix cache. mesh: the cache's, if any."""
     row = read_slot(cache, slot, start, size, mesh)
     return row["k"], row["v"]
@@ -272,7 +277,7 @@ def read_block(cache, slot, start, *, size, mesh=None):
 
 @functools.partial(jax.jit, static_argnames=("mesh",), donate_argnames=("cache",))
 def write_block(cache, slot, start, k, v, *, mesh=None):
-    """A kept block k, v [L, 1, T, N, H] into slot `slot` at positions start..start+T-1 (segment 1),
+    """A kept block k, v [L, 1, N, T, H] into slot `slot` at positions start..start+T-1 (segment 1),
     in place: the slot then holds that prompt prefix as if it had been prefilled."""
-    seg = jnp.ones((1, k.shape[2]), jnp.int32)
+    seg = jnp.ones((1, k.shape[3]), jnp.int32)
     return write_slot(cache, {"k": k, "v": v, "segment_ids": seg}, slot, start, mesh)

@@ -5,6 +5,9 @@ kernel code (block tiling, segment ids, causal block skipping, custom VJPs) with
 what interpret mode cannot show is speed, which is measured on the device (`qwenvl_jax.bench`).
 """
 
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,3 +149,55 @@ def test_xla_causal_self_attention_by_blocks_equals_the_full_scores():
     )
     assert f"{t}x{t}x" not in hlo and f"{n}x{t}x{t}" not in hlo
     assert f"{b}x{n}x128x256x" in hlo  # the second block's scores
+
+
+def _cache_sized_intermediates(hlo: str, numel: int) -> list[str]:
+    """Instructions of the compiled program (other than its parameters) as large as the cache."""
+    out = []
+    for line in hlo.splitlines():
+        m = re.search(r"= f32\[([0-9,]+)\]\{[0-9,]*\} (\S+?)\(", line)
+        if m and math.prod(map(int, m.group(1).split(","))) == numel and m.group(2) != "parameter":
+            out.append(line.strip()[:160])
+    return out
+
+
+def test_cached_attention_reads_the_heads_major_cache_in_place():
+    # Decode: one query per row over a [B, N, S, H] cache, rows at different positions, empty
+    # slots (segment 0) and a row whose cache holds two segments.
+    b, n, s, h = 4, 3, 40, 8
+    rng = np.random.default_rng(5)
+    q = jnp.asarray(rng.standard_normal((b, 1, n, h)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, s, n, h)), jnp.float32) for _ in range(2))
+    q_pos = jnp.asarray([[3], [17], [39], [25]], jnp.int32)
+    kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    kv_seg = np.ones((b, s), np.int32)
+    kv_seg[0, 4:] = 0
+    kv_seg[3, :10] = 2  # another sample's keys: not attended by the row's segment-1 query
+    kv_seg = jnp.asarray(kv_seg)
+    q_seg = jnp.ones((b, 1), jnp.int32)
+    got = attention.cached_attention(
+        q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), scale=0.3, q_positions=q_pos,
+        kv_positions=kv_pos, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+    )  # fmt: skip
+    # The reference: jax.nn.dot_product_attention on [B, S, N, H] with the mask built by hand.
+    mask = (kv_pos[:, None, :] <= q_pos[:, :, None]) & (kv_seg[:, None, :] == q_seg[:, :, None])
+    want = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=0.3)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+
+    # The compiled decode attention holds no copy of the cache (XLA transposed a [B, S, N, H]
+    # cache into its batched products' layout in every step: 4x the time at 32 rows).
+    b, s, n, h = 32, 128, 4, 32
+    qs = jax.ShapeDtypeStruct((b, 1, n, h), jnp.float32)
+    cs = jax.ShapeDtypeStruct((b, n, s, h), jnp.float32)
+    ps = jax.ShapeDtypeStruct((b, 1), jnp.int32), jax.ShapeDtypeStruct((b, s), jnp.int32)
+    fn = jax.jit(lambda q, k, v, qp, kp: attention.cached_attention(
+        q, k, v, scale=0.2, q_positions=qp, kv_positions=kp))  # fmt: skip
+    hlo = fn.lower(qs, cs, cs, *ps).compile().as_text()
+    assert not _cache_sized_intermediates(hlo, b * s * n * h)
+    # The check sees such copies: the [B, S, N, H] layout through the general function has them.
+    bsnh = jax.ShapeDtypeStruct((b, s, n, h), jnp.float32)
+    ref = jax.jit(lambda q, k, v, qp, kp: attention.dot_product_attention(
+        q, k, v, causal=True, scale=0.2, q_positions=qp, kv_positions=kp,
+        implementation="xla"))  # fmt: skip
+    ref_hlo = ref.lower(qs, bsnh, bsnh, *ps).compile().as_text()
+    assert _cache_sized_intermediates(ref_hlo, b * s * n * h)
