@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import base64
+import functools
 import hashlib
 import importlib.util
 import json
@@ -234,6 +235,13 @@ def image_token_index(
     return index, counts
 
 
+@functools.lru_cache(maxsize=32)
+def _special_pattern(tokens: frozenset[str]) -> re.Pattern:
+    """The special-token strings as one alternation, longest first, compiled once per set (built
+    per call, escaping Qwen's 208 strings was ~5% of a server's CPU under load)."""
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+
+
 class _QwenTokenizerBase(abc.ABC):
     """Special tokens, image-span expansion and decoding shared by both backends.
 
@@ -304,7 +312,11 @@ class _QwenTokenizerBase(abc.ABC):
         self, text: str, allowed_special: AllowedSpecial, disallowed_special: AllowedSpecial
     ) -> list[int]:
         """Encode text, parsing the allowed special-token strings (tiktoken's semantics)."""
-        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        allowed = (
+            frozenset(self.special_tokens)
+            if allowed_special == "all"
+            else frozenset(allowed_special)
+        )
         disallowed = (
             set(self.special_tokens) - allowed
             if disallowed_special == "all"
@@ -318,10 +330,9 @@ class _QwenTokenizerBase(abc.ABC):
                 )
         if not allowed:
             return self._encode_ordinary(text)
-        pattern = "|".join(re.escape(t) for t in sorted(allowed, key=len, reverse=True))
         ids: list[int] = []
         pos = 0
-        for m in re.finditer(pattern, text):
+        for m in _special_pattern(allowed).finditer(text):
             if m.start() > pos:
                 ids.extend(self._encode_ordinary(text[pos : m.start()]))
             ids.append(self.special_tokens[m.group()])
