@@ -20,6 +20,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import os
 import shlex
 import signal
@@ -396,6 +397,9 @@ def run(url, checkpoint, model, concurrency, num_requests, max_tokens, image_dir
 
     if concurrency < 1 or num_requests < 1 or max_tokens < 1:
         raise ConfigError("--concurrency, --num_requests and --max_tokens must be >= 1")
+    # httpx logs every request at INFO (absl's root level): a line per request, written by the
+    # client on the cores it shares with the server, inside the timed runs.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     proc = None
     if not url and random_model and not checkpoint:
         checkpoint = write_random_checkpoint(
