@@ -1,6 +1,6 @@
 """`python -m qwenvl_jax.bench --mode=serve`: the server under load, as vLLM bench serve measures.
 
-    python -m qwenvl_jax.bench --mode=serve --checkpoint=DIR [--concurrency=32] [--num_requests=64]
+    python -m qwenvl_jax.bench --mode=serve --checkpoint=DIR [--concurrency=32] [--num_requests=256]
     python -m qwenvl_jax.bench --mode=serve --url=http://127.0.0.1:8000 --model=NAME
 
 Without --url the server is started here (`python -m qwenvl_jax.serve` in a subprocess on a free
@@ -45,7 +45,11 @@ _RANDOM = flags.DEFINE_enum(
 )  # fmt: skip
 _MODEL = flags.DEFINE_string("model", "", "serve: the served model name (default: the server's).")
 _CONC = flags.DEFINE_integer("concurrency", 32, "serve: concurrent clients.")
-_NREQ = flags.DEFINE_integer("num_requests", 64, "serve: requests per run.")
+_NREQ = flags.DEFINE_integer(
+    "num_requests", 256,
+    "serve: requests per run (at 32 clients, 8 each: fewer measure mostly the first wave's"
+    " queueing and the last one's drain).",
+)  # fmt: skip
 _MAXTOK = flags.DEFINE_integer("max_tokens", 32, "serve: max_tokens of each request.")
 _IMGDIR = flags.DEFINE_string("image_dir", "", "serve: images to send (default: synthetic).")
 _SOAK = flags.DEFINE_integer(
