@@ -154,14 +154,15 @@ def dot_product_attention(
     return _xla(q, k, v, scale, mask)
 
 
-def _xla(q, k, v, scale, mask):
-    """The reference math: scores, the mask, softmax in float32, the weighted values."""
-    scores = jnp.einsum("btnh,bsnh->bnts", q, k).astype(jnp.float32) * scale
+def _xla(q, k, v, scale, mask, kv="bsnh"):
+    """The reference math: scores, the mask, softmax in float32, the weighted values. kv: the
+    layout of k and v, "bsnh" or the cache's "bnsh"."""
+    scores = jnp.einsum(f"btnh,{kv}->bnts", q, k).astype(jnp.float32) * scale
     if mask is not None:
         # A finite fill keeps fully masked rows (padding queries) finite instead of NaN.
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bnts,bsnh->btnh", probs, v)
+    return jnp.einsum(f"bnts,{kv}->btnh", probs, v)
 
 
 def cached_attention(
@@ -206,10 +207,7 @@ def cached_attention(
         q_positions=q_positions,
         kv_positions=kv_positions,
     )
-    scores = jnp.einsum("btnh,bnsh->bnts", q, k).astype(jnp.float32) * scale
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bnts,bnsh->btnh", probs, v)
+    return _xla(q, k, v, scale, mask, kv="bnsh")
 
 
 def _xla_causal_blocks(q, k, v, scale, q_seg, kv_seg):

@@ -61,13 +61,14 @@ def _slot_axes(cache, mesh):
 
 def _row_spec(spec):
     """`spec` with the slot axis (1 for k/v, 0 for segment ids) unsplit: one slot's block."""
-    axis = 0 if len(spec) == 2 else 1
+    axis = _axes(len(spec))[0]
     return PartitionSpec(*(None if i == axis else a for i, a in enumerate(spec)))
 
 
-def _axes(x):
-    """(slot axis, position axis) of a cache array: k/v [L, B, N, S, H], segment ids [B, S]."""
-    return (0, 1) if x.ndim == 2 else (1, 3)
+def _axes(ndim: int):
+    """(slot axis, position axis) of a cache array of `ndim` dimensions: k/v [L, B, N, S, H],
+    segment ids [B, S]."""
+    return (0, 1) if ndim == 2 else (1, 3)
 
 
 def _local(x, axis, axes, slot):
@@ -90,7 +91,7 @@ def read_slot(cache, slot, start, size, mesh=None):
     specs, axes = _slot_axes(cache, mesh)
 
     def piece(x, slot, start, axes=None):
-        axis, pos = _axes(x)
+        axis, pos = _axes(x.ndim)
         local, own = (slot, True) if axes is None else _local(x, axis, axes, slot)
         at = [0] * x.ndim
         at[axis], at[pos] = local, start
@@ -123,7 +124,7 @@ def write_slot(cache, block, slot, start, mesh=None):
     specs, axes = _slot_axes(cache, mesh)
 
     def put(x, b, slot, start, axes=None):
-        axis, pos = _axes(x)
+        axis, pos = _axes(x.ndim)
         b = b.astype(x.dtype)
         local, own = (slot, True) if axes is None else _local(x, axis, axes, slot)
         at = [0] * x.ndim
