@@ -159,8 +159,7 @@ def run(name: str, slots: int | None = None, programs=PROGRAMS, *, preset: str =
         elif prog == "prefill":
             i32 = host((), jnp.int32)
             ids = host((1, chunk), jnp.int32)
-            small = (i32, ids, ids, i32, i32, host((1, q, d), dtype), ids,
-                     (host((), jnp.float32), host((), jnp.float32), i32))  # fmt: skip
+            small = (i32, ids, ids, i32, host((1, q, d), dtype), ids)
             r, secs = _compile(_steps.prefill_chunk, graphdef, state, cache, *small,
                                kv_len=cache_len, use_logn=use_logn, ctx=ctx(1))  # fmt: skip
         else:

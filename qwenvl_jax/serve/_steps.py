@@ -173,28 +173,27 @@ def encode_images(graphdef, state, pixels, *, ctx=None):
 @functools.partial(
     jax.jit, static_argnames=("graphdef", "kv_len", "use_logn", "ctx"), donate_argnames=("cache",)
 )
-def prefill_chunk(graphdef, state, cache, slot, ids, seg, start, last, features, token_index,
-                  sampling, *, kv_len, use_logn, ctx=None):  # fmt: skip
-    """One prompt chunk of one slot into the slot cache.
+def prefill_chunk(graphdef, state, cache, slot, ids, seg, start, features, token_index, *, kv_len,
+                  use_logn, ctx=None):  # fmt: skip
+    """One prompt chunk of one slot into the slot cache: its keys and values only (no logits: the
+    prompt's last token is fed by the row's first decode step, which gives its first new token).
 
     Args:
       cache: the slot cache (donated). slot: int32, the row. start: int32, the chunk's first slot.
       ids, seg: int32 [1, T] (right-padded to the bucket with segment 0).
-      last: int32, the chunk index of the prompt's last token (used on the final chunk).
       features: [1, K, D] adapter outputs of the request's images, or None; token_index: int32
         [1, T] into K (-1 for text), or None.
-      sampling: (temperature, top_p, seed) of the row, for its first new token.
       kv_len: static, the cache slots the chunk attends over (>= start + T, a bucket).
 
     Returns:
-      (int32 scalar: the token after position `last`, the cache).
+      the cache.
     """
     mesh = None if ctx is None else ctx.mesh
     with _scope(ctx):
         model = _merge(graphdef, state)
         # This row's first kv_len slots, run as a batch-1 cache, then written back.
         row = read_slot(cache, slot, 0, kv_len, mesh)
-        hidden, row = model.hidden_states(
+        _, row = model.hidden_states(
             ids,
             segment_ids=seg,
             cache=row,
@@ -203,11 +202,7 @@ def prefill_chunk(graphdef, state, cache, slot, ids, seg, start, last, features,
             image_token_index=token_index,
             use_logn=use_logn,
         )
-        logits = model.logits(jax.lax.dynamic_index_in_dim(hidden[0], last, keepdims=True))
-        temperature, top_p, seed = sampling
-        token = select_tokens(logits.astype(jnp.float32), temperature[None], top_p[None],
-                              seed[None], jnp.zeros(1, jnp.int32))[0]  # fmt: skip
-    return token, write_slot(cache, row, slot, 0, mesh)
+    return write_slot(cache, row, slot, 0, mesh)
 
 
 @functools.partial(

@@ -10,8 +10,10 @@ positions, created once on the device (sharded over the model's mesh as `generat
    in ten requests is encoded once;
 2. prefills: up to `prefill_chunk` prompt tokens per iteration, one slot at a time, in chunks of
    at most `prefill_chunk` tokens right-padded to a bucket (`_chunk_bucket`; a long prompt takes
-   several iterations, and the running rows decode between its chunks). The last chunk yields
-   the request's first token, and the slot decodes from the next step on. A prompt whose leading
+   several iterations, and the running rows decode between its chunks). The chunks stop one
+   token short of the prompt's end: the last prompt token is the row's first decode input, so its
+   logits (the first new token) come out of the batched decode step and not out of a one-row
+   projection onto the vocabulary per request. A prompt whose leading
    64-token blocks were prefilled before (the same system prompt, the same image in the same
    place) starts after them: their keys and values are kept on the device, keyed by a chained
    hash of the tokens and images up to the block's end (they depend on nothing else: attention is
@@ -332,6 +334,11 @@ class _Row:
     def sampling(self) -> Sampling:
         return self.handle.request.sampling
 
+    @property
+    def ready(self) -> bool:
+        """Decoding: the prompt is in the cache but its last token, which the next step feeds."""
+        return self.prefilled >= len(self.ids) - 1
+
 
 class Engine:
     """Serves `EngineRequest`s on a `QwenVL` with continuous batching (see the module docstring).
@@ -535,14 +542,12 @@ class Engine:
         feats = _steps.encode_images(self._graphdef, self._state, padded, ctx=self._ctx1)
         return feats[: len(pixels)]
 
-    def _prefill(self, slot, ids, seg, start, last, features, index, sampling, kv_len):
+    def _prefill(self, slot, ids, seg, start, features, index, kv_len) -> None:
         self._programs.add(("prefill", ids.shape[1], kv_len, features.shape[1]))
-        token, self._cache = _steps.prefill_chunk(
+        self._cache = _steps.prefill_chunk(
             self._graphdef, self._state, self._cache, np.int32(slot), ids, seg, np.int32(start),
-            np.int32(last), features, index, sampling, kv_len=kv_len, use_logn=self._use_logn,
-            ctx=self._ctx1,
+            features, index, kv_len=kv_len, use_logn=self._use_logn, ctx=self._ctx1,
         )  # fmt: skip
-        return token
 
     def _step(self, tokens, positions, active, sampling, steps, kv_len):
         """[decode_steps, rows] new tokens."""
@@ -566,11 +571,10 @@ class Engine:
             for kv in self._kv_buckets:
                 self._step(zeros, off, np.zeros(b, bool), samp_b, zeros, kv).block_until_ready()
         feats = jnp.zeros((1, q, d), self.model.model.dtype)
-        samp = (np.float32(0), np.float32(1), np.int32(0))
         for t in sorted({self._chunk_len(n) for n in range(1, self.prefill_chunk + 1)}):
             ids = np.zeros((1, t), np.int32)
             index = np.full((1, t), -1, np.int32)
-            self._prefill(0, ids, ids, 0, 0, feats, index, samp, self._kv_len(t))
+            self._prefill(0, ids, ids, 0, feats, index, self._kv_len(t))
         s = self.cfg.visual.image_size
         self._encode(np.zeros((1, s, s, 3), np.float32)).block_until_ready()
         if self._prefixes.max_bytes > 0:  # the prefix cache's two programs
@@ -603,8 +607,6 @@ class Engine:
             self._admit()
             self._reap_cancelled()
             self._prefill_some()
-            self._wakeups.flush()  # first tokens go out before the decode step
-            self._wakeups.collecting()
             self._decode_once()
         finally:
             self._wakeups.flush()
@@ -697,16 +699,17 @@ class Engine:
                 self._finish(slot, "cancelled")
 
     def _prefill_some(self) -> None:
-        """Prefill chunks, oldest request first, until `prefill_chunk` tokens are spent."""
+        """Prefill chunks, oldest request first, until `prefill_chunk` tokens are spent. A row's
+        prompt is prefilled up to its last token (`_Row.ready`), which its first decode step
+        feeds."""
         budget = self.prefill_chunk
-        waiting = [
-            s for s, r in enumerate(self._rows) if r is not None and r.prefilled < len(r.ids)
-        ]
+        waiting = [s for s, r in enumerate(self._rows) if r is not None and not r.ready]
         waiting.sort(key=lambda s: self._rows[s].t_submit)
         for slot in waiting:
             row = self._rows[slot]
-            while budget > 0 and row.prefilled < len(row.ids):
-                n = min(len(row.ids) - row.prefilled, self.prefill_chunk)
+            target = len(row.ids) - 1
+            while budget > 0 and row.prefilled < target:
+                n = min(target - row.prefilled, self.prefill_chunk)
                 t = self._chunk_len(n)
                 # A chunk that would run past the slot starts earlier, recomputing cached tokens
                 # at their own positions (same keys and values), so every chunk is a bucket.
@@ -718,11 +721,9 @@ class Engine:
                 ids[0, : end - start] = row.ids[start:end]
                 seg[0, : end - start] = 1
                 index[0, : end - start] = row.index[start:end]
-                sp = row.sampling
-                samp = (np.float32(sp.temperature), np.float32(sp.top_p), np.int32(sp.seed or 0))
                 try:
-                    token = self._prefill(slot, ids, seg, start, end - start - 1, row.features,
-                                          index, samp, self._kv_len(start + t))  # fmt: skip
+                    self._prefill(slot, ids, seg, start, row.features, index,
+                                  self._kv_len(start + t))  # fmt: skip
                 except Exception as e:  # this request's failure: the others go on
                     log.exception("prefill failed")
                     self._finish(slot, "error", f"{type(e).__name__}: {e}")
@@ -730,15 +731,11 @@ class Engine:
                 budget -= n
                 row.prefilled = end
                 self._keep_prefix(slot, row)
-                if end == len(row.ids):
-                    with self._cond:
-                        self._stats["prompt_tokens"] += len(row.ids)
-                    self._accept(slot, int(token))
             if budget <= 0:
                 break
 
     def _decode_once(self) -> None:
-        rows = [(s, r) for s, r in enumerate(self._rows) if r is not None and r.generated]
+        rows = [(s, r) for s, r in enumerate(self._rows) if r is not None and r.ready]
         if not rows:
             return
         b = next(n for n in self._row_buckets if n > rows[-1][0])
@@ -748,7 +745,7 @@ class Engine:
         temp, top_p = np.zeros(b, np.float32), np.ones(b, np.float32)
         seed, steps = np.zeros(b, np.int32), np.zeros(b, np.int32)
         for s, r in rows:
-            tokens[s] = r.generated[-1]
+            tokens[s] = r.generated[-1] if r.generated else r.ids[-1]
             positions[s] = len(r.ids) + len(r.generated) - 1
             active[s] = True
             temp[s], top_p[s] = r.sampling.temperature, r.sampling.top_p
@@ -771,9 +768,10 @@ class Engine:
             if stop and _ends_with(row.ids, row.generated, stop):
                 token = self.eos
                 break
-        now = time.perf_counter()
         if row.t_first is None:
-            row.t_first = now
+            row.t_first = time.perf_counter()
+            with self._cond:
+                self._stats["prompt_tokens"] += len(row.ids)
         row.generated.append(token)
         row.handle._push(Event("token", token=token))
         if token == self.eos:

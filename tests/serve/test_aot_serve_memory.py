@@ -117,9 +117,8 @@ def test_prefill_on_an_fsdp_mesh_touches_only_its_slots(fsdp_engine, hf_dir):
     i32 = np.int32(5)
     ids = np.zeros((1, 64), np.int32)
     feats = np.zeros((1, qwen.config.visual.n_queries, qwen.config.hidden_size), np.float32)
-    samp = (np.float32(0), np.float32(1), np.int32(0))
     prefill = _steps.prefill_chunk.lower(
-        eng._graphdef, eng._state, cache, i32, ids, ids, i32, i32, feats, ids - 1, samp,
+        eng._graphdef, eng._state, cache, i32, ids, ids, i32, feats, ids - 1,
         kv_len=length, use_logn=eng._use_logn, ctx=eng._ctx1,
     ).compile()  # fmt: skip
     k = _steps.read_block.lower(cache, i32, i32, size=64, mesh=qwen.mesh).out_info[0]
