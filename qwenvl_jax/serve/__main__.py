@@ -117,10 +117,12 @@ def _run(argv) -> None:
         from qwenvl_jax.sharding import parse_mesh
 
         parse_mesh(args.mesh)  # a bad mesh string is one line before any weight is read
-    # The GPU memory share training takes (0.9, qwenvl_jax/compiler.py), before JAX starts.
-    from qwenvl_jax.compiler import set_gpu_memory_fraction
+    # The GPU memory share training takes (0.9, qwenvl_jax/compiler.py) and, on a CPU, malloc
+    # keeping freed memory for the next decode step; before JAX starts.
+    from qwenvl_jax.compiler import keep_freed_memory, set_gpu_memory_fraction
 
     set_gpu_memory_fraction()
+    keep_freed_memory()
     from qwenvl_jax.errors import optional_import
 
     for module in ("fastapi", "uvicorn", "prometheus_client", "httpx"):
