@@ -68,6 +68,8 @@ def main(argv) -> None:
     # Orbax logs every save at INFO; the progress line is printed, warnings still show.
     absl_logging.set_verbosity(absl_logging.WARNING)
     cfg = _CONFIG.value
+    # Before JAX starts its backends (distributed init and the first computation start them).
+    compiler.apply_flags()
     if cfg is None:
         # The entry point's default job is the demo; only this line depends on it (the trainer's
         # modules never import the demo, the demo imports the trainer).
@@ -82,8 +84,6 @@ def main(argv) -> None:
         return
     if not _WORKDIR.value:
         raise UserError("--workdir is required (where checkpoints, logs and TensorBoard files go)")
-    # Before JAX starts its backends (distributed init and the first computation start them).
-    compiler.apply_flags()
     shd.initialize_distributed(_COORD.value, _NPROC.value, _PID.value, auto=_DIST.value)
     train(cfg, _WORKDIR.value)
 
