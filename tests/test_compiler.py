@@ -71,14 +71,16 @@ import jax, jax.numpy as jnp
 x = jnp.ones((16, 1 << 20), jnp.float32)  # 64 MiB
 double = jax.jit(lambda x: x * 2)  # a fresh 64 MiB result per call
 double(x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+faults = []
+for _ in range(20):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     double(x).block_until_ready()
-print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 10)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, min(faults))
 """
 
 
-def _faults_per_call(**env) -> tuple[str, int]:
+def _fewest_faults(**env) -> tuple[str, int]:
     env = dict(os.environ, JAX_PLATFORMS="cpu", **env)
     out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, timeout=300)
     assert out.returncode == 0, out.stderr.decode()[-2000:]
@@ -88,12 +90,15 @@ def _faults_per_call(**env) -> tuple[str, int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_cpu_steps_reuse_freed_memory_instead_of_faulting_in_fresh_pages():
-    """A jitted step's 64 MiB result: with malloc's defaults each call maps fresh pages (16,384
-    page faults of 4 KiB); with keep_freed_memory it takes back the memory the last call freed."""
-    kept, system = _faults_per_call(QWENVL_SYSTEM_MALLOC="1")
-    assert kept == "False" and system > 8000  # the cost the setting removes is there
-    kept, faults = _faults_per_call()
-    assert kept == "True" and faults < system / 2, (faults, system)  # measured: 4,915 of 16,385
+    """A jitted step's 64 MiB result: with malloc's defaults every call maps fresh pages (16,384
+    page faults of 4 KiB); with keep_freed_memory a call takes back the memory the last one freed.
+    (Not every call: when the last result is freed only after the next is allocated, which JAX's
+    asynchronous deletion makes more frequent on a busy machine, the next call faults; 13 of 20
+    calls faulted nothing on the idle dev box. Hence the fewest faults of 20 calls.)"""
+    kept, system = _fewest_faults(QWENVL_SYSTEM_MALLOC="1")
+    assert kept == "False" and system > 16000  # every call: the cost the setting removes
+    kept, faults = _fewest_faults()
+    assert kept == "True" and faults < 100, faults
 
 
 @pytest.mark.slow

@@ -50,7 +50,11 @@ _NREQ = flags.DEFINE_integer(
     "serve: requests per run (at 32 clients, 8 each: fewer measure mostly the first wave's"
     " queueing and the last one's drain).",
 )  # fmt: skip
-_MAXTOK = flags.DEFINE_integer("max_tokens", 32, "serve: max_tokens of each request.")
+_MAXTOK = flags.DEFINE_integer(
+    "max_tokens", 110,
+    "serve: max_tokens of each request (110: the answer length of the published TPU serving run"
+    " docs/inference.md compares with; vLLM's bench serve draws 128 by default).",
+)  # fmt: skip
 _IMGDIR = flags.DEFINE_string("image_dir", "", "serve: images to send (default: synthetic).")
 _SOAK = flags.DEFINE_integer(
     "soak_s", 0, "serve: then this many seconds at saturation, the server's RSS sampled."
